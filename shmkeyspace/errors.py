@@ -1,0 +1,51 @@
+"""Exception types of shmkeyspace.
+
+Every failure that comes from the contents of shared memory, or from the rules of
+the multiprocess contract, is raised as a subclass of :class:`ShmKeyspaceError`,
+so a caller can tell "the mirror is unusable" from a bug in its own code.
+"""
+from __future__ import annotations
+
+
+class ShmKeyspaceError(Exception):
+    """Base class of every error raised by shmkeyspace."""
+
+
+class InvalidNameError(ShmKeyspaceError, ValueError):
+    """A snapshot name is not usable as a POSIX shared-memory name."""
+
+
+class SegmentNotFoundError(ShmKeyspaceError, FileNotFoundError):
+    """No writer has ever published a snapshot under this name on this host."""
+
+
+class CorruptSegmentError(ShmKeyspaceError):
+    """Shared memory holds something that is not a valid snapshot.
+
+    Raised for wrong magic or layout version, out-of-bounds offsets, truncated
+    segments and undecodable entries: a reader never answers from such memory.
+    """
+
+
+class SnapshotExpiredError(ShmKeyspaceError):
+    """A :meth:`Reader.snapshot` view outlived the buffer it was reading.
+
+    The writer recycles a buffer two publications after it was published; a view
+    held across that is no longer consistent. Keep views short, or take
+    ``snapshot(copy=True)`` for a private copy.
+    """
+
+
+class WriterExistsError(ShmKeyspaceError):
+    """Another live writer already publishes this snapshot name on this host."""
+
+
+class NotSerializableError(ShmKeyspaceError, TypeError):
+    """A decoder returned a value that msgpack cannot serialize."""
+
+
+class SegmentFullError(ShmKeyspaceError, OSError):
+    """Shared memory (e.g. /dev/shm) has no room for the next snapshot.
+
+    The writer keeps the last published snapshot and retries on the next change.
+    """

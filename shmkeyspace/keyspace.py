@@ -1,0 +1,378 @@
+"""KeySpace: a decoded, in-process mirror of an etcd prefix (Gazette's keyspace).
+
+A KeySpace owns ``header`` and ``key_values``; both change only under ``lock``
+(a re-entrant lock standing in for Gazette's RWMutex), and observers run, in
+order, while that lock is still held. It promises:
+
+* ``header.revision`` is the revision at which the mirror is known exact: the
+  revision of the load, then the greatest revision of an event under ``root``
+  that was applied. Progress notifications and writes outside ``root`` never
+  raise it; a delete raises it to the delete's revision.
+* A value the decoder rejects is logged and left out (removed if present);
+  a later valid value brings the key back.
+* :meth:`apply` raises only unrecoverable errors (a foreign cluster, a revision
+  going backwards, a watch error); inconsistent events are logged and skipped.
+* :meth:`watch` survives etcd outages (reconnect with backoff, resume from
+  ``header.revision + 1``) and compaction (reload at the current revision and
+  swap in one update: observers never see a half-loaded space).
+
+The etcd client is anything with the python-etcd3 API (``etcd3`` or
+``etcd-sdk-python``'s ``pyetcd``); see :mod:`shmkeyspace.etcd`.
+"""
+from __future__ import annotations
+
+import logging
+import posixpath
+import queue
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, List, Optional, Set
+
+from .key_values import KeyValue, KeyValues, prefix_end, to_key
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[KeyValue], Any]
+Observer = Callable[[], None]
+
+#: Gazette's default Nagle-like delay before applying watch responses.
+DEFAULT_APPLY_DELAY = 0.030
+#: Keys per Range request of a paginated load. gRPC's default receive limit is
+#: 4 MiB; a page that exceeds it is split in half and retried.
+DEFAULT_PAGE_SIZE = 2000
+
+
+@dataclass(frozen=True)
+class Header:
+    """The etcd response header the KeySpace is current to (see module doc)."""
+
+    cluster_id: int = 0
+    member_id: int = 0
+    revision: int = 0
+    raft_term: int = 0
+
+
+class KeySpaceError(Exception):
+    """An unrecoverable inconsistency between the KeySpace and etcd."""
+
+
+def _patch_header(h: Header, update: Any, reset: bool = False) -> Header:
+    """Gazette's patchHeader: validate ``update`` against ``h``; keep h's revision."""
+    cid = int(getattr(update, "cluster_id", 0))
+    if cid == 0:
+        raise KeySpaceError("etcd response header has ClusterId 0")
+    if h.cluster_id and h.cluster_id != cid and not reset:
+        raise KeySpaceError(f"etcd ClusterId mismatch (expected {h.cluster_id}, got {cid})")
+    rev = int(update.revision)
+    if rev < h.revision and not reset:
+        raise KeySpaceError(f"etcd Revision mismatch (expected >= {h.revision}, got {rev})")
+    return Header(cid, int(update.member_id), h.revision, int(update.raft_term))
+
+
+def _is_delete(ev: Any) -> bool:
+    # python-etcd3 and pyetcd wrap events as PutEvent / DeleteEvent.
+    return type(ev).__name__ == "DeleteEvent"
+
+
+class KeySpace:
+    """A local, decoded mirror of the etcd keys under ``root``.
+
+    ``root`` is a key prefix in the clean form of :func:`posixpath.normpath`
+    (as in Gazette, it is a plain prefix: ``/a`` also covers ``/ab``).
+    """
+
+    def __init__(self, root: str, decoder: Optional[Decoder] = None) -> None:
+        if not isinstance(root, str) or not root:
+            raise ValueError(f"KeySpace root must be a non-empty str, got {root!r}")
+        clean = posixpath.normpath(root)
+        if clean != root:
+            raise ValueError(f"KeySpace root {root!r} is not clean: use {clean!r} (posixpath.normpath)")
+        self.root: str = root
+        self.root_key: bytes = to_key(root)
+        self.decoder: Decoder = decoder or (lambda kv: kv.value)
+        #: Guards header, key_values and observers' view of them.
+        self.lock = threading.RLock()
+        self._cond = threading.Condition(self.lock)
+        self.header = Header()
+        self.key_values = KeyValues()
+        #: Called in order after every update, with ``lock`` held.
+        self.observers: List[Observer] = []
+        #: Nagle-like delay in seconds before applying watch responses.
+        self.watch_apply_delay: float = DEFAULT_APPLY_DELAY
+        #: Keys changed by the update being observed; None means "everything"
+        #: (a load or reload). Valid only inside observers.
+        self.changed_keys: Optional[Set[bytes]] = None
+        #: Newest etcd revision heard of (any response header, progress included).
+        self.etcd_revision = 0
+        self._excluded: Set[bytes] = set()  # keys present in etcd whose value failed to decode
+        self._update_event = threading.Event()
+
+    # -- decoding -------------------------------------------------------------
+    def _decode(self, raw: KeyValue) -> Optional[KeyValue]:
+        try:
+            return raw._replace(decoded=self.decoder(raw))
+        except Exception as exc:  # the decoder's failure is data, not a crash
+            log.warning("decode of key %r at mod_revision %d failed: %s", raw.key, raw.mod_revision, exc)
+            return None
+
+    # -- updates --------------------------------------------------------------
+    def _on_update(self, changed: Optional[Set[bytes]]) -> None:
+        self.changed_keys = changed
+        try:
+            for obs in self.observers:
+                obs()
+        finally:
+            self.changed_keys = None
+            ev, self._update_event = self._update_event, threading.Event()
+            ev.set()
+            self._cond.notify_all()
+
+    def update(self) -> threading.Event:
+        """An Event set at the next update (Gazette's ``Update()`` channel)."""
+        with self.lock:
+            return self._update_event
+
+    def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
+        """Block until ``header.revision >= revision``; False if ``timeout`` passed first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.header.revision >= revision, timeout)
+
+    def apply(self, *responses: Any) -> None:
+        """Apply watch responses (objects with ``header`` and ``events``) in one update.
+
+        Raises :class:`KeySpaceError` (or the watch's own exception) only when the
+        responses cannot be reconciled; then the KeySpace is left unchanged.
+        """
+        with self.lock:
+            hdr = self.header
+            for wr in responses:
+                if isinstance(wr, BaseException):
+                    raise wr
+                hdr = _patch_header(hdr, wr.header)
+                self.etcd_revision = max(self.etcd_revision, int(wr.header.revision))
+            kvs = self.key_values
+            changed: Set[bytes] = set()
+            revision = hdr.revision
+            for wr in responses:
+                for ev in wr.events:
+                    key, mod = bytes(ev.key), int(ev.mod_revision)
+                    if not key.startswith(self.root_key):
+                        log.error("watch event for key %r outside root %r: skipped", key, self.root)
+                        continue
+                    cur = kvs.get(key)
+                    if mod <= self.header.revision or (cur is not None and cur.mod_revision >= mod):
+                        log.error("stale event for key %r (mod_revision %d, mirror at %d): skipped",
+                                  key, mod, max(self.header.revision, cur.mod_revision if cur else 0))
+                        continue
+                    if _is_delete(ev):
+                        if cur is None and key not in self._excluded:
+                            log.error("deletion of unknown key %r at revision %d: skipped", key, mod)
+                            continue
+                        kvs.remove(key)
+                        self._excluded.discard(key)
+                    else:
+                        raw = KeyValue(key, bytes(ev.value), int(ev.create_revision), mod,
+                                       int(ev.version), int(ev.lease), None)
+                        kv = self._decode(raw)
+                        if kv is None:
+                            self._excluded.add(key)
+                            kvs.remove(key)
+                        else:
+                            self._excluded.discard(key)
+                            kvs.upsert(kv)
+                    changed.add(key)
+                    revision = max(revision, mod)
+            if not changed:
+                # Progress notification or nothing consistent: keep the revision.
+                self.header = hdr
+                return
+            self.header = replace(hdr, revision=revision)
+            self._on_update(changed)
+
+    # -- etcd I/O -------------------------------------------------------------
+    def load(self, client: Any, rev: int = 0, page_size: int = DEFAULT_PAGE_SIZE,
+             progress: Optional[Callable[[int], None]] = None) -> None:
+        """Load every key under root at revision ``rev`` (0: now), page by page.
+
+        All pages are read at one revision, so the result is a consistent cut; it
+        replaces the current contents in one update. ``progress(n)`` is called
+        with the count loaded so far after each page.
+        """
+        header, kvs, excluded = self._fetch(client, rev, page_size, progress)
+        with self.lock:
+            self.header = header
+            self.etcd_revision = max(self.etcd_revision, header.revision)
+            self.key_values = kvs
+            self._excluded = excluded
+            self._on_update(None)
+
+    def _fetch(self, client: Any, rev: int, page_size: int,
+               progress: Optional[Callable[[int], None]]):
+        start = self.root_key
+        end = prefix_end(self.root_key) or b"\0"
+        header = None
+        items: List[KeyValue] = []
+        excluded: Set[bytes] = set()
+        limit = page_size
+        while True:
+            try:
+                resp = client.get_range_response(start, end, limit=limit, revision=rev or None)
+            except Exception as exc:
+                code = getattr(exc, "code", None)
+                if callable(code) and getattr(code(), "name", "") == "RESOURCE_EXHAUSTED" and limit > 1:
+                    limit = max(1, limit // 2)
+                    log.info("etcd page too large for the gRPC receive limit: retrying with %d keys", limit)
+                    continue
+                raise
+            if header is None:
+                header = _patch_header(Header(), resp.header, reset=True)
+                rev = int(resp.header.revision)
+                header = replace(header, revision=rev)
+            for kv in resp.kvs:
+                raw = KeyValue(bytes(kv.key), bytes(kv.value), int(kv.create_revision),
+                               int(kv.mod_revision), int(kv.version), int(kv.lease), None)
+                dec = self._decode(raw)
+                if dec is None:
+                    excluded.add(raw.key)
+                else:
+                    items.append(dec)
+            if progress is not None:
+                progress(len(items) + len(excluded))
+            if not resp.more or not resp.kvs:
+                break
+            start = bytes(resp.kvs[-1].key) + b"\0"
+            limit = page_size
+        return header, KeyValues._from_sorted(items), excluded
+
+    def watch(self, client: Any, stop: Optional[threading.Event] = None,
+              max_backoff: float = 5.0) -> None:
+        """Apply etcd's watch stream until ``stop`` is set. Blocks.
+
+        Resumes from ``header.revision + 1`` after any failure, reloads on
+        compaction, and re-raises only :class:`KeySpaceError`.
+        """
+        stop = stop or threading.Event()
+        backoff = 0.05
+        while not stop.is_set():
+            q: "queue.Queue[Any]" = queue.Queue()
+            try:
+                watch_id = client.add_watch_prefix_callback(
+                    self.root_key, q.put, start_revision=self.header.revision + 1, progress_notify=True)
+            except Exception as exc:
+                if self._handle_watch_error(client, exc):
+                    backoff = 0.05
+                    continue
+                log.warning("etcd watch of %r failed (%s); retrying in %.2fs", self.root, _describe(exc), backoff)
+                stop.wait(backoff)
+                backoff = min(max_backoff, backoff * 2)
+                continue
+            log.info("watching %r from revision %d", self.root, self.header.revision + 1)
+            try:
+                err = self._pump(q, stop)
+            finally:
+                _cancel(client, watch_id)
+            if err is not None and not self._handle_watch_error(client, err):
+                log.warning("etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
+                            self.root, _describe(err), self.header.revision + 1, backoff)
+                stop.wait(backoff)
+                backoff = min(max_backoff, backoff * 2)
+            else:
+                backoff = 0.05
+
+    def _pump(self, q: "queue.Queue[Any]", stop: threading.Event) -> Optional[BaseException]:
+        """Apply batches from ``q`` until an error arrives or ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                first = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(first, BaseException):
+                return first
+            batch = [first]
+            err = None
+            deadline = time.monotonic() + self.watch_apply_delay
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    item = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, BaseException):
+                    err = item
+                    break
+                batch.append(item)
+            self.apply(*batch)
+            if err is not None:
+                return err
+        return None
+
+    def _handle_watch_error(self, client: Any, exc: BaseException) -> bool:
+        """Reload on compaction (True); re-raise the unrecoverable; else False."""
+        if isinstance(exc, KeySpaceError):
+            raise exc
+        if hasattr(exc, "compacted_revision"):
+            log.warning("watch of %r at revision %d was compacted (compact revision %d): reloading",
+                        self.root, self.header.revision + 1, exc.compacted_revision)
+            try:
+                self.load(client)
+            except Exception as lexc:  # etcd went away mid-reload: back off, retry
+                log.warning("reload of %r failed: %s", self.root, _describe(lexc))
+                return False
+            return True
+        return False
+
+    def start_watch(self, client: Any) -> "WatchThread":
+        """Run :meth:`watch` on a daemon thread; stop it with ``.stop()``."""
+        return WatchThread(self, client)
+
+
+class WatchThread:
+    """A KeySpace watch running on its own thread. ``stop()`` returns within ~1 s."""
+
+    def __init__(self, ks: KeySpace, client: Any) -> None:
+        self.keyspace = ks
+        self.error: Optional[BaseException] = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(client,), daemon=True,
+                                        name=f"shmkeyspace-watch{ks.root}")
+        self._thread.start()
+
+    def _run(self, client: Any) -> None:
+        try:
+            self.keyspace.watch(client, self._stop)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("watch of %r stopped on an unrecoverable error", self.keyspace.root)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+
+def _cancel(client: Any, watch_id: Any) -> None:
+    # cancel_watch only queues a request; with the stream already gone it may
+    # block on a full queue, so it gets a thread of its own.
+    t = threading.Thread(target=_quiet_cancel, args=(client, watch_id), daemon=True)
+    t.start()
+    t.join(0.2)
+
+
+def _quiet_cancel(client: Any, watch_id: Any) -> None:
+    try:
+        client.cancel_watch(watch_id)
+    except Exception:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return f"{code().name}: {exc.details()}"  # grpc.RpcError
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,468 @@
+"""Reader: lock-free point and range queries on a published snapshot.
+
+A Reader maps the control segment and the current data generation read-only
+and answers from them without locks, syscalls or talking to etcd (see the
+seqlock protocol in ``segment.py``). It promises:
+
+* every answer comes from exactly one published snapshot (never a torn one);
+  readers retry, never wait, when the writer overwrites what they were reading;
+* a writer that grows into a new generation is followed transparently;
+* memory or shapes that are not a valid snapshot raise CorruptSegmentError,
+  never a wrong answer; a retry loop that keeps failing is bounded.
+
+Lifetimes: ``Reader`` is a context manager; ``close()`` unmaps deterministically.
+Entries are immutable tuples; their ``decoded`` values are fresh objects per call,
+except for the small per-reader cache of repeated ``get`` answers (valid for one
+publication), whose values callers must not mutate. A Reader is safe to use
+across ``fork()`` (mappings are inherited) but not from several threads at once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterator, List, NamedTuple, Optional, Union
+
+import msgpack
+from xxhash import xxh3_64_intdigest
+
+from . import segment
+from .errors import CorruptSegmentError, SegmentNotFoundError, ShmKeyspaceError, SnapshotExpiredError
+from .key_values import prefix_end
+from .snapshot import ImageView
+
+Key = Union[str, bytes]
+
+_unpackb = msgpack.unpackb
+_new = tuple.__new__
+_MAX_RETRIES = 10_000
+_MISSING = object()
+
+
+class Entry(NamedTuple):
+    """One mirrored key: the decoded value and etcd's revisions for it."""
+
+    key: Key
+    decoded: Any
+    create_revision: int
+    mod_revision: int
+    version: int
+    lease: int
+
+
+class Health(NamedTuple):
+    """What :meth:`Reader.health` reports."""
+
+    name: str
+    writer_alive: bool
+    writer_pid: int
+    heartbeat_age: Optional[float]   # seconds since the writer's last heartbeat
+    revision: int                    # revision of the published snapshot
+    etcd_revision: int               # newest etcd revision the writer has heard of
+    lag: int                         # etcd_revision - revision (0 when idle: see README)
+    keys: int
+    bytes: int                       # size of the published image
+    generation: int
+    published_at: float              # wall-clock time of the publication
+    seq: int
+
+
+def _to_query(key: Key):
+    """(raw bytes, the form entries store the key in)."""
+    if type(key) is str:
+        return key.encode("utf-8"), key
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        kb = bytes(key)
+        try:
+            return kb, kb.decode("utf-8")
+        except UnicodeDecodeError:
+            return kb, kb
+    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+
+
+class _Pub:
+    """One publication as this reader mapped it."""
+
+    __slots__ = ("seq", "view", "data", "revision", "gen")
+
+    def __init__(self, seq: int, view: ImageView, data: segment.DataView, revision: int, gen: int):
+        self.seq, self.view, self.data, self.revision, self.gen = seq, view, data, revision, gen
+
+
+class Reader:
+    """Attach to the snapshot published under ``name`` on this host.
+
+    ``wait`` seconds: how long to wait for a first publication if there is none
+    yet (default: fail at once with SegmentNotFoundError).
+    ``cache_size``: entries kept for repeated ``get`` of one publication (0: off).
+    """
+
+    def __init__(self, name: str, *, wait: float = 0.0, cache_size: int = 4096) -> None:
+        self.name = segment.validate_name(name)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                self._ctrl = segment.ControlView(name)
+                if self._ctrl.words[segment.OFF_SEQ // 8] >= 2:
+                    break
+                self._ctrl.close()
+                raise SegmentNotFoundError(f"snapshot {name!r} has no publication yet (writer loading?)")
+            except SegmentNotFoundError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+        self._words = self._ctrl.words
+        self._data: Optional[segment.DataView] = None
+        self._pub: Optional[_Pub] = None
+        self._pub_seq = -1
+        self._cache: dict = {}
+        self._cache_seq = -1
+        self._cache_size = cache_size
+        self._fence = segment.NEEDS_FENCE
+        self._pid = os.getpid()
+        #: Reads redone because the writer published under them (for tests/metrics).
+        self.retries = 0
+        self._refresh(self._words[2])
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        """Unmap everything. Idempotent; the Reader is unusable afterwards."""
+        if self._pub is not None:
+            self._pub.view.release()
+            self._pub = None
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        if self._ctrl is not None:
+            self._words = None
+            self._ctrl.close()
+            self._ctrl = None
+        self._cache = {}
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- publication tracking -------------------------------------------------------
+    def _refresh(self, s1: int) -> _Pub:
+        """Map and validate the publication named by seq value ``s1``."""
+        if self._ctrl is None:
+            raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
+        gen, seg_size, off, length, revision, count, _, _ = self._ctrl.record((s1 >> 1) & 1)
+        if gen == 0:
+            raise CorruptSegmentError(f"snapshot {self.name!r}: publication record is empty")
+        data = self._data
+        if data is None or data.gen != gen:
+            data = segment.DataView(self.name, gen, seg_size)
+            # Views into the old generation may still serve a SnapshotView; the
+            # mapping goes when the last of them does (DataView.close).
+            self._pub = None
+            if self._data is not None:
+                self._data.close()
+            self._data = data
+        view = ImageView(data.buf, off, length)
+        if view.revision != revision or view.count != count:
+            raise CorruptSegmentError("publication record disagrees with its snapshot header")
+        self._pub = _Pub(s1, view, data, revision, gen)
+        self._pub_seq = s1
+        return self._pub
+
+    def _current(self) -> "tuple[int, _Pub]":
+        """(s1, publication) for a new read, following the writer if it moved."""
+        for _ in range(_MAX_RETRIES):
+            s1 = self._words[2]
+            if self._fence:
+                segment.fence()
+            if s1 == self._pub_seq:
+                return s1, self._pub
+            try:
+                pub = self._refresh(s1)
+            except (CorruptSegmentError, SegmentNotFoundError):
+                if self._moved(s1):
+                    self.retries += 1
+                    continue
+                raise
+            if self._moved(s1):
+                self.retries += 1
+                continue
+            return s1, pub
+        raise CorruptSegmentError(f"snapshot {self.name!r}: no stable publication after {_MAX_RETRIES} tries")
+
+    def _moved(self, s1: int) -> bool:
+        """True if the buffer read under ``s1`` may have been overwritten since."""
+        if self._fence:
+            segment.fence()
+        return self._words[2] - (s1 & ~1) > 2
+
+    # -- queries ---------------------------------------------------------------------
+    def get(self, key: Key) -> Optional[Entry]:
+        """The entry of ``key`` or None. O(1): one hash probe and one unpack."""
+        words = self._words
+        if words is None:
+            raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
+        s1 = words[2]
+        if s1 == self._cache_seq:
+            hit = self._cache.get(key, _MISSING)
+            if hit is not _MISSING:
+                return hit
+        for _ in range(_MAX_RETRIES):
+            if s1 != self._pub_seq or self._fence:
+                s1, pub = self._current()
+            else:
+                pub = self._pub
+            try:
+                e = _lookup(pub.view, key)
+            except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+                if self._moved(s1):
+                    self.retries += 1
+                    s1 = words[2]
+                    continue
+                if isinstance(exc, TypeError) and not isinstance(key, (str, bytes, bytearray, memoryview)):
+                    raise
+                raise CorruptSegmentError(f"snapshot {self.name!r}: bad entry for key {key!r}: {exc}") from None
+            if self._fence:
+                segment.fence()
+            s2 = words[2]
+            if s2 == s1:
+                if self._cache_size:
+                    if self._cache_seq != s1 or len(self._cache) >= self._cache_size:
+                        self._cache = {}
+                        self._cache_seq = s1
+                    self._cache[key] = e
+                return e
+            if s2 - (s1 & ~1) <= 2:
+                return e
+            self.retries += 1
+            s1 = s2
+        raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
+
+    def __getitem__(self, key: Key) -> Entry:
+        e = self.get(key)
+        if e is None:
+            raise KeyError(key)
+        return e
+
+    def __contains__(self, key: Key) -> bool:
+        return self.get(key) is not None
+
+    def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
+        """Entries with ``from_key <= key < to_key`` in key order (``to_key=None``: to the end)."""
+        lo = _to_query(from_key)[0]
+        hi = None if to_key is None else _to_query(to_key)[0]
+        return self._consistent(_range, lo, hi)
+
+    def prefixed(self, prefix: Key) -> List[Entry]:
+        """Entries whose key starts with ``prefix``, in key order."""
+        p = _to_query(prefix)[0]
+        return self._consistent(_range, p, prefix_end(p))
+
+    def __len__(self) -> int:
+        return self._consistent(lambda v: v.count)
+
+    @property
+    def revision(self) -> int:
+        """Revision of the snapshot currently published (see KeySpace.header)."""
+        return self._consistent(lambda v: v.revision)
+
+    def _consistent(self, fn, *args):
+        for _ in range(_MAX_RETRIES):
+            s1, pub = self._current()
+            try:
+                out = fn(pub.view, *args)
+            except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+                if self._moved(s1):
+                    self.retries += 1
+                    continue
+                raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
+            if not self._moved(s1):
+                return out
+            self.retries += 1
+        raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
+
+    def snapshot(self, copy: bool = False) -> "SnapshotView":
+        """A view of one publication for several queries (a context manager).
+
+        Queries on the view raise SnapshotExpiredError once the writer has recycled
+        its buffer (two publications later); ``copy=True`` takes a private copy of
+        the image instead, which never expires.
+        """
+        for _ in range(_MAX_RETRIES):
+            s1, pub = self._current()
+            if not copy:
+                return SnapshotView(self, s1, pub.view, None)
+            img = bytes(pub.view.buf)
+            if self._moved(s1):
+                self.retries += 1
+                continue
+            view = ImageView(memoryview(img), 0, len(img))
+            return SnapshotView(self, s1, view, img)
+        raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
+
+    # -- waiting and health ----------------------------------------------------------
+    def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
+        """Sleep until the published revision is >= ``revision``; False on timeout.
+
+        Polls the seq word (one 8-byte load) every millisecond or so; an idle
+        waiter costs well under 1 % of a core.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = -1
+        delay = 0.0005
+        while True:
+            s = self._words[2]
+            if s != seen:
+                seen = s
+                if self.revision >= revision:
+                    return True
+                delay = 0.0005
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                time.sleep(min(delay, left))
+            else:
+                time.sleep(delay)
+            delay = min(0.002, delay * 2)
+
+    def health(self, stale_after: Optional[float] = None) -> Health:
+        """Writer liveness and publication facts (one flock probe: not for hot paths).
+
+        ``stale_after``: heartbeat age, in seconds, past which a writer counts as
+        dead even if its lock is held (default: 5 heartbeat intervals, at least 2 s).
+        """
+        w = self._words
+        pid = w[segment.OFF_PID // 8]
+        hb = w[segment.OFF_HEARTBEAT // 8]
+        interval = w[segment.OFF_HB_INTERVAL // 8] / 1e9 or 0.5
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else None
+        limit = stale_after if stale_after is not None else max(2.0, 5 * interval)
+        alive = pid != 0 and segment.writer_is_running(self.name) and age is not None and age < limit
+        s1, pub = self._current()
+        rec = self._ctrl.record((s1 >> 1) & 1)
+        etcd_rev = w[segment.OFF_ETCD_REV // 8]
+        return Health(self.name, alive, pid, age, pub.revision, etcd_rev, max(0, etcd_rev - pub.revision),
+                      pub.view.count, rec[3], pub.gen, rec[6] / 1e9, s1)
+
+
+class SnapshotView:
+    """One publication, for several consistent queries. See :meth:`Reader.snapshot`."""
+
+    def __init__(self, reader: Reader, seq: int, view: ImageView, private: Optional[bytes]) -> None:
+        self._reader = reader
+        self._seq = seq
+        self._view = view
+        self._private = private
+        self.revision = view.revision
+
+    def _check(self, out):
+        if self._private is None and self._reader._moved(self._seq):
+            raise SnapshotExpiredError(
+                f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
+                "reused its buffer; keep views short or use snapshot(copy=True)")
+        return out
+
+    def _run(self, fn, *args):
+        try:
+            out = fn(self._view, *args)
+        except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+            self._check(None)
+            raise CorruptSegmentError(f"snapshot {self._reader.name!r}: {exc}") from None
+        return self._check(out)
+
+    def get(self, key: Key) -> Optional[Entry]:
+        return self._run(_lookup, key)
+
+    def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
+        return self._run(_range, _to_query(from_key)[0], None if to_key is None else _to_query(to_key)[0])
+
+    def prefixed(self, prefix: Key) -> List[Entry]:
+        p = _to_query(prefix)[0]
+        return self._run(_range, p, prefix_end(p))
+
+    def __len__(self) -> int:
+        return self._view.count
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self._run(_range, b"", None))
+
+    def close(self) -> None:
+        if self._private is not None:
+            self._view.release()
+
+    def __enter__(self) -> "SnapshotView":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# -- the query kernels, on one ImageView ------------------------------------------------
+
+def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
+    if type(key) is str:
+        kb = key.encode("utf-8")
+        kq = key
+    else:
+        kb, kq = _to_query(key)
+    h = xxh3_64_intdigest(kb) or 1
+    table = view.table
+    mask = view.mask
+    i = h & mask
+    for _ in range(view.slots):
+        sh = table[2 * i]
+        if sh == 0:
+            return None
+        if sh == h:
+            ol = table[2 * i + 1]
+            off = ol & 0xFFFFFFFF
+            end = off + (ol >> 32)
+            if end > view.arena_len:
+                raise CorruptSegmentError(f"hash slot {i} points outside the arena")
+            lst = _unpackb(view.arena[off:end])
+            if lst[0] == kq:
+                if len(lst) != 6:
+                    raise CorruptSegmentError(f"entry at offset {off} has {len(lst)} fields, expected 6")
+                return _new(Entry, lst)
+        i = (i + 1) & mask
+    return None
+
+
+def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
+    i = view.lower_bound(lo)
+    j = view.count if hi is None else view.lower_bound(hi)
+    if j <= i:
+        return []
+    order = view.order
+    offs = order[2 * i:2 * j:2].tolist()
+    lens = order[2 * i + 1:2 * j:2].tolist()
+    start = offs[0]
+    total = sum(lens)
+    arena = view.arena
+    if start + total > view.arena_len:
+        raise CorruptSegmentError("range runs past the arena")
+    n = j - i
+    if offs[-1] + lens[-1] - start == total and offs == sorted(offs):
+        # Entries lie back to back in key order (the arena is compacted in key
+        # order): unpack them as one msgpack array, in C.
+        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + arena[start:start + total])
+    else:
+        if max(offs) + max(lens) > view.arena_len:
+            raise CorruptSegmentError("range entry lies outside the arena")
+        lists = [_unpackb(arena[o:o + m]) for o, m in zip(offs, lens)]
+    if len(lists) != n:
+        raise CorruptSegmentError("range unpacked to the wrong number of entries")
+    out = list(map(_entry_from_list, lists))
+    return out
+
+
+def _entry_from_list(lst: list) -> Entry:
+    if len(lst) != 6:
+        raise CorruptSegmentError(f"entry has {len(lst)} fields, expected 6")
+    return _new(Entry, lst)

@@ -1,0 +1,400 @@
+"""POSIX shared-memory segments and the publication seqlock.
+
+Owns the on-host layout of one snapshot name ``NAME``:
+
+* a control segment ``/shmks.NAME`` (one page, never resized, never unlinked by a
+  writer) holding the seqlock word, two publication records, the writer's pid and
+  heartbeat;
+* data segments ``/shmks.NAME.GEN``, one per generation, each holding two buffers.
+
+Seqlock protocol (``seq`` counts half-publications):
+    writer:  seq is even and names the active record ``(seq >> 1) & 1``. To publish,
+             set seq odd, fill the *other* record's buffer and the record, then set
+             seq to the next even value. The buffer of the active record is not
+             touched until the publication after next.
+    reader:  s1 = seq; read record ``(s1 >> 1) & 1`` and its buffer; s2 = seq.
+             The read is consistent iff ``s2 <= (s1 & ~1) + 2``: that buffer is only
+             rewritten once seq reaches ``(s1 & ~1) + 3``.
+A reader never writes and never waits for the writer; a killed writer leaves seq
+odd at worst, and readers keep answering from the last complete publication.
+
+Memory ordering. x86-64 is TSO: stores become visible in program order and loads
+are not reordered with older loads, so the writer's data stores are visible before
+its seq store, and a reader's loads of seq / data / seq happen in order. Every
+access here is a C-level memcpy or aligned 8-byte load/store inside one CPython
+call, which the compiler cannot move across the opaque calls between bytecodes.
+aarch64 and other weakly ordered CPUs need barriers: :func:`fence` (an uncontended
+``threading.Lock`` acquire+release, which is a full barrier, measured at 0.16 us)
+is issued by the writer before each seq store and by readers after loading s1 and
+before loading s2 whenever :data:`NEEDS_FENCE` is true. The torture test in
+``tests/test_torture.py`` checks every answer against its revision.
+
+Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on the control segment's
+fd for its whole life; the kernel drops it when the process dies, even on
+SIGKILL, so a restarted writer takes over and a second live one is refused.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import platform
+import re
+import struct
+import threading
+import time
+from typing import Optional, Tuple
+
+import posix_ipc
+
+from .errors import (CorruptSegmentError, InvalidNameError, SegmentFullError,
+                     SegmentNotFoundError, WriterExistsError)
+
+PAGE = mmap.PAGESIZE
+CTRL_MAGIC = b"SHMKSCTL"
+DATA_MAGIC = b"SHMKSDAT"
+LAYOUT_VERSION = 1
+CTRL_SIZE = 4096
+
+# Control block: magic, version, then u64 words.
+_CTRL_HEAD = struct.Struct("<8sII")          # magic, layout version, reserved
+OFF_SEQ = 16
+OFF_PID = 24
+OFF_HEARTBEAT = 32        # CLOCK_MONOTONIC ns (system-wide on Linux)
+OFF_STARTED = 40          # wall-clock ns when the writer started
+OFF_HB_INTERVAL = 48      # heartbeat interval, ns
+OFF_ETCD_REV = 56         # newest etcd revision the writer has heard of
+OFF_RECORDS = 64
+# Publication record: gen, seg_size, offset, length, revision, count, publish_ns, reserved
+RECORD = struct.Struct("<QQQQqQQQ")
+U64 = struct.Struct("<Q")
+
+_DATA_HEAD = struct.Struct("<8sIIQQQQ")  # magic, version, reserved, gen, seg_size, buf_size, buf0_off
+
+#: True where plain loads and stores may be reordered (anything but x86).
+NEEDS_FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86")
+_fence_lock = threading.Lock()
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
+
+def fence() -> None:
+    """A full memory barrier (see module doc)."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` if it is a valid snapshot name, else raise InvalidNameError."""
+    if not isinstance(name, str):
+        raise InvalidNameError(f"snapshot name must be str, not {type(name).__name__}")
+    if not _NAME_RE.match(name) or ".." in name:
+        raise InvalidNameError(
+            f"invalid snapshot name {name!r}: use 1-200 characters from [A-Za-z0-9_.-], "
+            "not starting with '.' or '-' and without '..'")
+    return name
+
+
+def ctrl_name(name: str) -> str:
+    return f"/shmks.{validate_name(name)}"
+
+
+def data_name(name: str, gen: int) -> str:
+    return f"/shmks.{validate_name(name)}.{gen}"
+
+
+def shm_path(shm_name: str) -> str:
+    """Where Linux shows a POSIX shm object (for docs and cleanup)."""
+    return "/dev/shm" + shm_name
+
+
+def _open_ro(shm_name: str, what: str) -> Tuple[mmap.mmap, int]:
+    try:
+        shm = posix_ipc.SharedMemory(shm_name, flags=0, read_only=True)
+    except posix_ipc.ExistentialError:
+        raise SegmentNotFoundError(f"no shared memory segment {shm_name} ({what})") from None
+    except posix_ipc.PermissionsError as exc:
+        raise PermissionError(errno.EACCES, f"no permission to read {shm_name} ({what}): {exc}") from None
+    try:
+        size = shm.size
+        if size == 0:
+            raise CorruptSegmentError(f"{shm_name} is empty ({what})")
+        mm = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return mm, size
+    finally:
+        shm.close_fd()
+
+
+class ControlView:
+    """Read-only mapping of a control segment. Owned by one Reader; ``close()`` unmaps."""
+
+    def __init__(self, name: str) -> None:
+        self.name = validate_name(name)
+        self.shm_name = ctrl_name(name)
+        self.mm, size = _open_ro(self.shm_name, f"snapshot {name!r}: is its writer running?")
+        if size < CTRL_SIZE:
+            self.mm.close()
+            raise CorruptSegmentError(f"{self.shm_name} is {size} bytes, expected {CTRL_SIZE}")
+        magic, version, _ = _CTRL_HEAD.unpack_from(self.mm, 0)
+        if magic == b"\0" * 8:
+            self.mm.close()
+            raise SegmentNotFoundError(f"snapshot {name!r} has no publication yet (writer starting?)")
+        if magic != CTRL_MAGIC:
+            self.mm.close()
+            raise CorruptSegmentError(f"{self.shm_name} is not a shmkeyspace control segment (magic {magic!r})")
+        if version != LAYOUT_VERSION:
+            self.mm.close()
+            raise CorruptSegmentError(
+                f"{self.shm_name} has layout version {version}; this shmkeyspace reads {LAYOUT_VERSION}")
+        #: The seqlock word and the other u64 fields, as an indexable view.
+        self.words = memoryview(self.mm).cast("Q")
+
+    def record(self, slot: int) -> Tuple[int, ...]:
+        return RECORD.unpack_from(self.mm, OFF_RECORDS + slot * RECORD.size)
+
+    def close(self) -> None:
+        if self.words is not None:
+            self.words.release()
+            self.words = None
+            self.mm.close()
+
+
+class DataView:
+    """Read-only mapping of one data-segment generation."""
+
+    def __init__(self, name: str, gen: int, expect_size: int) -> None:
+        self.gen = gen
+        self.shm_name = data_name(name, gen)
+        self.mm, self.size = _open_ro(self.shm_name, f"generation {gen} of {name!r}")
+        if self.size < expect_size or self.size < _DATA_HEAD.size:
+            self.mm.close()
+            raise CorruptSegmentError(f"{self.shm_name} is {self.size} bytes, record says {expect_size}")
+        magic, version, _, g, _, _, _ = _DATA_HEAD.unpack_from(self.mm, 0)
+        if magic != DATA_MAGIC or version != LAYOUT_VERSION or g != gen:
+            self.mm.close()
+            raise CorruptSegmentError(f"{self.shm_name} is not generation {gen} of a shmkeyspace snapshot")
+        self.buf = memoryview(self.mm)
+
+    def close(self) -> None:
+        if self.buf is not None:
+            self.buf.release()
+            self.buf = None
+            try:
+                self.mm.close()
+            except BufferError:  # a SnapshotView still holds a slice; GC closes it later
+                pass
+
+
+class Publisher:
+    """The writer's side of one snapshot name: owns the control and data segments.
+
+    Holds the writer lock from construction to :meth:`close`. Not thread-safe:
+    one thread publishes (the heartbeat uses its own aligned 8-byte stores).
+    """
+
+    def __init__(self, name: str, mode: int = 0o600, gid: Optional[int] = None) -> None:
+        self.name = validate_name(name)
+        self.mode = mode
+        self.gid = gid
+        self.shm_name = ctrl_name(name)
+        try:
+            self._ctrl_shm = posix_ipc.SharedMemory(self.shm_name, flags=posix_ipc.O_CREAT, mode=mode,
+                                                    size=0)
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, f"cannot open {self.shm_name}: {exc}") from None
+        self._ctrl_fd = self._ctrl_shm.fd
+        try:
+            fcntl.flock(self._ctrl_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            pid = self._peek_pid()
+            self._ctrl_shm.close_fd()
+            raise WriterExistsError(
+                f"snapshot {name!r} already has a live writer (pid {pid}); stop it first "
+                f"or choose another --name") from None
+        self._secure(self._ctrl_fd)
+        if os.fstat(self._ctrl_fd).st_size < CTRL_SIZE:
+            os.ftruncate(self._ctrl_fd, CTRL_SIZE)
+        self.ctrl = mmap.mmap(self._ctrl_fd, CTRL_SIZE, flags=mmap.MAP_SHARED,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._words = memoryview(self.ctrl).cast("Q")
+        magic, version, _ = _CTRL_HEAD.unpack_from(self.ctrl, 0)
+        if magic != CTRL_MAGIC or version != LAYOUT_VERSION:
+            # Fresh (or foreign/old) control block: start clean. Nobody can be
+            # reading a valid snapshot from it, so no seqlock is needed.
+            self.ctrl[:] = bytes(CTRL_SIZE)
+            _CTRL_HEAD.pack_into(self.ctrl, 0, CTRL_MAGIC, LAYOUT_VERSION, 0)
+        self.seq = self._words[OFF_SEQ // 8]
+        recs = [RECORD.unpack_from(self.ctrl, OFF_RECORDS + i * RECORD.size) for i in (0, 1)]
+        # Take over from a previous writer in a new generation; its segments go
+        # once readers have been moved off them.
+        self._stale_gens = sorted({r[0] for r in recs if r[0]})
+        self.gen = max(self._stale_gens, default=0)
+        self._data: Optional[mmap.mmap] = None
+        self._data_size = 0
+        self._buf_size = 0
+        self._active_buf = 1  # so the first publication goes to buffer 0
+        self._words[OFF_PID // 8] = os.getpid()
+        self._words[OFF_STARTED // 8] = time.time_ns()
+        self.heartbeat()
+
+    # -- helpers --------------------------------------------------------------
+    def _peek_pid(self) -> int:
+        try:
+            with mmap.mmap(self._ctrl_fd, CTRL_SIZE, prot=mmap.PROT_READ) as m:
+                return U64.unpack_from(m, OFF_PID)[0]
+        except (ValueError, OSError):
+            return 0
+
+    def _secure(self, fd: int) -> None:
+        # shm_open's mode is filtered by the umask: set it explicitly.
+        if self.gid is not None:
+            os.fchown(fd, -1, self.gid)
+        os.fchmod(fd, self.mode)
+
+    def heartbeat(self, etcd_revision: Optional[int] = None) -> None:
+        self._words[OFF_HEARTBEAT // 8] = time.monotonic_ns()
+        if etcd_revision is not None:
+            self._words[OFF_ETCD_REV // 8] = etcd_revision
+
+    def set_heartbeat_interval(self, seconds: float) -> None:
+        self._words[OFF_HB_INTERVAL // 8] = int(seconds * 1e9)
+
+    # -- data segments ----------------------------------------------------------
+    def _new_generation(self, need: int) -> None:
+        buf_size = max(1 << 20, _round_up(need * 2, PAGE))
+        seg_size = PAGE + 2 * buf_size
+        gen = self.gen + 1
+        shm_name = data_name(self.name, gen)
+        try:
+            posix_ipc.unlink_shared_memory(shm_name)  # leftover of a crashed writer
+        except posix_ipc.ExistentialError:
+            pass
+        shm = posix_ipc.SharedMemory(shm_name, flags=posix_ipc.O_CREX, mode=self.mode)
+        try:
+            self._secure(shm.fd)
+            try:
+                # Reserve the pages now: writing to a sparse tmpfs file that
+                # cannot grow is a SIGBUS, an ENOSPC here is an exception.
+                os.ftruncate(shm.fd, seg_size)
+                os.posix_fallocate(shm.fd, 0, seg_size)
+            except OSError as exc:
+                shm.unlink()
+                raise SegmentFullError(
+                    exc.errno or errno.ENOSPC,
+                    f"no room for a {seg_size >> 20} MiB snapshot segment {shm_name} "
+                    f"in shared memory ({os.strerror(exc.errno or errno.ENOSPC)}); "
+                    "the last published snapshot stays in place") from None
+            mm = mmap.mmap(shm.fd, seg_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            shm.close_fd()
+        _DATA_HEAD.pack_into(mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, gen, seg_size, buf_size, PAGE)
+        old = self._data
+        self._data, self._data_size, self._buf_size, self.gen = mm, seg_size, buf_size, gen
+        self._active_buf = 1
+        if old is not None:
+            self._stale_gens.append(gen - 1)
+            old.close()
+
+    def publish(self, parts, length: int, revision: int, count: int) -> None:
+        """Publish the image made of ``parts`` (bytes-like, ``length`` bytes in all).
+
+        Raises SegmentFullError (and publishes nothing) when shared memory is full.
+        """
+        if self._data is None or length > self._buf_size:
+            self._new_generation(length)
+        buf = 1 - self._active_buf
+        off = PAGE + buf * self._buf_size
+        seq = self.seq
+        if seq % 2 == 0:
+            seq += 1
+            self._store_seq(seq)
+        data = self._data
+        pos = off
+        for p in parts:
+            n = len(p)
+            data[pos:pos + n] = p
+            pos += n
+        if pos - off != length:
+            raise AssertionError(f"image length {pos - off} != {length}")
+        slot = ((seq >> 1) + 1) & 1
+        RECORD.pack_into(self.ctrl, OFF_RECORDS + slot * RECORD.size, self.gen, self._data_size, off,
+                         length, revision, count, time.time_ns(), 0)
+        self._store_seq(seq + 1)
+        self._active_buf = buf
+        if self._stale_gens and self._stale_gens != [self.gen]:
+            for g in self._stale_gens:
+                if g != self.gen:
+                    _unlink_quiet(data_name(self.name, g))
+            self._stale_gens = []
+
+    def _store_seq(self, seq: int) -> None:
+        fence()  # order the data/record stores before the seq store (aarch64)
+        self._words[OFF_SEQ // 8] = seq
+        self.seq = seq
+
+    def close(self, unlink: bool = False) -> None:
+        """Release the writer lock; with ``unlink``, remove every segment of the name.
+
+        Without ``unlink`` (the default) the last snapshot stays readable and
+        readers see the writer as dead; a new writer takes over in place.
+        """
+        if self.ctrl is None:
+            return
+        self._words[OFF_PID // 8] = 0
+        if unlink:
+            _unlink_quiet(self.shm_name)
+            for g in set(self._stale_gens + [self.gen]):
+                if g:
+                    _unlink_quiet(data_name(self.name, g))
+        if self._data is not None:
+            self._data.close()
+            self._data = None
+        self._words.release()
+        self.ctrl.close()
+        self.ctrl = None
+        self._ctrl_shm.close_fd()  # closing the fd drops the flock
+
+
+def writer_is_running(name: str) -> bool:
+    """True iff some process holds the writer lock of ``name`` (a syscall; not hot)."""
+    try:
+        shm = posix_ipc.SharedMemory(ctrl_name(name), flags=0, read_only=True)
+    except posix_ipc.ExistentialError:
+        return False
+    try:
+        fcntl.flock(shm.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        shm.close_fd()  # drops our shared lock too
+    return False
+
+
+def unlink_all(name: str) -> int:
+    """Remove the control segment and every data generation of ``name``.
+
+    Refuses while a writer is running. Returns the number of segments removed.
+    """
+    if writer_is_running(name):
+        raise WriterExistsError(f"snapshot {name!r} has a running writer: stop it before unlinking")
+    removed = 0
+    prefix = f"shmks.{validate_name(name)}."
+    if os.path.isdir("/dev/shm"):
+        for fn in os.listdir("/dev/shm"):
+            if fn.startswith(prefix) and fn[len(prefix):].isdigit():
+                removed += _unlink_quiet("/" + fn)
+    removed += _unlink_quiet(ctrl_name(name))
+    return removed
+
+
+def _unlink_quiet(shm_name: str) -> int:
+    try:
+        posix_ipc.unlink_shared_memory(shm_name)
+        return 1
+    except posix_ipc.ExistentialError:
+        return 0
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to

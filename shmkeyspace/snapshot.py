@@ -1,0 +1,387 @@
+"""The snapshot format: one immutable, self-describing image of a KeySpace.
+
+An image is what one publication writes into a buffer (see ``segment.py``)::
+
+    header   HEADER (128 B): magic, format version, revision, count and the
+             offset/size of every region below, all relative to the image start
+    arena    entries, each a msgpack array [key, decoded, create_revision,
+             mod_revision, version, lease]; key is str when valid UTF-8, else bin
+    table    open-addressing hash table, 2**k slots of two u64:
+             (xxh3_64(key) or 1, offset | length << 32); 0 marks an empty slot;
+             linear probing, load factor <= 1/2
+    order    (offset u32, length u32) per entry, in key order
+    fences   msgpack array of every FENCE-th key (bytes), for range search
+
+Promises: a point lookup touches one or two table slots and unpacks one entry,
+O(1); a range search bisects the (reader-cached) fences then at most
+log2(FENCE) entries, O(log n), then reads entries in key order. Every offset a
+reader takes from an image is checked against the image's bounds first.
+
+The writer keeps an :class:`ImageBuilder` in its own memory and updates it per
+changed key: entries are appended to the arena (never repacked when unchanged),
+table slots are rewritten in place, and the arena is compacted back into key
+order once enough of it is garbage. Publishing copies the image into shared
+memory; nothing in the builder is shared.
+"""
+from __future__ import annotations
+
+import bisect
+import struct
+from array import array
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import msgpack
+from xxhash import xxh3_64_intdigest
+
+from .errors import CorruptSegmentError, NotSerializableError
+
+MAGIC = b"SHMKSNAP"
+FORMAT_VERSION = 1
+# magic, version, fence_step, revision, count, then (offset, size) of arena,
+# table (size = slots), order, fences; total length.
+HEADER = struct.Struct("<8sIIqQQQQQQQQQQ")
+HEADER_SIZE = 128
+FENCE = 32
+MAX_IMAGE = 1 << 32  # u32 offsets
+ALIGN = 64
+
+
+def entry_key(key: bytes) -> Any:
+    """The key as stored in an entry: str if it is UTF-8, else bytes."""
+    try:
+        return key.decode("utf-8")
+    except UnicodeDecodeError:
+        return key
+
+
+_packer = msgpack.Packer(use_bin_type=True)
+
+
+def pack_entry(key: bytes, decoded: Any, create_revision: int, mod_revision: int, version: int,
+               lease: int) -> bytes:
+    """Pack one entry; raise NotSerializableError if ``decoded`` is not msgpack-able."""
+    try:
+        return _packer.pack([entry_key(key), decoded, create_revision, mod_revision, version, lease])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise NotSerializableError(
+            f"decoded value of key {key!r} cannot be stored in shared memory: {exc} "
+            "(decoders must return msgpack-serializable values: None, bool, int, float, "
+            "str, bytes, list, tuple, dict)") from None
+
+
+def key_hash(key: bytes) -> int:
+    """Stable 64-bit hash of a raw key; never 0 (0 marks an empty slot)."""
+    return xxh3_64_intdigest(key) or 1
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class ImageBuilder:
+    """Writer-side, incrementally maintained snapshot image. Not thread-safe.
+
+    ``keys`` is the sorted list of raw keys; ``_loc[key] = (offset, length, hash)``
+    locates each entry in ``arena``.
+    """
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.keys: List[bytes] = []
+        self._loc: Dict[bytes, Tuple[int, int, int]] = {}
+        self.arena = bytearray()
+        self._garbage = 0
+        self._appended = 0  # entries written out of key order since the last compaction
+        self._table = bytearray(16 * 8)
+        self._slots = 8
+        self._order = array("I")
+        self._fences = b"\x90"
+        self._fences_dirty = True
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    # -- full rebuild -------------------------------------------------------------
+    def reset(self, items: Iterable[Tuple[bytes, bytes]], revision: int) -> None:
+        """Replace everything with ``items``: (key, packed entry) in key order."""
+        self.revision = revision
+        self.keys = []
+        self._loc = {}
+        arena = bytearray()
+        for key, packed in items:
+            self._loc[key] = (len(arena), len(packed), key_hash(key))
+            self.keys.append(key)
+            arena += packed
+        if len(arena) >= MAX_IMAGE:
+            raise ValueError(f"snapshot arena of {len(arena)} bytes exceeds the 4 GiB format limit")
+        self.arena = arena
+        self._garbage = 0
+        self._appended = 0
+        self._rebuild_table()
+        self._rebuild_order()
+        self._fences_dirty = True
+
+    def _rebuild_table(self) -> None:
+        slots = 8
+        while slots < 2 * len(self.keys) + 2:
+            slots *= 2
+        self._slots = slots
+        self._table = bytearray(16 * slots)
+        for key in self.keys:
+            self._insert_slot(key, *self._loc[key])
+
+    def _rebuild_order(self) -> None:
+        order = array("I")
+        loc = self._loc
+        for key in self.keys:
+            o, n, _ = loc[key]
+            order.append(o)
+            order.append(n)
+        self._order = order
+
+    # -- hash table ----------------------------------------------------------------
+    def _find_slot(self, key: bytes, h: int) -> int:
+        """Slot index of ``key``; -1 if absent."""
+        mask = self._slots - 1
+        t = self._table
+        i = h & mask
+        while True:
+            sh, ol = _SLOT.unpack_from(t, 16 * i)
+            if sh == 0:
+                return -1
+            if sh == h and self._key_at(ol & 0xFFFFFFFF) == key:
+                return i
+            i = (i + 1) & mask
+
+    def _key_at(self, off: int) -> bytes:
+        return raw_key(self.arena, off, len(self.arena))
+
+    def _insert_slot(self, key: bytes, off: int, length: int, h: int) -> None:
+        mask = self._slots - 1
+        t = self._table
+        i = h & mask
+        while True:
+            sh, ol = _SLOT.unpack_from(t, 16 * i)
+            if sh == 0 or (sh == h and self._key_at(ol & 0xFFFFFFFF) == key):
+                _SLOT.pack_into(t, 16 * i, h, off | (length << 32))
+                return
+            i = (i + 1) & mask
+
+    def _delete_slot(self, i: int) -> None:
+        # Backward-shift deletion keeps linear probing tombstone-free.
+        mask = self._slots - 1
+        t = self._table
+        j = i
+        while True:
+            j = (j + 1) & mask
+            sh, ol = _SLOT.unpack_from(t, 16 * j)
+            if sh == 0:
+                break
+            home = sh & mask
+            # Move j into the hole at i unless j's home lies cyclically in (i, j].
+            if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+                _SLOT.pack_into(t, 16 * i, sh, ol)
+                i = j
+        _SLOT.pack_into(t, 16 * i, 0, 0)
+
+    # -- incremental update ----------------------------------------------------------
+    def apply(self, changes: Dict[bytes, Optional[bytes]], revision: int) -> None:
+        """Apply ``{key: packed entry, or None to delete}``. O(1) per key plus O(n) memmoves."""
+        self.revision = revision
+        if len(changes) > max(64, len(self.keys) // 8):
+            # Big batch: one sorted rebuild beats thousands of list inserts.
+            merged = dict(zip(self.keys, (self._packed(k) for k in self.keys)))
+            for k, p in changes.items():
+                if p is None:
+                    merged.pop(k, None)
+                else:
+                    merged[k] = p
+            self.reset(((k, merged[k]) for k in sorted(merged)), revision)
+            return
+        grow = sum(1 for k, p in changes.items() if p is not None and k not in self._loc)
+        if 2 * (len(self.keys) + grow) + 2 > self._slots:
+            for k, p in changes.items():
+                self._apply_one(k, p, table=False)
+            self._rebuild_table()
+        else:
+            for k, p in changes.items():
+                self._apply_one(k, p, table=True)
+        if self._garbage > len(self.arena) // 2 or self._appended > max(1024, len(self.keys) // 4):
+            self.compact()
+
+    def _packed(self, key: bytes) -> bytes:
+        o, n, _ = self._loc[key]
+        return bytes(self.arena[o:o + n])
+
+    def _apply_one(self, key: bytes, packed: Optional[bytes], table: bool) -> None:
+        old = self._loc.get(key)
+        pos = bisect.bisect_left(self.keys, key)
+        if packed is None:
+            if old is None:
+                return
+            if table:
+                self._delete_slot(self._find_slot(key, old[2]))
+            del self.keys[pos]
+            del self._order[2 * pos:2 * pos + 2]
+            del self._loc[key]
+            self._garbage += old[1]
+            self._fences_dirty = True
+            return
+        off = len(self.arena)
+        if off + len(packed) >= MAX_IMAGE:
+            raise ValueError("snapshot arena would exceed the 4 GiB format limit")
+        self.arena += packed
+        h = old[2] if old is not None else key_hash(key)
+        loc = (off, len(packed), h)
+        self._loc[key] = loc
+        self._appended += 1
+        if old is None:
+            self.keys.insert(pos, key)
+            self._order[2 * pos:2 * pos] = array("I", (off, len(packed)))
+            self._fences_dirty = True
+        else:
+            self._garbage += old[1]
+            self._order[2 * pos] = off
+            self._order[2 * pos + 1] = len(packed)
+        if table:
+            self._insert_slot(key, off, len(packed), h)
+
+    def compact(self) -> None:
+        """Rewrite the arena in key order without garbage (makes ranges contiguous)."""
+        self.reset([(k, self._packed(k)) for k in self.keys], self.revision)
+
+    # -- output ------------------------------------------------------------------------
+    def parts(self) -> Tuple[List[Any], int]:
+        """The image as a list of bytes-like parts and its total length."""
+        if self._fences_dirty:
+            self._fences = msgpack.packb(self.keys[::FENCE], use_bin_type=True)
+            self._fences_dirty = False
+        n = len(self.keys)
+        arena_off = HEADER_SIZE
+        arena_len = len(self.arena)
+        table_off = _align(arena_off + arena_len)
+        order_off = table_off + len(self._table)
+        order_len = 8 * n
+        fence_off = order_off + order_len
+        fence_len = len(self._fences)
+        total = fence_off + fence_len
+        head = bytearray(HEADER_SIZE)
+        HEADER.pack_into(head, 0, MAGIC, FORMAT_VERSION, FENCE, self.revision, n, arena_off, arena_len,
+                         table_off, self._slots, order_off, order_len, fence_off, fence_len, total)
+        pad = bytes(table_off - arena_off - arena_len)
+        order = memoryview(self._order).cast("B")
+        return [head, self.arena, pad, self._table, order, self._fences], total
+
+
+_SLOT = struct.Struct("<QQ")
+
+
+def raw_key(buf: Any, off: int, end: int) -> bytes:
+    """The raw key bytes of the entry at ``buf[off:]`` (which must end by ``end``).
+
+    Parses the msgpack header of the entry's first element without unpacking
+    the value. Raises CorruptSegmentError on anything unexpected.
+    """
+    if off + 2 > end or buf[off] != 0x96:
+        raise CorruptSegmentError(f"entry at offset {off} is not a 6-element msgpack array")
+    t = buf[off + 1]
+    if 0xA0 <= t <= 0xBF:
+        start, n = off + 2, t - 0xA0
+    elif t in (0xD9, 0xC4):
+        start, n = off + 3, buf[off + 2] if off + 3 <= end else -1
+    elif t in (0xDA, 0xC5):
+        start, n = off + 4, int.from_bytes(buf[off + 2:off + 4], "big")
+    elif t in (0xDB, 0xC6):
+        start, n = off + 6, int.from_bytes(buf[off + 2:off + 6], "big")
+    else:
+        raise CorruptSegmentError(f"entry at offset {off} has no str/bin key (type byte {t:#x})")
+    if n < 0 or start + n > end:
+        raise CorruptSegmentError(f"key of entry at offset {off} runs past its bounds")
+    return bytes(buf[start:start + n])
+
+
+class ImageView:
+    """Reader-side, validated view of one image inside a read-only buffer.
+
+    Construction checks every region against the image bounds; the methods check
+    every entry offset they follow. Holds memoryviews into the mapping: call
+    :meth:`release` before the mapping is closed.
+    """
+
+    __slots__ = ("buf", "revision", "count", "arena", "arena_len", "table", "mask", "slots",
+                 "order", "fence_step", "_fences", "_fence_region")
+
+    def __init__(self, buf: memoryview, offset: int, length: int) -> None:
+        if offset < 0 or length < HEADER_SIZE or offset + length > len(buf):
+            raise CorruptSegmentError(f"image at {offset}+{length} lies outside its {len(buf)}-byte buffer")
+        img = buf[offset:offset + length]
+        (magic, version, fence_step, revision, count, arena_off, arena_len, table_off, slots,
+         order_off, order_len, fence_off, fence_len, total) = HEADER.unpack_from(img, 0)
+        if magic != MAGIC:
+            raise CorruptSegmentError(f"bad snapshot magic {magic!r}")
+        if version != FORMAT_VERSION:
+            raise CorruptSegmentError(f"snapshot format version {version}; this shmkeyspace reads {FORMAT_VERSION}")
+        ok = (total == length and fence_step > 0 and slots >= 8 and slots & (slots - 1) == 0
+              and count < slots and order_len == 8 * count
+              and arena_off >= HEADER_SIZE and arena_off + arena_len <= length
+              and table_off % 8 == 0 and table_off >= arena_off + arena_len
+              and table_off + 16 * slots <= length
+              and order_off % 4 == 0 and order_off >= table_off + 16 * slots
+              and order_off + order_len <= length
+              and fence_off >= order_off + order_len and fence_off + fence_len <= length)
+        if not ok:
+            raise CorruptSegmentError("snapshot header describes regions outside the image")
+        self.buf = img
+        self.revision = revision
+        self.count = count
+        self.arena = img[arena_off:arena_off + arena_len]
+        self.arena_len = arena_len
+        self.table = img[table_off:table_off + 16 * slots].cast("Q")
+        self.mask = slots - 1
+        self.slots = slots
+        self.order = img[order_off:order_off + order_len].cast("I")
+        self.fence_step = fence_step
+        self._fence_region = img[fence_off:fence_off + fence_len]
+        self._fences: Optional[List[bytes]] = None
+
+    def fences(self) -> List[bytes]:
+        if self._fences is None:
+            try:
+                f = msgpack.unpackb(self._fence_region)
+            except Exception as exc:
+                raise CorruptSegmentError(f"undecodable fence index: {exc}") from None
+            if not isinstance(f, list) or len(f) != (self.count + self.fence_step - 1) // self.fence_step:
+                raise CorruptSegmentError("fence index does not match the entry count")
+            self._fences = f
+        return self._fences
+
+    def key_at(self, pos: int) -> bytes:
+        off = self.order[2 * pos]
+        end = off + self.order[2 * pos + 1]
+        if end > self.arena_len:
+            raise CorruptSegmentError(f"entry {pos} lies outside the arena")
+        return raw_key(self.arena, off, end)
+
+    def lower_bound(self, key: bytes) -> int:
+        """Position of the first entry with key >= ``key``. O(log n)."""
+        fences = self.fences()
+        b = bisect.bisect_right(fences, key) - 1
+        if b < 0:
+            return 0
+        lo = b * self.fence_step + 1  # fences[b] <= key, so the answer is > b*step or == it
+        if fences[b] == key:
+            return b * self.fence_step
+        hi = min(self.count, lo - 1 + self.fence_step)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.key_at(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+
+    def release(self) -> None:
+        for name in ("table", "order", "arena", "_fence_region", "buf"):
+            mv = getattr(self, name, None)
+            if isinstance(mv, memoryview):
+                mv.release()
