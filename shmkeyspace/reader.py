@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import os
 import time
+from operator import add
 from typing import Any, Iterator, List, NamedTuple, Optional, Union
 
-import msgpack
 from xxhash import xxh3_64_intdigest
+
+from .snapshot import unpackb as _unpackb
 
 from . import segment
 from .errors import CorruptSegmentError, SegmentNotFoundError, ShmKeyspaceError, SnapshotExpiredError
@@ -32,8 +34,10 @@ from .snapshot import ImageView
 
 Key = Union[str, bytes]
 
-_unpackb = msgpack.unpackb
 _new = tuple.__new__
+# What reading garbage can raise (unpacker errors are ValueErrors); a read that
+# raises one of these is retried if the writer moved, else reported as corrupt.
+_READ_ERRORS = (CorruptSegmentError, ValueError, TypeError, IndexError, KeyError, OverflowError)
 _MAX_RETRIES = 10_000
 _MISSING = object()
 
@@ -79,6 +83,16 @@ def _to_query(key: Key):
     raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
 
 
+class _Closed:
+    """Stands in for the seq words of a closed Reader: any read raises."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getitem__(self, i: int) -> int:
+        raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
+
+
 class _Pub:
     """One publication as this reader mapped it."""
 
@@ -113,6 +127,7 @@ class Reader:
         self._words = self._ctrl.words
         self._data: Optional[segment.DataView] = None
         self._pub: Optional[_Pub] = None
+        self._view: Optional[ImageView] = None
         self._pub_seq = -1
         self._cache: dict = {}
         self._cache_seq = -1
@@ -132,8 +147,10 @@ class Reader:
         if self._data is not None:
             self._data.close()
             self._data = None
+        self._view = None
+        self._pub_seq = self._cache_seq = -1
         if self._ctrl is not None:
-            self._words = None
+            self._words = _Closed(self.name)
             self._ctrl.close()
             self._ctrl = None
         self._cache = {}
@@ -171,6 +188,7 @@ class Reader:
         if view.revision != revision or view.count != count:
             raise CorruptSegmentError("publication record disagrees with its snapshot header")
         self._pub = _Pub(s1, view, data, revision, gen)
+        self._view = view
         self._pub_seq = s1
         return self._pub
 
@@ -203,45 +221,35 @@ class Reader:
 
     # -- queries ---------------------------------------------------------------------
     def get(self, key: Key) -> Optional[Entry]:
-        """The entry of ``key`` or None. O(1): one hash probe and one unpack."""
+        """The entry of ``key`` or None. O(1): one hash probe and one unpack.
+
+        The fast path is a seq load, the probe, and a second seq load; anything
+        unusual (a new publication, a retry, an error) takes :meth:`_consistent`.
+        """
         words = self._words
-        if words is None:
-            raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
         s1 = words[2]
         if s1 == self._cache_seq:
             hit = self._cache.get(key, _MISSING)
             if hit is not _MISSING:
                 return hit
-        for _ in range(_MAX_RETRIES):
-            if s1 != self._pub_seq or self._fence:
-                s1, pub = self._current()
-            else:
-                pub = self._pub
+        if s1 == self._pub_seq and not self._fence:
             try:
-                e = _lookup(pub.view, key)
-            except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
-                if self._moved(s1):
-                    self.retries += 1
-                    s1 = words[2]
-                    continue
-                if isinstance(exc, TypeError) and not isinstance(key, (str, bytes, bytearray, memoryview)):
-                    raise
-                raise CorruptSegmentError(f"snapshot {self.name!r}: bad entry for key {key!r}: {exc}") from None
-            if self._fence:
-                segment.fence()
-            s2 = words[2]
-            if s2 == s1:
+                e = _lookup(self._view, key)
+            except _READ_ERRORS:
+                return self._get_slow(key)
+            if words[2] == s1:
                 if self._cache_size:
                     if self._cache_seq != s1 or len(self._cache) >= self._cache_size:
                         self._cache = {}
                         self._cache_seq = s1
                     self._cache[key] = e
                 return e
-            if s2 - (s1 & ~1) <= 2:
-                return e
-            self.retries += 1
-            s1 = s2
-        raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
+        return self._get_slow(key)
+
+    def _get_slow(self, key: Key) -> Optional[Entry]:
+        if not isinstance(key, (str, bytes, bytearray, memoryview)):
+            raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+        return self._consistent(_lookup, key)
 
     def __getitem__(self, key: Key) -> Entry:
         e = self.get(key)
@@ -276,7 +284,7 @@ class Reader:
             s1, pub = self._current()
             try:
                 out = fn(pub.view, *args)
-            except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+            except _READ_ERRORS as exc:
                 if self._moved(s1):
                     self.retries += 1
                     continue
@@ -371,7 +379,7 @@ class SnapshotView:
     def _run(self, fn, *args):
         try:
             out = fn(self._view, *args)
-        except (CorruptSegmentError, ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+        except _READ_ERRORS as exc:
             self._check(None)
             raise CorruptSegmentError(f"snapshot {self._reader.name!r}: {exc}") from None
         return self._check(out)
@@ -414,23 +422,26 @@ def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
     h = xxh3_64_intdigest(kb) or 1
     table = view.table
     mask = view.mask
-    i = h & mask
-    for _ in range(view.slots):
-        sh = table[2 * i]
-        if sh == 0:
-            return None
+    i = (h & mask) << 1
+    sh = table[i]
+    probes = 0
+    while sh:
         if sh == h:
-            ol = table[2 * i + 1]
+            ol = table[i + 1]
             off = ol & 0xFFFFFFFF
             end = off + (ol >> 32)
             if end > view.arena_len:
-                raise CorruptSegmentError(f"hash slot {i} points outside the arena")
+                raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
             lst = _unpackb(view.arena[off:end])
             if lst[0] == kq:
                 if len(lst) != 6:
                     raise CorruptSegmentError(f"entry at offset {off} has {len(lst)} fields, expected 6")
                 return _new(Entry, lst)
-        i = (i + 1) & mask
+        probes += 1
+        if probes > mask:  # a full table can only be a corrupt one
+            raise CorruptSegmentError("hash table has no empty slot")
+        i = (i + 2) & (mask << 1 | 1)
+        sh = table[i]
     return None
 
 
@@ -445,15 +456,15 @@ def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
     start = offs[0]
     total = sum(lens)
     arena = view.arena
-    if start + total > view.arena_len:
-        raise CorruptSegmentError("range runs past the arena")
     n = j - i
     if offs[-1] + lens[-1] - start == total and offs == sorted(offs):
         # Entries lie back to back in key order (the arena is compacted in key
         # order): unpack them as one msgpack array, in C.
+        if start + total > view.arena_len:
+            raise CorruptSegmentError("range runs past the arena")
         lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + arena[start:start + total])
     else:
-        if max(offs) + max(lens) > view.arena_len:
+        if max(map(add, offs, lens)) > view.arena_len:
             raise CorruptSegmentError("range entry lies outside the arena")
         lists = [_unpackb(arena[o:o + m]) for o, m in zip(offs, lens)]
     if len(lists) != n:

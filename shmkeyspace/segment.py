@@ -147,8 +147,10 @@ class ControlView:
             self.mm.close()
             raise CorruptSegmentError(
                 f"{self.shm_name} has layout version {version}; this shmkeyspace reads {LAYOUT_VERSION}")
-        #: The seqlock word and the other u64 fields, as an indexable view.
-        self.words = memoryview(self.mm).cast("Q")
+        #: The seqlock word and the other u64 fields, as an indexable view. Only
+        #: the first CTRL_SIZE bytes: a segment grown to an odd size by someone
+        #: else must not make cast() raise TypeError.
+        self.words = memoryview(self.mm)[:CTRL_SIZE].cast("Q")
 
     def record(self, slot: int) -> Tuple[int, ...]:
         return RECORD.unpack_from(self.mm, OFF_RECORDS + slot * RECORD.size)

@@ -90,6 +90,12 @@ class Writer:
 
     # -- publishing (KeySpace observer: runs with keyspace.lock held) --------------
     def _publish(self) -> None:
+        if self._closed:
+            # stop() ran while a watch batch was in flight (run() on a thread that
+            # stop() does not join, or a join that timed out): publishing now
+            # would recreate segments of a closed Publisher.
+            self._pending = {}
+            return
         t0 = time.perf_counter()
         ks = self.keyspace
         rev = ks.header.revision

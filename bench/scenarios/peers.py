@@ -1,0 +1,189 @@
+"""The peers shmkeyspace is measured against, each holding the same data.
+
+* :class:`LmdbPeer` - py-lmdb, key -> the same msgpack-packed entry
+  ``[key, decoded, create_revision, mod_revision, version, lease]`` the snapshot
+  stores; a read transaction per lookup (and per batch), ``buffers=True`` so
+  values are unpacked straight from the map (its fastest read path), with the
+  same unpack function the Reader uses (:data:`READER_UNPACKB`), so the
+  comparison is about storage and lookup, not about the msgpack library.
+* :class:`DictPeer` - a plain in-process dict of key -> decoded (the limit), plus
+  a sorted key list for ranges.
+* :class:`EtcdPeer` - a direct etcd read per query with the python-etcd3 API
+  (pyetcd) and ``json.loads`` of the value, as a service without a mirror does.
+* :class:`SmdPeer` - ``shared-memory-dict`` from PyPI (pickles the whole dict
+  into one shared-memory block; no ordered queries).
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import uuid
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
+
+import msgpack
+
+try:  # whatever the Reader unpacks entries with (msgpack, or a faster drop-in)
+    from shmkeyspace.snapshot import unpackb as READER_UNPACKB
+except ImportError:
+    READER_UNPACKB = msgpack.unpackb
+UNPACKER_NAME = f"{READER_UNPACKB.__module__ or '?'}.{READER_UNPACKB.__name__}"
+
+
+def _prefix_end(p: bytes) -> Optional[bytes]:
+    b = bytearray(p)
+    while b:
+        if b[-1] < 0xFF:
+            b[-1] += 1
+            return bytes(b)
+        b.pop()
+    return None
+
+
+class LmdbPeer:
+    """py-lmdb environment in a temporary directory (removed by :meth:`close`)."""
+
+    def __init__(self, path: Optional[str] = None, readonly: bool = False, unpackb: Any = None) -> None:
+        import lmdb
+        self.unpackb = unpackb or READER_UNPACKB
+        self.own = path is None
+        self.path = path or tempfile.mkdtemp(prefix="shmks-bench-lmdb-")
+        self.env = lmdb.open(self.path, map_size=1 << 36, readonly=readonly, lock=True,
+                             sync=False, metasync=False, max_readers=256)
+
+    def fill(self, items: Iterable[Tuple[bytes, bytes]]) -> None:
+        """Store (raw key, packed entry) pairs given in key order."""
+        with self.env.begin(write=True) as txn:
+            txn.cursor().putmulti(items, append=True)
+        self.env.sync(True)
+
+    # -- queries (each opens its own read transaction) ------------------------------------
+    def get(self, key: bytes) -> Any:
+        with self.env.begin(buffers=True) as txn:
+            v = txn.get(key)
+            return None if v is None else self.unpackb(v)
+
+    def get_batch(self, keys: Sequence[bytes]) -> List[Any]:
+        with self.env.begin(buffers=True) as txn:
+            get, unpackb = txn.get, self.unpackb
+            return [unpackb(get(k)) for k in keys]
+
+    def range(self, lo: bytes, count: int) -> List[Any]:
+        """``count`` entries from ``lo``: cursor set_range + next + unpack."""
+        out = []
+        unpackb = self.unpackb
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(lo):
+                return out
+            value, nxt = cur.value, cur.next
+            for _ in range(count):
+                out.append(unpackb(value()))
+                if not nxt():
+                    break
+        return out
+
+    def range_to(self, lo: bytes, hi: bytes) -> List[Any]:
+        """Entries with lo <= key < hi."""
+        out = []
+        unpackb = self.unpackb
+        with self.env.begin(buffers=True) as txn:
+            cur = txn.cursor()
+            if not cur.set_range(lo):
+                return out
+            key, value, nxt = cur.key, cur.value, cur.next
+            while bytes(key()) < hi:
+                out.append(unpackb(value()))
+                if not nxt():
+                    break
+        return out
+
+    def prefixed(self, p: bytes) -> List[Any]:
+        end = _prefix_end(p)
+        return self.range_to(p, end) if end is not None else self.range(p, 1 << 62)
+
+    def with_unpacker(self, unpackb: Any) -> "LmdbPeer":
+        """The same environment read with another unpack function (closing it is a no-op)."""
+        other = object.__new__(LmdbPeer)
+        other.env, other.path, other.own, other.unpackb = self.env, self.path, False, unpackb
+        other.close = lambda: None
+        return other
+
+    def close(self) -> None:
+        self.env.close()
+        if self.own:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class DictPeer:
+    """key (str) -> decoded, and the sorted keys for ordered queries."""
+
+    def __init__(self, items: Iterable[Tuple[str, Any]]) -> None:
+        self.d = dict(items)
+        self.keys = sorted(self.d)
+        self.get = self.d.get
+
+    def range_to(self, lo: str, hi: str) -> List[Any]:
+        keys = self.keys
+        i = bisect.bisect_left(keys, lo)
+        j = bisect.bisect_left(keys, hi, i)
+        d = self.d
+        return [d[k] for k in keys[i:j]]
+
+    def prefixed(self, p: str) -> List[Any]:
+        # '\U0010ffff' sorts after every character a key can hold after the prefix.
+        return self.range_to(p, p + "\U0010ffff")
+
+
+class EtcdPeer:
+    """A query per request straight to etcd (pyetcd, python-etcd3 API) + json.loads."""
+
+    def __init__(self, client: Any) -> None:
+        self.c = client
+
+    def get(self, key: str) -> Any:
+        value, _meta = self.c.get(key)
+        return None if value is None else json.loads(value)
+
+    def range_to(self, lo: str, hi: str) -> List[Any]:
+        return [json.loads(v) for v, _ in self.c.get_range(lo, hi)]
+
+    def prefixed(self, p: str) -> List[Any]:
+        return [json.loads(v) for v, _ in self.c.get_prefix(p)]
+
+
+class SmdPeer:
+    """``shared_memory_dict.SharedMemoryDict`` holding key -> decoded (pickle serializer)."""
+
+    def __init__(self, items: Iterable[Tuple[str, Any]]) -> None:
+        from shared_memory_dict import SharedMemoryDict
+        d = dict(items)
+        size = len(pickle.dumps(d, pickle.HIGHEST_PROTOCOL)) + (1 << 20)
+        self.size = size
+        self.smd = SharedMemoryDict(name=f"shmksb{uuid.uuid4().hex[:10]}", size=size)
+        self.smd.update(d)  # one pickle of everything; per-key __setitem__ would be O(n^2)
+        self.get = self.smd.get
+
+    def close(self) -> None:
+        shm = self.smd.shm
+        self.smd.cleanup()
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def smd_available() -> Optional[str]:
+    """None if shared-memory-dict imports, else why not."""
+    try:
+        import shared_memory_dict  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return f"not installed ({type(exc).__name__})"
+    return None
+
+
+def lmdb_path_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))

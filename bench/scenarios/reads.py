@@ -1,0 +1,168 @@
+"""Point gets (cold and repeated), ranges of 100 keys and prefix listings, in-process.
+
+Every system answers the same queries over the same data; answers are checked
+against the dict before anything is timed. Times are per operation, the median
+over ``repeats`` loops (``time.perf_counter_ns`` around the whole loop, gc off).
+
+lmdb unpacks with the Reader's own unpack function (see peers.py); when that is
+not msgpack's, an extra "lmdb + msgpack.unpackb" row shows the difference.
+Keys are given to each system in its native type: ``str`` to shmkeyspace, the
+dict and etcd, pre-encoded ``bytes`` to lmdb (so lmdb never pays the encode).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import msgpack
+
+from . import common
+from .common import median, time_batches, time_budget, time_loop
+
+SHM = "shmkeyspace"
+SHM_BATCH = "shmkeyspace snapshot/batch"
+LMDB = "lmdb txn/op"
+LMDB_BATCH = "lmdb txn/batch"
+LMDB_MSGPACK = "lmdb txn/op, msgpack.unpackb"
+DICT = "dict"
+ETCD = "etcd (pyetcd)"
+SMD = "shared-memory-dict"
+SYSTEMS = [SHM, SHM_BATCH, LMDB, LMDB_BATCH, LMDB_MSGPACK, DICT, ETCD, SMD]
+SCENARIOS = ["get_cold", "get_repeated", "range100", "prefix100"]
+BATCH = 100
+
+
+def _row(cfg, scenario: str, system: str, per_repeat_ns: List[float], iterations: int, note: str = "") -> Dict[str, Any]:
+    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": system,
+            "us": median(per_repeat_ns) / 1e3, "repeats_us": [x / 1e3 for x in per_repeat_ns],
+            "iterations": iterations, "note": note}
+
+
+def _na(cfg, scenario: str, system: str, note: str) -> Dict[str, Any]:
+    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": system,
+            "us": None, "repeats_us": [], "iterations": 0, "note": note}
+
+
+def check(ctx) -> None:
+    """The peers hold what the Reader holds: compare a sample of answers."""
+    cfg, d = ctx.cfg, ctx.dict_peer
+    r = common.rng(f"check-{cfg.n}")
+    for i in r.sample(range(cfg.n), min(200, cfg.n)):
+        k = cfg.keys[i]
+        e = ctx.reader_cold.get(k)
+        if e is None or e.decoded != d.d[k]:
+            raise AssertionError(f"Reader and dict disagree on {k!r}")
+        lm = ctx.lmdb.get(k.encode())
+        if list(lm) != list(e):
+            raise AssertionError(f"Reader and lmdb disagree on {k!r}: {lm!r} != {list(e)!r}")
+    i = max(0, cfg.n // 2 - common.RANGE_LEN)
+    lo, hi = cfg.keys[i], cfg.keys[min(cfg.n - 1, i + common.RANGE_LEN)]
+    a = [e.decoded for e in ctx.reader_cold.range(lo, hi)]
+    if a != d.range_to(lo, hi) or len(a) != common.RANGE_LEN:
+        raise AssertionError("Reader.range and the dict disagree")
+    if [x[1] for x in ctx.lmdb.range(lo.encode(), common.RANGE_LEN)] != a:
+        raise AssertionError("Reader.range and the lmdb cursor disagree")
+    p = common.group_prefix(cfg.prefix, 0)
+    if [e.decoded for e in ctx.reader_cold.prefixed(p)] != d.prefixed(p) or \
+            [x[1] for x in ctx.lmdb.prefixed(p.encode())] != d.prefixed(p):
+        raise AssertionError("prefix listings disagree")
+
+
+def run(ctx) -> List[Dict[str, Any]]:
+    cfg, st = ctx.cfg, ctx.settings
+    check(ctx)
+    rows: List[Dict[str, Any]] = []
+    keys = cfg.keys
+    n = cfg.n
+    R = st.repeats
+    r = common.rng(f"reads-{n}-{cfg.value_size}")
+
+    # -- cold random gets: distinct keys per repeat, Reader without cache ----------------
+    m = min(n, st.cold_keys)
+    cold = [[keys[i] for i in r.sample(range(n), m)] for _ in range(R)]
+    cold_b = [[k.encode() for k in ks] for ks in cold]
+    reader, lm, d = ctx.reader_cold, ctx.lmdb, ctx.dict_peer
+    # When the Reader unpacks with something faster than msgpack, also show lmdb + msgpack.
+    lm_msgpack = None if lm.unpackb is msgpack.unpackb else lm.with_unpacker(msgpack.unpackb)
+
+    def shm_batch(ks, snap=ctx.reader_cold.snapshot):
+        with snap() as s:
+            g = s.get
+            for k in ks:
+                g(k)
+
+    rows.append(_row(cfg, "get_cold", SHM, time_loop(reader.get, cold), m * R, "Reader(cache_size=0)"))
+    rows.append(_row(cfg, "get_cold", SHM_BATCH, time_batches(shm_batch, cold, BATCH), m * R,
+                     f"one snapshot() per {BATCH} gets"))
+    rows.append(_row(cfg, "get_cold", LMDB, time_loop(lm.get, cold_b), m * R, "read txn per get"))
+    rows.append(_row(cfg, "get_cold", LMDB_BATCH, time_batches(lm.get_batch, cold_b, BATCH), m * R,
+                     f"one read txn per {BATCH} gets"))
+    if lm_msgpack is not None:
+        rows.append(_row(cfg, "get_cold", LMDB_MSGPACK, time_loop(lm_msgpack.get, cold_b), m * R,
+                         "read txn per get, unpacked with msgpack instead of the Reader's unpacker"))
+    rows.append(_row(cfg, "get_cold", DICT, time_loop(d.get, cold), m * R))
+    ek = max(1, st.etcd_iters // R)
+    rows.append(_row(cfg, "get_cold", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in cold]), ek * R,
+                     "client.get + json.loads"))
+    rows.append(_smd(ctx, "get_cold", cold[0]))
+
+    # -- the same key over and over (the per-reader cache path) --------------------------
+    same = [[keys[r.randrange(n)]] * st.repeated_iters for _ in range(R)]
+    same_b = [[ks[0].encode()] * len(ks) for ks in same]
+    rows.append(_row(cfg, "get_repeated", SHM, time_loop(ctx.reader.get, same), st.repeated_iters * R,
+                     "Reader() default cache"))
+    rows.append(_row(cfg, "get_repeated", SHM_BATCH, time_batches(shm_batch, same, BATCH), st.repeated_iters * R,
+                     f"one snapshot() per {BATCH} gets (no cache)"))
+    rows.append(_row(cfg, "get_repeated", LMDB, time_loop(lm.get, same_b), st.repeated_iters * R))
+    rows.append(_row(cfg, "get_repeated", LMDB_BATCH, time_batches(lm.get_batch, same_b, BATCH),
+                     st.repeated_iters * R))
+    rows.append(_row(cfg, "get_repeated", DICT, time_loop(d.get, same), st.repeated_iters * R))
+    rows.append(_row(cfg, "get_repeated", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in same]), ek * R,
+                     "client.get + json.loads"))
+    rows.append(_smd(ctx, "get_repeated", same[0]))
+
+    # -- ranges of 100 keys ---------------------------------------------------------------------
+    L = common.RANGE_LEN
+    starts = [[r.randrange(max(1, n - L)) for _ in range(st.range_iters)] for _ in range(R)]
+    bounds = [[(keys[i], keys[i + L] if i + L < n else "\U0010ffff") for i in s] for s in starts]
+    rows.append(_row(cfg, "range100", SHM, time_loop(lambda b: reader.range(b[0], b[1]), bounds),
+                     st.range_iters * R, "Reader.range(from, to)"))
+    rows.append(_row(cfg, "range100", LMDB, time_loop(lambda b: lm.range(b, L), [[keys[i].encode() for i in s]
+                                                                                for s in starts]),
+                     st.range_iters * R, "cursor set_range + 100 next + unpack, txn per range"))
+    if lm_msgpack is not None:
+        rows.append(_row(cfg, "range100", LMDB_MSGPACK,
+                         time_loop(lambda b: lm_msgpack.range(b, L), [[keys[i].encode() for i in s] for s in starts]),
+                         st.range_iters * R, "as lmdb txn/op, unpacked with msgpack"))
+    rows.append(_row(cfg, "range100", DICT, time_loop(lambda b: d.range_to(b[0], b[1]), bounds),
+                     st.range_iters * R, "bisect on sorted keys + dict lookups"))
+    er = max(1, st.etcd_range_iters // R)
+    rows.append(_row(cfg, "range100", ETCD, time_loop(lambda b: ctx.etcd.range_to(b[0], b[1]),
+                                                      [bs[:er] for bs in bounds]), er * R,
+                     "client.get_range + json.loads"))
+    rows.append(_na(cfg, "range100", SMD, "no ordered queries"))
+
+    # -- prefix listings (~100 keys) --------------------------------------------------------------
+    groups = max(1, n // common.GROUP)
+    prefixes = [[common.group_prefix(cfg.prefix, r.randrange(groups)) for _ in range(st.range_iters)]
+                for _ in range(R)]
+    rows.append(_row(cfg, "prefix100", SHM, time_loop(reader.prefixed, prefixes), st.range_iters * R,
+                     "Reader.prefixed(p)"))
+    rows.append(_row(cfg, "prefix100", LMDB, time_loop(lm.prefixed, [[p.encode() for p in ps] for ps in prefixes]),
+                     st.range_iters * R, "cursor set_range + next while key < prefix end + unpack"))
+    rows.append(_row(cfg, "prefix100", DICT, time_loop(d.prefixed, prefixes), st.range_iters * R,
+                     "bisect on sorted keys + dict lookups"))
+    rows.append(_row(cfg, "prefix100", ETCD, time_loop(ctx.etcd.prefixed, [ps[:er] for ps in prefixes]), er * R,
+                     "client.get_prefix + json.loads"))
+    rows.append(_na(cfg, "prefix100", SMD, "no ordered queries"))
+    return rows
+
+
+def _smd(ctx, scenario: str, keys: List[str]) -> Dict[str, Any]:
+    cfg, st = ctx.cfg, ctx.settings
+    if ctx.smd is None:
+        return _na(cfg, scenario, SMD, ctx.smd_note)
+    res = time_budget(ctx.smd.get, keys, st.smd_budget_s)
+    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": SMD,
+            "us": res["ns"] / 1e3, "repeats_us": [], "iterations": res["iterations"],
+            "note": f"unpickles the whole {ctx.smd.size / 1e6:.1f} MB dict per get; "
+                    f"{res['iterations']} gets in a {st.smd_budget_s:g} s budget"}

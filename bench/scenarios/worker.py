@@ -1,0 +1,305 @@
+"""Child processes of the benchmark: ``python worker.py MODE ARGS...``.
+
+Every mode prints JSON lines on stdout (one per event or command reply) and
+treats end of stdin as "quit", so a dying parent never leaves workers behind.
+
+Modes:
+  writer ENDPOINT PREFIX NAME APPLY_DELAY   an instrumented shmkeyspace Writer
+  getloop KIND TARGET PREFIX N SEED         random gets for a given time after "go SECONDS"
+  hold NAME CACHE_SIZE PREFIX N             a Reader that has touched every key, then idles
+  mirror NAME                               an in-process dict of every decoded value, then idles
+  idle                                      the same imports, holding nothing (memory baseline)
+  loader ENDPOINT PREFIX RATE MAX_S MAX_N   background puts after "go" until "stop"/limits
+  load ENDPOINT PREFIX                      time KeySpace.load of the prefix, then exit
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+
+from scenarios import common  # noqa: E402
+
+
+def emit(**msg) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def wait_eof() -> None:
+    for _ in sys.stdin:
+        pass
+
+
+def rss() -> dict:
+    try:
+        import psutil
+        m = psutil.Process().memory_full_info()
+        return {"rss": m.rss, "uss": m.uss, "pss": m.pss}
+    except Exception:  # psutil is a dev dependency; RSS from /proc otherwise
+        with open("/proc/self/statm") as f:
+            return {"rss": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+
+
+# -- writer ----------------------------------------------------------------------------
+
+class Instrumented:
+    """Wraps a Writer's publication steps to record thread-CPU and wall time of each."""
+
+    PHASES = ("apply", "reset", "parts", "publish")
+
+    def __init__(self, w) -> None:
+        self.w = w
+        self.records: list = []
+        self._cur = None
+        self._ks_apply = None
+        b, p, ks = w.builder, w.publisher, w.keyspace
+        for obj, attr, phase in ((b, "apply", "apply"), (b, "reset", "reset"), (b, "parts", "parts"),
+                                 (p, "publish", "publish")):
+            setattr(obj, attr, self._phase(getattr(obj, attr), phase))
+        # The Writer registered its bound _publish as a KeySpace observer: wrap it there.
+        i = ks.observers.index(w._publish)
+        ks.observers[i] = self._observer(ks.observers[i])
+        ks.apply = self._ks_apply_wrap(ks.apply)
+        ks._fetch = self._timed_fetch(ks._fetch)
+        self.fetch = None
+
+    def _phase(self, fn, name):
+        def wrapped(*a, **kw):
+            cur = self._cur
+            if cur is None or cur.get("_in"):
+                return fn(*a, **kw)  # nested (compact -> reset): counted in the outer phase
+            cur["_in"] = True
+            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                return fn(*a, **kw)
+            finally:
+                cur["cpu_" + name] = cur.get("cpu_" + name, 0) + time.thread_time_ns() - c0
+                cur["wall_" + name] = cur.get("wall_" + name, 0) + time.perf_counter_ns() - w0
+                cur["_in"] = False
+        return wrapped
+
+    def _observer(self, fn):
+        def wrapped():
+            ks = self.w.keyspace
+            changed = ks.changed_keys
+            cur = {"changed": None if changed is None else len(changed), "_in": False}
+            self._cur = cur
+            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                fn()
+            finally:
+                cur["cpu_total"] = time.thread_time_ns() - c0
+                cur["wall_total"] = time.perf_counter_ns() - w0
+                cur["keys"] = len(self.w.builder)
+                cur["revision"] = ks.header.revision
+                cur["t_published"] = time.perf_counter_ns()
+                del cur["_in"]
+                self._cur = None
+                self.records.append(cur)
+                if self._ks_apply is not None:
+                    self._ks_apply["record"] = cur
+        return wrapped
+
+    def _ks_apply_wrap(self, fn):
+        def wrapped(*responses):
+            st = {"record": None}
+            self._ks_apply = st
+            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                return fn(*responses)
+            finally:
+                rec = st["record"]
+                self._ks_apply = None
+                if rec is not None:
+                    rec["cpu_ks_apply"] = time.thread_time_ns() - c0
+                    rec["wall_ks_apply"] = time.perf_counter_ns() - w0
+                    rec["responses"] = len(responses)
+        return wrapped
+
+    def _timed_fetch(self, fn):
+        def wrapped(*a, **kw):
+            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.fetch = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0}
+        return wrapped
+
+
+def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None:
+    from shmkeyspace import Writer, decoders
+    from shmkeyspace.etcd import connect
+    client = connect(endpoint, client="pyetcd")
+    w = Writer(name, prefix, client=client, decoder=decoders.json, apply_delay=float(apply_delay),
+               unlink_on_exit=True)
+    ins = Instrumented(w)
+    c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+    w.start()
+    load = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0, "fetch": ins.fetch,
+            "publish": ins.records[-1] if ins.records else None}
+    emit(event="ready", pid=os.getpid(), load=load, mem=rss(), keys=len(w.builder),
+         image_bytes=sum(len(p) for p in w.builder.parts()[0]))
+    try:
+        for line in sys.stdin:
+            cmd = line.split()
+            if not cmd:
+                continue
+            if cmd[0] == "stats":
+                recs, ins.records = ins.records, []
+                emit(records=recs, mem=rss(), publications=w.publications, failures=w.publish_failures)
+            elif cmd[0] == "delay":
+                w.keyspace.watch_apply_delay = float(cmd[1])
+                emit(ok=True)
+            elif cmd[0] == "clock":
+                emit(perf_counter_ns=time.perf_counter_ns())
+            else:
+                emit(error=f"unknown command {cmd!r}")
+    finally:
+        w.stop()
+
+
+# -- readers ---------------------------------------------------------------------------
+
+def mode_getloop(kind: str, target: str, prefix: str, n: str, seed: str) -> None:
+    import random
+    n = int(n)
+    r = random.Random(seed)
+    keys = [common.key_of(prefix, r.randrange(n)) for _ in range(min(50_000, 5 * n))]
+    if kind == "reader":
+        from shmkeyspace import Reader
+        reader = Reader(target, cache_size=0)  # random gets: measure lookups, not the cache
+        get = reader.get
+    elif kind == "lmdb":
+        from scenarios.peers import LmdbPeer
+        peer = LmdbPeer(target, readonly=True)
+        get = peer.get
+        keys = [k.encode() for k in keys]
+    else:
+        raise SystemExit(f"unknown kind {kind}")
+    for k in keys[:1000]:  # warm up (and prove the keys exist)
+        if get(k) is None:
+            emit(error=f"{kind}: key {k!r} missing")
+            return
+    emit(event="ready", pid=os.getpid())
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] != "go":
+            continue
+        seconds = float(cmd[1])
+        chunks = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+        ops = 0
+        t0 = time.perf_counter()
+        end = t0 + seconds
+        c = 0
+        while True:
+            for k in chunks[c]:
+                get(k)
+            ops += len(chunks[c])
+            c = (c + 1) % len(chunks)
+            if time.perf_counter() >= end:
+                break
+        emit(ops=ops, seconds=time.perf_counter() - t0)
+
+
+def mode_hold(name: str, cache_size: str, prefix: str, n: str) -> None:
+    from shmkeyspace import Reader
+    reader = Reader(name, cache_size=int(cache_size))
+    get = reader.get
+    missing = 0
+    for i in range(int(n)):  # touch every entry (and the whole hash table) once
+        if get(common.key_of(prefix, i)) is None:
+            missing += 1
+    emit(event="ready", pid=os.getpid(), missing=missing)
+    wait_eof()
+    reader.close()
+
+
+def mode_mirror(name: str) -> None:
+    import gc
+    from shmkeyspace import Reader
+    with Reader(name) as reader:
+        mirror = {e.key: e.decoded for e in reader.range(b"", None)}
+    gc.collect()
+    emit(event="ready", pid=os.getpid(), keys=len(mirror))
+    wait_eof()
+    del mirror
+
+
+def mode_idle() -> None:
+    from shmkeyspace import Reader  # noqa: F401 - same imports as hold/mirror
+    emit(event="ready", pid=os.getpid())
+    wait_eof()
+
+
+# -- etcd load ----------------------------------------------------------------------------
+
+def mode_loader(endpoint: str, prefix: str, rate: str, max_s: str, max_n: str) -> None:
+    from shmkeyspace.etcd import connect
+    client = connect(endpoint, client="pyetcd")
+    rate, max_s, max_n = float(rate), float(max_s), int(max_n)
+    stop = threading.Event()
+    emit(event="ready", pid=os.getpid())
+    for line in sys.stdin:
+        if line.strip() == "go":
+            break
+    else:
+        return
+
+    def watch_stdin():
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    value = common.make_value(0, 100)
+    t0 = time.perf_counter()
+    i = 0
+    while not stop.is_set() and i < max_n:
+        now = time.perf_counter()
+        if now - t0 >= max_s:
+            break
+        due = t0 + i / rate
+        if due > now:
+            time.sleep(due - now)
+        client.put(f"{prefix}/zzload/{i % 1000:04d}", value)
+        i += 1
+    elapsed = time.perf_counter() - t0
+    emit(puts=i, seconds=elapsed, rate=i / elapsed if elapsed else 0.0)
+    client.close()
+
+
+def mode_load(endpoint: str, prefix: str) -> None:
+    from shmkeyspace import KeySpace, decoders
+    from shmkeyspace.etcd import connect
+    client = connect(endpoint, client="pyetcd")
+    ks = KeySpace(prefix, decoders.json)
+    c0, w0 = time.process_time(), time.perf_counter()
+    ks.load(client)
+    emit(keys=len(ks.key_values), wall=time.perf_counter() - w0, cpu=time.process_time() - c0, mem=rss())
+    client.close()
+
+
+MODES = {"writer": mode_writer, "getloop": mode_getloop, "hold": mode_hold, "mirror": mode_mirror,
+         "idle": mode_idle, "loader": mode_loader, "load": mode_load}
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    try:
+        MODES[mode](*sys.argv[2:])
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
+    except Exception as exc:
+        import traceback
+        traceback.print_exc()
+        try:
+            emit(error=f"{type(exc).__name__}: {exc}")
+        except Exception:
+            pass
+        sys.exit(1)

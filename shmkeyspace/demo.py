@@ -1,0 +1,634 @@
+"""``shmkeyspace demo``: the whole system on one host, measured, then cleaned up.
+
+Steps: start an embedded etcd (:class:`~shmkeyspace.etcd.EtcdServer`) in a
+temporary directory; seed service-discovery records
+``/demo/services/svc-NNNNN/instance-NN`` (JSON: host, port, zone, weight, tags,
+version) with 100-put transactions on several threads; start the standalone
+writer as a real subprocess (``python -m shmkeyspace writer``); measure what a
+private in-process mirror costs (a child that loads every key into a dict of
+``json.loads`` values); start reader processes that hammer random uncached
+``get``s; make live updates with ordinary puts and time, per reader, from the
+put to the moment that reader sees the new value; print a plain-text table.
+
+Promises: progress goes to stderr, the result table to stdout; whatever happens
+(success, error, Ctrl-C, SIGTERM) the child processes are stopped, the
+snapshot's segments unlinked, etcd stopped and the temporary directory
+(``shmkeyspace-demo-*`` under ``$TMPDIR``) removed.
+
+Clocks: readers stamp ``time.monotonic()``, which is CLOCK_MONOTONIC, one clock
+for every process on a Linux host, so the parent can subtract its own stamps.
+
+Memory: PSS and USS come from ``/proc/PID/smaps_rollup`` (Linux >= 4.14).
+A reader's PSS delta includes its share of the shared snapshot pages it touched
+(shared pages are divided among the processes mapping them); its USS delta is
+what it holds privately. The mirror child's RSS delta is what every worker
+would hold if each kept its own copy.
+
+The reader and mirror children are started as ``python -c`` processes that
+import only what they need (readers never import grpc), so their memory
+figures are those of a lean worker.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+DEMO_PREFIX = "/demo/services"
+PER_SERVICE = 20
+ZONES = ("eu-west-1a", "eu-west-1b", "eu-west-1c", "us-east-1a", "us-east-1b", "ap-south-1a")
+TAGS = ("http", "grpc", "canary", "stable", "internal", "public", "v2")
+SAMPLE_KEYS = 20_000   # distinct keys each reader cycles through (random order)
+BURST = 128            # lookups between checks of the reader's inbox
+
+
+# -- the data set ---------------------------------------------------------------------
+
+def instance_key(i: int) -> str:
+    """The key of record ``i`` (computable in any process without a key list)."""
+    return f"{DEMO_PREFIX}/svc-{i // PER_SERVICE:05d}/instance-{i % PER_SERVICE:02d}"
+
+
+def instance_record(i: int, weight: int = 100) -> Dict[str, Any]:
+    """A realistic service-discovery record for instance ``i`` (about 150 bytes as JSON)."""
+    return {
+        "host": f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+        "port": 8000 + i % 1000,
+        "zone": ZONES[i % len(ZONES)],
+        "weight": weight,
+        "tags": [TAGS[i % len(TAGS)], TAGS[(i // 7) % len(TAGS)]],
+        "version": f"1.{i % 7}.{i % 13}",
+        "healthy": i % 97 != 0,
+    }
+
+
+def seed(client: Any, n: int, *, threads: int = 4, batch: int = 100,
+         progress: Optional["Progress"] = None) -> int:
+    """Put records 0..n-1 in transactions of ``batch`` puts; return etcd's revision after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = [0]
+    lock = threading.Lock()
+
+    def put_batch(start: int) -> None:
+        ops = [client.transactions.put(instance_key(i), json.dumps(instance_record(i), separators=(",", ":")))
+               for i in range(start, min(n, start + batch))]
+        client.transaction(compare=[], success=ops, failure=[])
+        with lock:
+            done[0] += len(ops)
+            if progress is not None:
+                progress.update(done[0])
+
+    with ThreadPoolExecutor(max_workers=threads) as ex:
+        for f in [ex.submit(put_batch, s) for s in range(0, n, batch)]:
+            f.result()
+    return etcd_revision(client)
+
+
+def etcd_revision(client: Any) -> int:
+    """etcd's current revision (every response header carries it)."""
+    return int(client.get_response(b"\0shmkeyspace-demo").header.revision)
+
+
+# -- small utilities --------------------------------------------------------------------
+
+def memory() -> Dict[str, int]:
+    """rss, pss and uss of this process in bytes (from /proc/self/smaps_rollup; {} if absent)."""
+    out: Dict[str, int] = {}
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                    out[parts[0][:-1]] = int(parts[1]) * 1024
+    except OSError:
+        return {}
+    return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
+            "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
+
+
+def mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class Progress:
+    """A progress line on stderr: redrawn in place on a terminal, else a line every second."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.label, self.total = label, total
+        self.t0 = self.last = time.monotonic()
+        self.finished = False
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.finished or (not force and now - self.last < (0.1 if self.tty else 1.0) and n < self.total):
+            return
+        self.last = now
+        self.finished = n >= self.total
+        rate = n / max(now - self.t0, 1e-9)
+        msg = f"{self.label}: {n}/{self.total} ({100 * n // max(self.total, 1)}%, {rate:,.0f}/s)"
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if n >= self.total else ""))
+        else:
+            sys.stderr.write(msg + "\n")
+        sys.stderr.flush()
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def percentile(values: List[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
+
+
+class DemoError(Exception):
+    """The demo could not run; the message says which step failed."""
+
+
+# -- children ---------------------------------------------------------------------------
+
+class _Child:
+    """A child python process speaking JSON lines on stdout, commands on stdin."""
+
+    def __init__(self, role: str, args: List[str], cwd: str) -> None:
+        code = "import sys; from shmkeyspace.demo import child_main; sys.exit(child_main(sys.argv[1:]))"
+        self.role = role
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, role, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=None, text=True, bufsize=1, cwd=cwd, start_new_session=True,
+            env=_child_env())
+        self.messages: "queue.Queue[Dict[str, Any]]" = queue.Queue()
+        t = threading.Thread(target=self._pump, daemon=True, name=f"demo-{role}-stdout")
+        t.start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    self.messages.put(json.loads(line))
+                except ValueError:
+                    pass
+        self.messages.put({"eof": True})
+
+    def send(self, *words: Any) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(" ".join(map(str, words)) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def expect(self, kind: str, timeout: float) -> Dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DemoError(f"{self.role} (pid {self.proc.pid}) sent no {kind!r} within {timeout:.0f}s")
+            try:
+                m = self.messages.get(timeout=left)
+            except queue.Empty:
+                continue
+            if m.get("eof"):
+                raise DemoError(f"{self.role} (pid {self.proc.pid}) exited with {self.proc.wait()} "
+                                f"before sending {kind!r}")
+            if m.get("error"):
+                raise DemoError(f"{self.role} (pid {self.proc.pid}) failed: {m['error']}")
+            if m.get("kind") == kind:
+                return m
+
+    def stop(self, timeout: float = 5.0) -> None:
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()  # a child stops at EOF
+        except OSError:
+            pass
+        _reap(self.proc, timeout)
+
+
+def _child_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    # Children must import this very shmkeyspace, installed or not.
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _reap(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait for ``proc``; SIGTERM, then SIGKILL, if it does not exit."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        if sig is not None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                return
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _emit(**msg: Any) -> None:
+    sys.stdout.write(json.dumps(msg) + "\n")
+    sys.stdout.flush()
+
+
+def child_main(argv: List[str]) -> int:
+    """Entry point of the demo's child processes (not a public interface)."""
+    role = argv[0]
+    try:
+        if role == "reader":
+            return _reader_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
+        if role == "mirror":
+            return _mirror_child(argv[1], argv[2])
+        raise ValueError(f"unknown role {role!r}")
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        _emit(error=f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+def _reader_child(name: str, idx: int, nkeys: int, seed_: int) -> int:
+    """Hammer random gets; on request, report when a given key shows a given weight."""
+    import collections
+    import gc
+    from itertools import cycle
+
+    from .reader import Reader
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    rng = random.Random(seed_ * 1000 + idx)
+    sample = [instance_key(rng.randrange(nkeys)) for _ in range(min(nkeys, SAMPLE_KEYS))]
+    chunks = [sample[j:j + BURST] for j in range(0, len(sample), BURST)]
+    inbox: "collections.deque[List[str]]" = collections.deque()
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            inbox.append(line.split())
+        inbox.append(["eof"])
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    gc.collect()
+    mem0 = memory()
+    # cache_size=0: every lookup goes to shared memory (the numbers are not cache hits).
+    r = Reader(name, wait=30, cache_size=0)
+    _emit(kind="ready", idx=idx, revision=r.revision, mem0=mem0)
+
+    def next_command(block: bool) -> Optional[List[str]]:
+        while True:
+            if inbox:
+                return inbox.popleft()
+            if not block:
+                return None
+            time.sleep(0.001)
+
+    cmd = next_command(True)
+    if cmd is None or cmd[0] != "go":
+        return 0
+    get = r.get
+    pending: Dict[int, Tuple[str, int]] = {}
+    n = misses = 0
+    t_go = time.monotonic()
+    mark: Optional[Tuple[int, float]] = None
+    for chunk in cycle(chunks):
+        for k in chunk:
+            if get(k) is None:
+                misses += 1
+        n += len(chunk)
+        if pending:
+            now = time.monotonic()
+            for u, (key, weight) in list(pending.items()):
+                e = get(key)
+                if e is not None and e.decoded.get("weight") == weight:
+                    del pending[u]
+                    _emit(kind="seen", idx=idx, update=u, t=now, revision=e.mod_revision)
+        while inbox:
+            cmd = inbox.popleft()
+            if cmd[0] == "expect":
+                pending[int(cmd[1])] = (cmd[2], int(cmd[3]))
+            elif cmd[0] == "mark":
+                mark = (n, time.monotonic() - t_go)
+                _emit(kind="mark", idx=idx, lookups=n, seconds=mark[1], misses=misses)
+            elif cmd[0] in ("stop", "eof"):
+                elapsed = time.monotonic() - t_go
+                _emit(kind="done", idx=idx, lookups=n, seconds=elapsed, misses=misses,
+                      mem=memory(), retries=r.retries)
+                r.close()
+                return 0
+    return 0
+
+
+def _mirror_child(endpoint: str, prefix: str) -> int:
+    """Load every key under ``prefix`` into a dict of json.loads values; report RSS growth."""
+    import gc
+
+    from .etcd import connect
+    from .key_values import prefix_end
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    c = connect(endpoint)
+    gc.collect()
+    m0 = memory()
+    mirror: Dict[str, Any] = {}
+    start, end = prefix.encode(), prefix_end(prefix.encode())
+    rev = None
+    while True:
+        resp = c.get_range_response(start, end, limit=2000, revision=rev)
+        rev = rev or int(resp.header.revision)
+        for kv in resp.kvs:
+            mirror[kv.key.decode()] = json.loads(kv.value)
+        if not resp.more or not resp.kvs:
+            break
+        start = bytes(resp.kvs[-1].key) + b"\0"
+    del resp
+    gc.collect()
+    m1 = memory()
+    _emit(kind="mirror", keys=len(mirror), mem0=m0, mem1=m1)
+    c.close()
+    return 0
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+def run_demo(keys: Optional[int] = None, readers: Optional[int] = None, updates: Optional[int] = None,
+             seconds: Optional[float] = None, apply_delay_ms: float = 30.0, short: bool = False,
+             verbose: bool = False) -> int:
+    """Run the demo (see module doc); returns an exit code. Cleans up on every path."""
+    keys = keys or (5_000 if short else 100_000)
+    readers = readers or (2 if short else 4)
+    updates = updates or (5 if short else 20)
+    seconds = seconds or (1.0 if short else 3.0)
+    demo = _Demo(keys, readers, updates, seconds, apply_delay_ms, verbose)
+    old_term = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        demo.run()
+        return 0
+    except KeyboardInterrupt:
+        say("\ninterrupted: cleaning up")
+        return 130
+    except DemoError as exc:
+        demo.show_writer_log()
+        print(f"shmkeyspace: error: demo failed: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    finally:
+        try:
+            demo.cleanup()
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+class _Demo:
+    def __init__(self, keys: int, readers: int, updates: int, seconds: float, apply_delay_ms: float,
+                 verbose: bool) -> None:
+        self.keys, self.nreaders, self.nupdates, self.seconds = keys, readers, updates, seconds
+        self.apply_delay_ms, self.verbose = apply_delay_ms, verbose
+        self.name = f"demo-{os.getpid()}"
+        self.tmp = tempfile.mkdtemp(prefix="shmkeyspace-demo-")
+        self.etcd: Any = None
+        self.client: Any = None
+        self.writer: Optional[subprocess.Popen] = None
+        self.writer_log = os.path.join(self.tmp, "writer.log")
+        self.children: List[_Child] = []
+        self.rows: List[Tuple[str, str]] = []
+
+    # -- steps ------------------------------------------------------------------------
+    def run(self) -> None:
+        t_all = time.monotonic()
+        from .etcd import EtcdServer, connect
+
+        say(f"shmkeyspace demo: {self.keys} keys, {self.nreaders} readers, {self.nupdates} updates "
+            f"(temporary files in {self.tmp})")
+        t = time.monotonic()
+        os.makedirs(os.path.join(self.tmp, "etcd"))
+        self.etcd = EtcdServer(data_dir=os.path.join(self.tmp, "etcd"))
+        self.etcd.start()
+        self.client = connect(self.etcd.endpoint)
+        say(f"etcd {self.etcd.endpoint} started in {time.monotonic() - t:.1f}s (pid {self.etcd.proc.pid})")
+
+        t = time.monotonic()
+        prog = Progress("seeding etcd", self.keys)
+        seeded_rev = seed(self.client, self.keys, progress=prog)
+        prog.update(self.keys, force=True)
+        t_seed = time.monotonic() - t
+        say(f"seeded {self.keys} keys under {DEMO_PREFIX}/ in {t_seed:.1f}s; etcd revision {seeded_rev}")
+
+        t_pub = self.start_writer(seeded_rev)
+        mirror = self.measure_mirror()
+        stats = self.run_readers()
+
+        from .reader import Reader
+        with Reader(self.name) as r:
+            h = r.health()
+        lat = [x for u in stats["latencies"] for x in u]
+        rd = stats["done"]
+        mem0 = stats["mem0"]
+        misses = sum(d["misses"] for d in rd)
+        retries = sum(d["retries"] for d in rd)
+        rows = [
+            ("keys", f"{h.keys}"),
+            ("revision", f"{h.revision}"),
+            ("seeding", f"{t_seed:.1f} s ({self.keys / max(t_seed, 1e-9):,.0f} keys/s)"),
+            ("writer first snapshot", f"{t_pub:.1f} s after spawn"),
+            ("snapshot size", f"{mib(h.bytes)} (shared: one copy per host)"),
+            ("writer publications", f"{h.seq // 2}"),
+        ]
+        total_rate = 0.0
+        for d in sorted(rd, key=lambda d: d["idx"]):
+            m = stats["marks"][d["idx"]]
+            rate = m["lookups"] / max(m["seconds"], 1e-9)
+            total_rate += rate
+            rows.append((f"reader {d['idx'] + 1} lookups/s", f"{rate:,.0f}"))
+        rows.append(("all readers lookups/s", f"{total_rate:,.0f}"))
+        rows.append(("update->visible p50/p99/max",
+                     f"{percentile(lat, 50) * 1e3:.1f} / {percentile(lat, 99) * 1e3:.1f} / {max(lat) * 1e3:.1f} ms"))
+        if all(d["mem"] and mem0[d["idx"]] for d in rd):
+            pss = statistics.mean(d["mem"]["pss"] - mem0[d["idx"]]["pss"] for d in rd)
+            uss = statistics.mean(d["mem"]["uss"] - mem0[d["idx"]]["uss"] for d in rd)
+            rows.append(("reader memory PSS/USS", f"+{pss / (1 << 20):.1f} / +{uss / (1 << 20):.1f} MiB per reader"))
+        else:
+            rows.append(("reader memory PSS/USS", "n/a (no /proc/self/smaps_rollup)"))
+        if mirror.get("mem0") and mirror.get("mem1"):
+            grow = mirror["mem1"]["rss"] - mirror["mem0"]["rss"]
+            rows.append(("in-process mirror RSS", f"+{mib(grow)} per process"))
+        else:
+            rows.append(("in-process mirror RSS", "n/a (no /proc/self/smaps_rollup)"))
+        rows.append(("total time", f"{time.monotonic() - t_all:.1f} s"))
+        notes = [
+            f"lookups: uncached random gets over {min(self.keys, SAMPLE_KEYS)} keys per reader "
+            f"({misses} misses, {retries} seqlock retries); {self.nreaders} readers share "
+            f"{os.cpu_count()} cores with the writer, etcd and this demo.",
+            f"update->visible: from just before each put to a reader seeing the new value "
+            f"({self.nupdates} updates x {self.nreaders} readers); the writer batches watch "
+            f"events for {self.apply_delay_ms:g} ms (--apply-delay).",
+            "reader memory: growth from before attaching to after reading; PSS includes the "
+            "reader's share of the snapshot pages it touched, USS is private memory.",
+            f"in-process mirror: a dict of json.loads values of all {mirror.get('keys', '?')} keys, "
+            "what every worker would hold without shmkeyspace.",
+        ]
+        self.print_table(rows, notes)
+
+    def start_writer(self, seeded_rev: int) -> float:
+        from .reader import Reader
+        from .errors import SegmentNotFoundError
+        cmd = [sys.executable, "-m", "shmkeyspace", "writer", "--endpoints", self.etcd.endpoint,
+               "--prefix", DEMO_PREFIX, "--name", self.name, "--decoder", "json",
+               "--apply-delay", f"{self.apply_delay_ms:g}", "--unlink-on-exit", "--log-level", "info"]
+        say("starting the writer: " + " ".join(cmd[1:]))
+        logf = None if self.verbose else open(self.writer_log, "wb")
+        t = time.monotonic()
+        self.writer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                       start_new_session=True, env=_child_env(), cwd=self.tmp)
+        if logf is not None:
+            logf.close()
+        deadline = t + 300
+        while True:
+            if self.writer.poll() is not None:
+                raise DemoError(f"the writer exited with {self.writer.returncode} before publishing")
+            try:
+                with Reader(self.name) as r:
+                    if r.revision >= seeded_rev and r.health().writer_pid == self.writer.pid:
+                        break
+            except SegmentNotFoundError:
+                pass
+            if time.monotonic() > deadline:
+                raise DemoError("the writer published nothing in 300 s")
+            time.sleep(0.05)
+        t_pub = time.monotonic() - t
+        say(f"writer (pid {self.writer.pid}) published {self.keys} keys {t_pub:.1f}s after spawn")
+        return t_pub
+
+    def measure_mirror(self) -> Dict[str, Any]:
+        say("measuring a private in-process mirror for comparison ...")
+        c = _Child("mirror", [self.etcd.endpoint, DEMO_PREFIX], self.tmp)
+        self.children.append(c)
+        try:
+            m = c.expect("mirror", 300)
+        finally:
+            c.stop()
+        return m
+
+    def run_readers(self) -> Dict[str, Any]:
+        seed_ = random.randrange(1 << 30)
+        say(f"starting {self.nreaders} reader processes ...")
+        rs = [_Child("reader", [self.name, str(i), str(self.keys), str(seed_)], self.tmp)
+              for i in range(self.nreaders)]
+        self.children.extend(rs)
+        mem0 = {}
+        for i, c in enumerate(rs):
+            mem0[i] = c.expect("ready", 120)["mem0"]
+        for c in rs:
+            c.send("go")
+        say(f"readers hammering random gets for {self.seconds:g}s ...")
+        time.sleep(self.seconds)
+        for c in rs:
+            c.send("mark")
+        marks = {i: c.expect("mark", 60) for i, c in enumerate(rs)}
+        for i in sorted(marks):
+            m = marks[i]
+            say(f"  reader {i + 1} (pid {rs[i].proc.pid}): {m['lookups'] / max(m['seconds'], 1e-9):,.0f} lookups/s")
+
+        rng = random.Random(seed_)
+        latencies: List[List[float]] = []
+        say(f"making {self.nupdates} live updates (etcd puts) while the readers keep reading ...")
+        for u in range(self.nupdates):
+            i = rng.randrange(self.keys)
+            key, weight = instance_key(i), 1000 + u
+            for c in rs:
+                c.send("expect", u, key, weight)
+            time.sleep(0.02)  # let every reader register the expectation before the put
+            t0 = time.monotonic()
+            resp = self.client.put(key, json.dumps(instance_record(i, weight), separators=(",", ":")))
+            rev = int(resp.header.revision)
+            seen = [c.expect("seen", 30) for c in rs]
+            if any(s["update"] != u for s in seen):
+                raise DemoError(f"update {u}: a reader reported another update")
+            lat = [s["t"] - t0 for s in seen]
+            latencies.append(lat)
+            say(f"  update {u + 1:>2}/{self.nupdates}: put {key} weight={weight} -> revision {rev}; "
+                f"seen by {len(seen)}/{len(rs)} readers after "
+                + " ".join(f"{x * 1e3:.1f}" for x in lat) + " ms")
+            time.sleep(0.05)
+        for c in rs:
+            c.send("stop")
+        done = [c.expect("done", 60) for c in rs]
+        pids = {i: c.proc.pid for i, c in enumerate(rs)}
+        for c in rs:
+            c.stop()
+        return {"mem0": mem0, "marks": marks, "latencies": latencies, "done": done, "pids": pids}
+
+    # -- output and cleanup ----------------------------------------------------------------
+    def print_table(self, rows: List[Tuple[str, str]], notes: List[str]) -> None:
+        import textwrap
+        width = max(len(k) for k, _ in rows)
+        line = "-" * (width + 2 + max(len(v) for _, v in rows))
+        out = ["", "shmkeyspace demo results", line]
+        out += [f"{k:<{width}}  {v}" for k, v in rows]
+        out.append(line)
+        for n in notes:
+            out += textwrap.wrap(n, 78, initial_indent="* ", subsequent_indent="  ", break_on_hyphens=False)
+        sys.stdout.write("\n".join(out) + "\n")
+        sys.stdout.flush()
+
+    def show_writer_log(self) -> None:
+        try:
+            with open(self.writer_log, "rb") as f:
+                tail = f.read()[-3000:].decode(errors="replace")
+        except OSError:
+            return
+        if tail.strip():
+            say("--- writer log (tail) ---\n" + tail.rstrip() + "\n---")
+
+    def cleanup(self) -> None:
+        """Stop everything this demo started. Safe to call at any point, more than once."""
+        from . import segment
+        for c in self.children:
+            try:
+                c.stop(timeout=5)
+            except Exception:
+                pass
+        self.children = []
+        if self.writer is not None:
+            if self.writer.poll() is None:
+                self.writer.send_signal(signal.SIGTERM)  # clean stop: it unlinks (--unlink-on-exit)
+            _reap(self.writer, 10)
+            self.writer = None
+        try:
+            segment.unlink_all(self.name)  # in case the writer could not
+        except Exception:
+            pass
+        if self.client is not None:
+            try:
+                self.client.close()
+            except Exception:
+                pass
+            self.client = None
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""Small helpers for tests that run writers and readers as real child processes.
+
+Owns nothing in the library: it spawns Python children (a script given as text,
+run with the repo and ``tests/`` importable), stops them, waits for conditions,
+reads per-process facts from ``/proc`` (fd count, private RSS, shm mappings),
+scales test sizes between CI and the soak, and appends the counts a test wants
+reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/soak.py``).
+
+Children are plain ``subprocess.Popen`` objects so a test can SIGKILL, SIGSTOP
+or SIGCONT them by pid; every spawn should be paired with :func:`stop` in a
+``finally``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS_DIR)
+PYTHON = sys.executable
+
+
+def soak() -> bool:
+    """True when the long, opt-in sizes were asked for (SHMKEYSPACE_SOAK=1)."""
+    return os.environ.get("SHMKEYSPACE_SOAK", "") not in ("", "0")
+
+
+def scaled(ci: int, soak_value: int, env: Optional[str] = None) -> int:
+    """``ci`` normally, ``soak_value`` under the soak; ``$env`` overrides both."""
+    if env and os.environ.get(env):
+        return int(os.environ[env])
+    return soak_value if soak() else ci
+
+
+def report_counts(test: str, **counts) -> None:
+    """Append ``counts`` for ``test`` to $SHMKEYSPACE_SOAK_REPORT (JSON lines), if set."""
+    path = os.environ.get("SHMKEYSPACE_SOAK_REPORT")
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({"test": test, **counts}) + "\n")
+
+
+def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Environment for a child: repo and tests/ importable, unbuffered output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    if extra:
+        env.update(extra)
+    return env
+
+
+def spawn(code: str, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+          prefix: Sequence[str] = (), **kw) -> subprocess.Popen:
+    """Run ``python -c code args...`` (optionally behind ``prefix``, e.g. unshare)."""
+    return subprocess.Popen([*prefix, PYTHON, "-c", code, *args], env=child_env(kw.pop("env", None)),
+                            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True, **kw)
+
+
+def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+    """Stop ``proc`` (``sig``, then SIGKILL after ``timeout``); returns its exit code."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
+            proc.send_signal(sig)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        except ProcessLookupError:
+            pass
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:
+                pass
+    return proc.returncode
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``pred`` until true or ``timeout`` seconds pass; returns the last result."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def fd_count(pid="self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def private_rss(pid="self") -> int:
+    """Resident bytes not backed by a file or shm (statm: resident - shared)."""
+    with open(f"/proc/{pid}/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+def shm_mappings(pid="self", needle: str = "/dev/shm/shmks.") -> List[str]:
+    """Lines of /proc/PID/maps that map shmkeyspace segments."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.rstrip("\n") for line in f if needle in line]
+
+
+def shm_files(name: str) -> List[str]:
+    """The /dev/shm files of snapshot ``name`` (control and data generations)."""
+    return sorted(f for f in os.listdir("/dev/shm") if f == f"shmks.{name}" or f.startswith(f"shmks.{name}."))
+
+
+def last_json(text: str) -> dict:
+    """The last line of ``text`` that parses as a JSON object (a child's result)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise AssertionError(f"no JSON result in child output:\n{text[-3000:]}")
+
+
+# -- ready-made child scripts ------------------------------------------------------
+
+#: A low-level publisher of the deterministic schedule of ``torture.py`` that
+#: continues from the revision currently published (so a successor of a killed
+#: publisher keeps revisions increasing). argv: NAME BIG_KIB.
+SCHEDULE_PUBLISHER = r"""
+import sys, torture
+from shmkeyspace import Reader
+from shmkeyspace.errors import ShmKeyspaceError
+name, big = sys.argv[1], int(sys.argv[2])
+try:
+    with Reader(name, cache_size=0) as r:
+        start = r.revision + 1
+except ShmKeyspaceError:
+    start = 1
+torture.publish_forever(name, big, 1e9, start)
+"""
+
+#: A real Writer (etcd -> shm) that exits cleanly on SIGTERM, like a daemon: the
+#: signal only sets an event; Writer.stop() runs on the main thread, outside any
+#: publication. argv: NAME PREFIX ENDPOINTS DECODER_SPEC. Prints "ready GEN"
+#: once the first snapshot is published and "stopped PUBLICATIONS" at exit.
+WRITER = r"""
+import logging, signal, sys, threading
+from shmkeyspace import Writer
+from shmkeyspace.decoders import resolve
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+name, prefix, endpoints, dec = sys.argv[1:5]
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+w = Writer(name, prefix, endpoints=endpoints, decoder=resolve(dec), apply_delay=0.005,
+           heartbeat_interval=0.1)
+w.start()
+print("ready", w.publisher.gen, flush=True)
+while not stop.wait(0.2):
+    pass
+w.stop()
+print("stopped", w.publications, flush=True)
+"""

@@ -1,0 +1,322 @@
+"""gunicorn fleet integration, end to end: real gunicorn, real workers, real etcd.
+
+Proves, with workers/gunicorn.conf.py and examples/wsgi_app.py unchanged:
+* the master starts ONE writer; every worker (>= 4) answers from the snapshot
+  and sees a put; etcd's own metrics show one watch for the whole fleet;
+* a SIGKILLed worker is respawned by gunicorn and the new one answers correctly;
+* a SIGKILLed writer is restarted by the master's monitor while the workers keep
+  serving the last snapshot, and then see new puts, without being restarted;
+* SIGTERM to the master stops the writer too;
+* an external writer (SHMKEYSPACE_EXTERNAL_WRITER=1) is used as is, and an
+  unreachable etcd makes gunicorn fail at start with a clear message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from conftest import PYTHON, ROOT
+from shmkeyspace import Reader, Writer
+from shmkeyspace.etcd import connect, free_port
+
+CONF = os.path.join(ROOT, "workers", "gunicorn.conf.py")
+EXAMPLES = os.path.join(ROOT, "examples")
+WORKERS = 4
+
+
+def _gunicorn_supports(flag: str) -> bool:
+    out = subprocess.run([PYTHON, "-m", "gunicorn", "--help"], capture_output=True, text=True).stdout
+    return flag in out
+
+
+class Gunicorn:
+    def __init__(self, env, tmp_path, workers=WORKERS):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp_path / f"gunicorn-{self.port}.log"
+        args = [PYTHON, "-m", "gunicorn", "-c", CONF, "--bind", f"127.0.0.1:{self.port}", "--workers",
+                str(workers), "--pythonpath", EXAMPLES, "--timeout", "120", "--graceful-timeout", "10"]
+        if _gunicorn_supports("--no-control-socket"):
+            args.append("--no-control-socket")  # gunicorn >= 24: no shared ~/.gunicorn socket between tests
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(args + ["wsgi_app:application"], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp_path))
+        self.master = psutil.Process(self.proc.pid)
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def request(self, path, timeout=10):
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def wait_up(self, timeout=90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"gunicorn exited with {self.proc.returncode}:\n{self.log()}"
+            try:
+                if self.request("/health", timeout=2)[0] == 200:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"gunicorn did not answer in {timeout}s:\n{self.log()}")
+
+    def children(self):
+        """(worker pids, writer pids) among the master's live children."""
+        workers, writers = set(), set()
+        for c in self.master.children():
+            try:
+                cmd = " ".join(c.cmdline())
+                if c.status() == psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                continue
+            (writers if "shmkeyspace writer" in cmd else workers).add(c.pid)
+        return workers, writers
+
+    def wait_children(self, n_workers, timeout=60, exclude=(), n_writers=1):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers, writers = self.children()
+            if len(workers) == n_workers and not workers & set(exclude) and len(writers) == n_writers:
+                return workers, next(iter(writers), None)
+            time.sleep(0.1)
+        raise AssertionError(f"expected {n_workers} workers and {n_writers} writer, have {self.children()}:"
+                             f"\n{self.log()}")
+
+    def poll_all(self, path, pids, accept, timeout=60):
+        """Request ``path`` concurrently until every pid in ``pids`` has answered with ``accept(status, body)``."""
+        todo = set(pids)
+        bad = []
+        deadline = time.monotonic() + timeout
+
+        def one(_):
+            try:
+                return self.request(path)
+            except (OSError, ValueError) as exc:
+                return None, {"error": repr(exc)}
+
+        with ThreadPoolExecutor(8) as ex:
+            while todo:
+                assert time.monotonic() < deadline, f"workers {sorted(todo)} never answered {path} as " \
+                                                    f"expected; last bad answers {bad[-3:]}"
+                for status, body in ex.map(one, range(16)):
+                    if status is None:
+                        continue
+                    if accept(status, body):
+                        todo.discard(body["pid"])
+                    else:
+                        bad.append((status, body))
+        return True
+
+    def stop(self, timeout=60):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        return self.proc.returncode
+
+
+def procs_mentioning(text):
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(text in a for a in (p.info["cmdline"] or [])) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+def watch_metrics(etcd):
+    """etcd's own count of watchers and watch streams (gauges)."""
+    with urllib.request.urlopen(etcd.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for name in ("etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total"):
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert m, f"etcd does not export {name}"
+        out[name] = int(float(m.group(1)))
+    return out
+
+
+def wait_metrics(etcd, expect, timeout=30):
+    deadline = time.monotonic() + timeout
+    while True:
+        m = watch_metrics(etcd)
+        if all(v == expect for v in m.values()):
+            return m
+        assert time.monotonic() < deadline, f"expected {expect} watch(es), etcd says {m}"
+        time.sleep(0.2)
+
+
+def fleet_env(python_env, etcd, prefix, name, **extra):
+    env = {k: v for k, v in python_env.items() if not k.startswith(("SHMKEYSPACE_", "GUNICORN_"))}
+    env.update(SHMKEYSPACE_NAME=name, SHMKEYSPACE_PREFIX=prefix, SHMKEYSPACE_ENDPOINTS=etcd.endpoint,
+               SHMKEYSPACE_DECODER="json", **extra)
+    return env
+
+
+def value_is(v, rev=0):
+    return lambda status, body: status == 200 and body.get("value") == {"v": v} and body["revision"] >= rev
+
+
+def test_fleet_one_watch_worker_and_writer_crashes(own_etcd, prefix, shm_name, python_env, tmp_path):
+    client = connect(own_etcd.endpoint)
+    key = f"{prefix}/cfg"
+    gu = None
+    try:
+        client.put(key, json.dumps({"v": 0}))
+        for i in range(50):
+            client.put(f"{prefix}/svc/{i:03d}", json.dumps({"i": i}))
+        baseline = wait_metrics(own_etcd, 0)  # a private etcd, and our client holds no watch
+
+        gu = Gunicorn(fleet_env(python_env, own_etcd, prefix, shm_name), tmp_path)
+        gu.wait_up()
+        workers, writer = gu.wait_children(WORKERS)
+
+        # Every worker answers from the snapshot (and only they answer).
+        gu.poll_all(f"/get?key={key}", workers, value_is(0))
+        status, body = gu.request(f"/prefixed?prefix={prefix}/svc/&limit=5")
+        assert status == 200 and body["count"] == 50 and len(body["entries"]) == 5
+        status, body = gu.request("/health")
+        assert body["writer_alive"] and body["writer_pid"] == writer and body["keys"] == 51
+        assert gu.request(f"/get?key={prefix}/missing")[0] == 404
+
+        # ONE watch for the whole fleet (the writer's), whatever the worker count.
+        m = wait_metrics(own_etcd, 1)
+        assert m == {k: v + 1 for k, v in baseline.items()}
+
+        # A put reaches every worker.
+        rev = client.put(key, json.dumps({"v": 1})).header.revision
+        gu.poll_all(f"/get?key={key}", workers, value_is(1, rev))
+
+        # SIGKILL a worker: gunicorn replaces it and the new one answers correctly.
+        victim = sorted(workers)[0]
+        os.kill(victim, signal.SIGKILL)
+        workers2, writer2 = gu.wait_children(WORKERS, exclude=[victim])
+        assert writer2 == writer, "a worker crash must not touch the writer"
+        new = workers2 - workers
+        assert len(new) == 1
+        gu.poll_all(f"/get?key={key}", workers2, value_is(1, rev))
+        rev = client.put(key, json.dumps({"v": 2})).header.revision
+        gu.poll_all(f"/get?key={key}", workers2, value_is(2, rev))
+        assert watch_metrics(own_etcd) == {k: v + 1 for k, v in baseline.items()}
+
+        # SIGKILL the writer: the workers keep serving the last snapshot; the master's
+        # monitor starts a new writer; new puts reach the same workers again.
+        os.kill(writer, signal.SIGKILL)
+        for _ in range(20):
+            status, body = gu.request(f"/get?key={key}")
+            assert status == 200 and body["value"] == {"v": 2}
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = gu.request("/health")
+            if status == 200 and body["writer_alive"] and body["writer_pid"] not in (writer, 0):
+                break
+            assert time.monotonic() < deadline, f"writer was not restarted:\n{gu.log()}"
+            time.sleep(0.1)
+        new_writer = body["writer_pid"]
+        workers3, writer3 = gu.wait_children(WORKERS)
+        assert writer3 == new_writer, "the new writer is the master's child"
+        assert workers3 == workers2, "workers must not be restarted when the writer is"
+        rev = client.put(key, json.dumps({"v": 3})).header.revision
+        gu.poll_all(f"/get?key={key}", workers3, value_is(3, rev))
+        wait_metrics(own_etcd, 1)  # the dead writer's watch is gone, the new one counted once
+        assert "exited" in gu.log() and "restarting" in gu.log()
+
+        # SIGTERM the master: it stops its writer too.
+        assert gu.stop() == 0, gu.log()
+        assert not psutil.pid_exists(new_writer) or psutil.Process(new_writer).status() == psutil.STATUS_ZOMBIE
+        assert "stopped writer" in gu.log()
+        with Reader(shm_name) as r:  # segments stay: the last snapshot remains readable
+            assert r.get(key).decoded == {"v": 3} and not r.health().writer_alive
+    finally:
+        if gu is not None:
+            gu.stop()
+        client.close()
+
+
+def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_path):
+    key = f"{prefix}/k"
+    rev = client.put(key, json.dumps({"v": 7})).header.revision
+    w = Writer(shm_name, prefix, client=client, decoder=lambda kv: json.loads(kv.value)).start()
+    gu = None
+    try:
+        gu = Gunicorn(fleet_env(python_env, etcd_server, prefix, shm_name, SHMKEYSPACE_EXTERNAL_WRITER="1"),
+                      tmp_path, workers=2)
+        gu.wait_up()
+        workers, writer = gu.wait_children(2, n_writers=0)  # with an external writer the master starts none
+        time.sleep(0.5)
+        assert gu.children() == (workers, set())
+        gu.poll_all(f"/get?key={key}", workers, value_is(7, rev))
+        status, body = gu.request("/health")
+        assert body["writer_pid"] == os.getpid()  # this test process is the writer
+        rev = client.put(key, json.dumps({"v": 8})).header.revision
+        gu.poll_all(f"/get?key={key}", workers, value_is(8, rev))
+        assert gu.stop() == 0
+    finally:
+        if gu is not None:
+            gu.stop()
+        w.stop()
+
+
+def test_unreachable_etcd_fails_at_start(prefix, shm_name, python_env, tmp_path):
+    class Nowhere:
+        endpoint = f"127.0.0.1:{free_port()}"
+
+    gu = Gunicorn(fleet_env(python_env, Nowhere, prefix, shm_name), tmp_path, workers=2)
+    try:
+        rc = gu.proc.wait(60)
+        assert rc != 0
+        log = gu.log()
+        assert "cannot reach etcd" in log and "exited" in log and "before publishing" in log
+        assert "Traceback" not in log
+        assert not procs_mentioning(shm_name), "no writer may outlive the failed start"
+    finally:
+        gu.stop()
+
+
+def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
+    import shmkeyspace.gunicorn as g
+    from shmkeyspace.errors import SegmentNotFoundError
+
+    monkeypatch.setattr(g, "_overrides", {})
+    monkeypatch.setattr(g, "_reader", None)
+    monkeypatch.setenv("SHMKEYSPACE_NAME", shm_name)
+    with pytest.raises(SegmentNotFoundError):
+        g.reader()
+    rev = client.put(f"{prefix}/k", b"v").header.revision
+    with Writer(shm_name, prefix, client=client).start():
+        r = g.reader()
+        assert r.wait_for_revision(rev, 10) and r.get(f"{prefix}/k").decoded == b"v"
+        assert g.reader() is r  # one Reader per process
+        g.worker_exit(None, None)
+        assert g.reader() is not r
+        g.worker_exit(None, None)
+    with pytest.raises(TypeError):
+        g.configure(nmae="typo")
+    s = g.configure(name="x", prefix="/p", apply_delay_ms=5)
+    assert (s.name, s.prefix, s.apply_delay_ms) == ("x", "/p", 5)
+    assert g.WriterSupervisor(s).command()[-2:] == ["--apply-delay", "5"]
