@@ -180,7 +180,10 @@ class Reader:
             data = segment.DataView(self.name, gen, seg_size)
             # Views into the old generation may still serve a SnapshotView; the
             # mapping goes when the last of them does (DataView.close).
+            # Forget the old publication's seq too: if validation below fails and
+            # a (hostile) seq word goes back to it, _current must not return None.
             self._pub = None
+            self._pub_seq = -1
             if self._data is not None:
                 self._data.close()
             self._data = data

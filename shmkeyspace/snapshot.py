@@ -32,15 +32,16 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import msgpack
 import ormsgpack
-from xxhash import xxh3_64_intdigest
+from xxhash import xxh3_64, xxh3_64_intdigest
 
 from .errors import CorruptSegmentError, NotSerializableError
 
 MAGIC = b"SHMKSNAP"
 FORMAT_VERSION = 1
 # magic, version, fence_step, revision, count, then (offset, size) of arena,
-# table (size = slots), order, fences; total length.
-HEADER = struct.Struct("<8sIIqQQQQQQQQQQ")
+# table (size = slots), order, fences; total length; index checksum.
+HEADER = struct.Struct("<8sIIqQQQQQQQQQQQ")
+_HASHED_HEAD = HEADER.size - 8  # the checksum covers the header up to itself
 HEADER_SIZE = 128
 FENCE = 32
 MAX_IMAGE = 1 << 32  # u32 offsets
@@ -85,6 +86,21 @@ def pack_entry(key: bytes, decoded: Any, create_revision: int, mod_revision: int
 def key_hash(key: bytes) -> int:
     """Stable 64-bit hash of a raw key; never 0 (0 marks an empty slot)."""
     return xxh3_64_intdigest(key) or 1
+
+
+def index_checksum(head, table, order, fences) -> int:
+    """xxh3-64 over the header (up to the checksum) and the three index regions.
+
+    Readers verify it once per publication (~1 ms per 10 MB of index at
+    ~10 GB/s): a damaged index is an error, not keys that silently vanish.
+    Entry payloads are not covered (see README, Reliability).
+    """
+    h = xxh3_64()
+    h.update(memoryview(head)[:_HASHED_HEAD])
+    h.update(table)
+    h.update(order)
+    h.update(fences)
+    return h.intdigest()
 
 
 def _align(n: int) -> int:
@@ -280,10 +296,11 @@ class ImageBuilder:
         total = fence_off + fence_len
         head = bytearray(HEADER_SIZE)
         HEADER.pack_into(head, 0, MAGIC, FORMAT_VERSION, FENCE, self.revision, n, arena_off, arena_len,
-                         table_off, self._slots, order_off, order_len, fence_off, fence_len, total)
+                         table_off, self._slots, order_off, order_len, fence_off, fence_len, total, 0)
         pad = bytes(table_off - arena_off - arena_len)
         # A copy, not a memoryview: an exported array could not be resized later.
         order = self._order.tobytes()
+        struct.pack_into("<Q", head, _HASHED_HEAD, index_checksum(head, self._table, order, self._fences))
         return [head, self.arena, pad, self._table, order, self._fences], total
 
 
@@ -330,7 +347,7 @@ class ImageView:
             raise CorruptSegmentError(f"image at {offset}+{length} lies outside its {len(buf)}-byte buffer")
         img = buf[offset:offset + length]
         (magic, version, fence_step, revision, count, arena_off, arena_len, table_off, slots,
-         order_off, order_len, fence_off, fence_len, total) = HEADER.unpack_from(img, 0)
+         order_off, order_len, fence_off, fence_len, total, checksum) = HEADER.unpack_from(img, 0)
         if magic != MAGIC:
             raise CorruptSegmentError(f"bad snapshot magic {magic!r}")
         if version != FORMAT_VERSION:
@@ -345,6 +362,9 @@ class ImageView:
               and fence_off >= order_off + order_len and fence_off + fence_len <= length)
         if not ok:
             raise CorruptSegmentError("snapshot header describes regions outside the image")
+        if checksum != index_checksum(img[:HEADER_SIZE], img[table_off:table_off + 16 * slots],
+                                      img[order_off:order_off + order_len], img[fence_off:fence_off + fence_len]):
+            raise CorruptSegmentError("snapshot index checksum mismatch: the header or index is damaged")
         self.buf = img
         self.revision = revision
         self.count = count

@@ -1,0 +1,271 @@
+"""Segments, publication and Reader behaviour: exclusivity, crashes, corruption, fork,
+snapshot views, and a Writer publishing a real etcd prefix."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torture
+
+from shmkeyspace import Reader, Writer, segment
+from shmkeyspace.errors import (CorruptSegmentError, InvalidNameError, SegmentNotFoundError,
+                                ShmKeyspaceError, SnapshotExpiredError, WriterExistsError)
+from shmkeyspace.snapshot import ImageBuilder, pack_entry
+
+from conftest import PYTHON
+
+
+def _publish_small(pub: segment.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:
+    b.reset([(b"/s/%04d" % i, pack_entry(b"/s/%04d" % i, [rev, i], rev, rev, 1, 0)) for i in range(n)], rev)
+    parts, total = b.parts()
+    pub.publish(parts, total, rev, len(b))
+
+
+def test_second_writer_is_refused_naming_the_first(shm_name, python_env):
+    pub = segment.Publisher(shm_name)
+    try:
+        with pytest.raises(WriterExistsError, match=rf"pid {os.getpid()}"):
+            segment.Publisher(shm_name)
+        # ... also from another process
+        code = (f"from shmkeyspace import segment\ntry:\n segment.Publisher({shm_name!r})\n"
+                f"except Exception as e:\n print(type(e).__name__, e)")
+        out = subprocess.run([PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60)
+        assert out.stdout.startswith("WriterExistsError") and f"pid {os.getpid()}" in out.stdout, out
+        assert segment.writer_is_running(shm_name)
+        with pytest.raises(WriterExistsError):
+            segment.unlink_all(shm_name)
+    finally:
+        pub.close()
+    assert not segment.writer_is_running(shm_name)
+    segment.Publisher(shm_name).close()  # released: a new writer may start
+
+
+def test_reader_errors_are_clear(shm_name):
+    with pytest.raises(SegmentNotFoundError, match=shm_name):
+        Reader(shm_name)
+    for bad in ("", "a/b", "..", "a..b", "x" * 201, "a\0b", ".hidden", "-x"):
+        with pytest.raises(InvalidNameError, match="invalid snapshot name|must be str"):
+            Reader(bad)
+    pub = segment.Publisher(shm_name)
+    try:
+        # Control segment exists but nothing is published yet.
+        with pytest.raises(SegmentNotFoundError, match="no publication yet"):
+            Reader(shm_name)
+        b = ImageBuilder()
+        _publish_small(pub, b, 5)
+        r = Reader(shm_name)
+        r.close()
+        with pytest.raises(ShmKeyspaceError, match="closed"):
+            r.get("/s/0001")
+        with pytest.raises(TypeError, match="key must be str or bytes"):
+            Reader(shm_name).get(42)
+    finally:
+        pub.close(unlink=True)
+
+
+def _kill_mid_publish(name: str) -> None:
+    torture.publish_forever(name, 60000, 120.0)  # images up to ~60 MiB: copies take a while
+
+
+def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
+    """SIGKILL the writer while it copies an image (seq odd): readers answer from the
+    last complete publication, health() says the writer is dead, a new writer takes over."""
+    ctx = mp.get_context("spawn")
+    killed_mid = 0
+    for attempt in range(3):
+        p = ctx.Process(target=_kill_mid_publish, args=(shm_name,))
+        p.start()
+        try:
+            r = Reader(shm_name, wait=60)
+            words = r._words
+            start = r.revision
+            deadline = time.monotonic() + 60
+            # Let it publish a few revisions, then strike while seq is odd.
+            while time.monotonic() < deadline and (r.revision < start + 2 or words[segment.OFF_SEQ // 8] % 2 == 0):
+                pass
+        finally:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join(10)
+        seq = words[segment.OFF_SEQ // 8]
+        killed_mid += seq % 2
+        c = torture.Checker(60000)
+        rev = r.revision
+        with r.snapshot() as s:
+            assert s.revision == rev
+            c.entries(rev, s.range(b"/t/d", b"/t/l"), b"/t/d", b"/t/l")
+            meta = s.get("/t/meta")
+            big = s.get("/t/big")
+        assert meta.decoded == rev and c.bad == [], c.bad
+        assert big.mod_revision == rev and len(big.decoded) == torture.big_size(rev, 60000)
+        c.entry(r.get(torture.k_key(3)), torture.k_key(3))
+        assert c.bad == []
+        h = r.health()
+        assert not h.writer_alive and h.revision == rev
+        r.close()
+        if killed_mid >= 2:
+            break
+    assert killed_mid, "never caught the writer in the middle of a publication"
+    # A new writer takes over the name; an old Reader follows it.
+    r = Reader(shm_name)
+    pub = segment.Publisher(shm_name)
+    try:
+        _publish_small(pub, ImageBuilder(), 10**6)
+        assert r.revision == 10**6 and r.get("/s/0003").decoded == [10**6, 3]
+        assert r.health().writer_alive
+    finally:
+        pub.close()
+        r.close()
+
+
+@pytest.mark.parametrize("damage", ["ctrl-magic", "ctrl-version", "data-magic", "image-magic",
+                                    "image-version", "truncated-data", "random-image", "zero-table"])
+def test_corrupt_segments_raise_clear_errors(shm_name, damage):
+    pub = segment.Publisher(shm_name)
+    b = ImageBuilder()
+    _publish_small(pub, b, 7, n=200)
+    rec = segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + ((pub.seq >> 1) & 1) * segment.RECORD.size)
+    gen, seg_size, off, length = rec[:4]
+    pub.close()
+    ctrl_path = segment.shm_path(segment.ctrl_name(shm_name))
+    data_path = segment.shm_path(segment.data_name(shm_name, gen))
+
+    def poke(path, at, data):
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(data)
+
+    if damage == "ctrl-magic":
+        poke(ctrl_path, 0, b"GARBAGE!")
+    elif damage == "ctrl-version":
+        poke(ctrl_path, 8, (99).to_bytes(4, "little"))
+    elif damage == "data-magic":
+        poke(data_path, 0, b"XXXXXXXX")
+    elif damage == "image-magic":
+        poke(data_path, off, b"XXXXXXXX")
+    elif damage == "image-version":
+        poke(data_path, off + 8, (42).to_bytes(4, "little"))
+    elif damage == "truncated-data":
+        os.truncate(data_path, seg_size // 3)
+    elif damage == "random-image":
+        poke(data_path, off + 128, os.urandom(length - 128))
+    elif damage == "zero-table":
+        table_off = int.from_bytes(open(data_path, "rb").read()[off + 48:off + 56], "little")
+        poke(data_path, off + table_off, bytes(1024))
+    with pytest.raises((CorruptSegmentError, SegmentNotFoundError)) as ei:
+        with Reader(shm_name, cache_size=0) as r:
+            for i in range(200):
+                r.get(b"/s/%04d" % i)
+            r.range("/s/", "/s/9")
+            r.prefixed("/s/0")
+            raise AssertionError("a damaged snapshot answered every query")
+    assert isinstance(ei.value, ShmKeyspaceError) and str(ei.value)
+
+
+def test_reader_survives_fork(shm_name):
+    pub = segment.Publisher(shm_name)
+    try:
+        b = ImageBuilder()
+        _publish_small(pub, b, 3)
+        r = Reader(shm_name)
+        assert r.get("/s/0002").decoded == [3, 2]
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: the inherited Reader keeps working and follows the writer
+            try:
+                os.close(rfd)
+                ok = r.get("/s/0002").decoded in ([3, 2], [4, 2])  # the parent may have published
+                deadline = time.monotonic() + 20
+                while r.revision < 4 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                ok = ok and r.get("/s/0002").decoded == [4, 2]
+                os.write(wfd, b"ok" if ok else b"bad")
+            finally:
+                os._exit(0)
+        os.close(wfd)
+        _publish_small(pub, b, 4)
+        assert os.read(rfd, 10) == b"ok"
+        os.waitpid(pid, 0)
+        assert r.get("/s/0002").decoded == [4, 2]
+    finally:
+        pub.close(unlink=True)
+
+
+def test_snapshot_views_are_consistent_or_expire(shm_name):
+    pub = segment.Publisher(shm_name)
+    b = ImageBuilder()
+    try:
+        _publish_small(pub, b, 1)
+        r = Reader(shm_name)
+        with r.snapshot() as s, r.snapshot(copy=True) as c:
+            assert s.get("/s/0001").decoded == [1, 1]
+            _publish_small(pub, b, 2)  # one publication: the view's buffer is untouched
+            assert s.get("/s/0001").decoded == [1, 1] and len(s) == 10
+            assert r.get("/s/0001").decoded == [2, 1]
+            _publish_small(pub, b, 3)  # second: the buffer was rewritten
+            with pytest.raises(SnapshotExpiredError, match="copy=True"):
+                s.get("/s/0001")
+            assert [e.decoded for e in c.range("/s/", None)] == [[1, i] for i in range(10)]
+            assert c.revision == 1 and [e.key for e in c] == [f"/s/{i:04d}" for i in range(10)]
+        r.close()
+    finally:
+        pub.close(unlink=True)
+
+
+def test_wait_for_revision_wakes_on_publication(shm_name):
+    pub = segment.Publisher(shm_name)
+    b = ImageBuilder()
+    try:
+        _publish_small(pub, b, 1)
+        r = Reader(shm_name)
+        assert r.wait_for_revision(1, 0) is True
+        assert r.wait_for_revision(2, 0.05) is False
+        ctx = mp.get_context("fork")
+        p = ctx.Process(target=lambda: (time.sleep(0.2), _publish_small(pub, b, 9)))
+        # The child publishes through the inherited mapping (the parent keeps the lock).
+        p.start()
+        assert r.wait_for_revision(9, 20) is True
+        p.join(10)
+        assert r.revision == 9
+    finally:
+        pub.close(unlink=True)
+
+
+def test_writer_mirrors_etcd_prefix(client, prefix, shm_name):
+    """Writer + Reader end to end: load, updates, deletes, decode failure, health."""
+    for i in range(50):
+        client.put(f"{prefix}/k{i:03d}", json.dumps({"i": i}))
+    client.put(prefix + "x/outside", "1")  # shares the string prefix: Gazette semantics include it
+    from shmkeyspace.decoders import json as jdec
+    w = Writer(shm_name, prefix, client=client, decoder=jdec, apply_delay=0.01).start()
+    try:
+        r = Reader(shm_name)
+        assert len(r) == 51
+        assert r.get(f"{prefix}/k007").decoded == {"i": 7}
+        assert [e.key for e in r.prefixed(prefix + "/k00")] == [f"{prefix}/k{i:03d}" for i in range(10)]
+        client.delete(f"{prefix}/k001")
+        client.put(f"{prefix}/k002", "not json")
+        rev = client.put(f"{prefix}/k003", json.dumps([1, 2])).header.revision
+        assert r.wait_for_revision(rev, 10)
+        assert r.get(f"{prefix}/k001") is None and r.get(f"{prefix}/k002") is None
+        e = r.get(f"{prefix}/k003")
+        assert e.decoded == [1, 2] and e.mod_revision == rev and e.version == 2
+        rev = client.put(f"{prefix}/k002", json.dumps("fixed")).header.revision
+        assert r.wait_for_revision(rev, 10) and r.get(f"{prefix}/k002").decoded == "fixed"
+        # The mirror equals etcd at the published revision, key by key.
+        resp = client.get_range_response(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1), revision=r.revision)
+        with r.snapshot() as s:
+            got = [(e.key, e.mod_revision, e.create_revision, e.version) for e in s.prefixed(prefix)]
+        want = [(kv.key.decode(), kv.mod_revision, kv.create_revision, kv.version) for kv in resp.kvs]
+        assert got == want
+        h = r.health()
+        assert h.writer_alive and h.writer_pid == os.getpid() and h.keys == 50 and h.heartbeat_age < 5
+    finally:
+        w.stop()
+    h = r.health()
+    assert not h.writer_alive and h.keys == 50  # the last snapshot stays readable
+    r.close()
