@@ -136,7 +136,7 @@ class Reader:
         self._pid = os.getpid()
         #: Reads redone because the writer published under them (for tests/metrics).
         self.retries = 0
-        self._refresh(self._words[2])
+        self._current()  # map the current publication (retrying if it moves under us)
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
 import torture
 
 from shmkeyspace import Reader, segment
 
 
-def test_no_torn_reads_under_continuous_publication(shm_name):
+@pytest.mark.parametrize("fenced", [False, True], ids=["x86-path", "fenced-path"])
+def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     last = ctx.Value("q", 0)
-    seconds = 8.0
+    seconds = 6.0
     writer = ctx.Process(target=torture.publish_forever, args=(shm_name, 48, seconds + 4, 1, last))
     writer.start()
     readers = []
     try:
         Reader(shm_name, wait=20).close()  # first publication is there
-        readers = [ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out))
+        readers = [ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out, fenced))
                    for seed in range(3)]
         for p in readers:
             p.start()

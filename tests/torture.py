@@ -151,13 +151,18 @@ class Checker:
         self.checked += 1
 
 
-def hammer(name: str, big_kib: int, seconds: float, seed: int, out) -> None:
-    """A reader process: random get/range/prefixed/snapshot, every answer checked."""
+def hammer(name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool = False) -> None:
+    """A reader process: random get/range/prefixed/snapshot, every answer checked.
+
+    ``fenced`` forces the reader's weak-memory path (barriers, no fast path) that
+    aarch64 takes, so x86 CI exercises its logic too.
+    """
     from shmkeyspace import Reader
 
     rnd = random.Random(seed)
     c = Checker(big_kib)
     r = Reader(name, wait=10, cache_size=rnd.choice([0, 64]))
+    r._fence = fenced
     ops = 0
     try:
         ops = _hammer_loop(r, c, rnd, seconds)
