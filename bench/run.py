@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from typing import Any, Dict, List, Optional
 
@@ -132,8 +133,20 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
                 if name not in only:
                     continue
                 t0 = time.perf_counter()
-                out = {"reads": reads.run, "scaling": scaling.run, "memory": memory.run,
-                       "writer": writer_scenario.run, "visibility": visibility.run}[name](ctx)
+                try:
+                    out = {"reads": reads.run, "scaling": scaling.run, "memory": memory.run,
+                           "writer": writer_scenario.run, "visibility": visibility.run}[name](ctx)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:
+                    # One failed scenario must not cost the rest of a long run: record it
+                    # (the exit status says so) and go on with a fresh pair of Readers.
+                    log(f"{n:,} keys × {vs} B: {name} FAILED:\n{traceback.format_exc()}")
+                    res["errors"].append({"keys": n, "value_size": vs, "scenario": name,
+                                          "error": f"{type(exc).__name__}: {exc}"})
+                    ctx.close_readers()
+                    ctx.open_readers()
+                    continue
                 res[name].extend(out if isinstance(out, list) else [out])
                 log(f"{n:,} keys × {vs} B: {name} done in {time.perf_counter() - t0:.1f} s")
         finally:
@@ -208,6 +221,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.perf_counter()
     res: Dict[str, Any] = {s: [] for s in SCENARIOS}
+    res["errors"] = []
     for n in keys:
         for vs in sizes:
             run_config(n, vs, settings, only, res)
@@ -220,6 +234,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     paths = report.write(res, args.out)
     log(f"done in {res['meta']['duration_s']:.0f} s: " + ", ".join(paths.values()))
     sys.stdout.write(report.markdown(res))
+    if res["errors"]:
+        log(f"{len(res['errors'])} scenario(s) failed: see 'errors' in results.json")
+        return 1
     return 0
 
 

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "command lines are visible to every local user)")
     w.add_argument("--cacert", default=_env("CACERT"), metavar="FILE", help="CA bundle: use TLS [SHMKEYSPACE_CACERT]")
     w.add_argument("--cert", default=_env("CERT"), metavar="FILE", help="client certificate [SHMKEYSPACE_CERT]")
-    w.add_argument("--key", default=_env("KEY"), metavar="FILE", help="client certificate key [SHMKEYSPACE_KEY]")
+    w.add_argument("--key", default=_env("CERT_KEY"), metavar="FILE",
+                   help="client certificate key [SHMKEYSPACE_CERT_KEY]")
     w.add_argument("--timeout", type=_positive_float, default=_env("TIMEOUT", "10"), metavar="S",
                    help="etcd request timeout in seconds [SHMKEYSPACE_TIMEOUT, default 10]")
     w.add_argument("--client", choices=("auto", "pyetcd", "etcd3"), default=_env("CLIENT", "auto"),
@@ -264,9 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `shmkeyspace prefixed ... | head`
-        try:
-            sys.stdout = open(os.devnull, "w")
-        except OSError:
+        try:  # keep the interpreter's final flush from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
             pass
         return EXIT_OK
     except Exception as exc:  # anything else: still one line, traceback on request

@@ -55,9 +55,9 @@ BURST = 128            # lookups between checks of the reader's inbox
 
 # -- the data set ---------------------------------------------------------------------
 
-def instance_key(i: int) -> str:
+def instance_key(i: int, prefix: str = DEMO_PREFIX) -> str:
     """The key of record ``i`` (computable in any process without a key list)."""
-    return f"{DEMO_PREFIX}/svc-{i // PER_SERVICE:05d}/instance-{i % PER_SERVICE:02d}"
+    return f"{prefix}/svc-{i // PER_SERVICE:05d}/instance-{i % PER_SERVICE:02d}"
 
 
 def instance_record(i: int, weight: int = 100) -> Dict[str, Any]:
@@ -67,22 +67,24 @@ def instance_record(i: int, weight: int = 100) -> Dict[str, Any]:
         "port": 8000 + i % 1000,
         "zone": ZONES[i % len(ZONES)],
         "weight": weight,
-        "tags": [TAGS[i % len(TAGS)], TAGS[(i // 7) % len(TAGS)]],
+        "tags": [TAGS[i % len(TAGS)], TAGS[(i + 1 + (i // len(TAGS)) % (len(TAGS) - 1)) % len(TAGS)]],
         "version": f"1.{i % 7}.{i % 13}",
-        "healthy": i % 97 != 0,
+        "healthy": i % 97 != 96,
     }
 
 
-def seed(client: Any, n: int, *, threads: int = 4, batch: int = 100,
+def seed(client: Any, n: int, *, prefix: str = DEMO_PREFIX, threads: int = 4, batch: int = 100,
          progress: Optional["Progress"] = None) -> int:
-    """Put records 0..n-1 in transactions of ``batch`` puts; return etcd's revision after."""
+    """Put records 0..n-1 under ``prefix`` in transactions of ``batch`` puts (etcd's
+    default limit is 128 operations per transaction); return etcd's revision after."""
     from concurrent.futures import ThreadPoolExecutor
 
     done = [0]
     lock = threading.Lock()
 
     def put_batch(start: int) -> None:
-        ops = [client.transactions.put(instance_key(i), json.dumps(instance_record(i), separators=(",", ":")))
+        ops = [client.transactions.put(instance_key(i, prefix),
+                                       json.dumps(instance_record(i), separators=(",", ":")))
                for i in range(start, min(n, start + batch))]
         client.transaction(compare=[], success=ops, failure=[])
         with lock:
@@ -103,11 +105,11 @@ def etcd_revision(client: Any) -> int:
 
 # -- small utilities --------------------------------------------------------------------
 
-def memory() -> Dict[str, int]:
-    """rss, pss and uss of this process in bytes (from /proc/self/smaps_rollup; {} if absent)."""
+def memory(pid: Any = "self") -> Dict[str, int]:
+    """rss, pss and uss of a process in bytes (from /proc/PID/smaps_rollup; {} if absent)."""
     out: Dict[str, int] = {}
     try:
-        with open("/proc/self/smaps_rollup") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 parts = line.split()
                 if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
@@ -115,11 +117,15 @@ def memory() -> Dict[str, int]:
     except OSError:
         return {}
     return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
-            "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0)}
+            "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0), "anon": out.get("Anonymous", 0)}
 
 
 def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
+
+
+def _delta_mib(n: float) -> str:
+    return f"{round(n / (1 << 20), 1) + 0.0:+.1f}"  # + 0.0 turns -0.0 into 0.0
 
 
 class Progress:
@@ -456,8 +462,12 @@ class _Demo:
             ("seeding", f"{t_seed:.1f} s ({self.keys / max(t_seed, 1e-9):,.0f} keys/s)"),
             ("writer first snapshot", f"{t_pub:.1f} s after spawn"),
             ("snapshot size", f"{mib(h.bytes)} (shared: one copy per host)"),
+            ("shm segment", f"{mib(self.segment_bytes(h.generation))} in /dev/shm (two buffers, room to grow)"),
             ("writer publications", f"{h.seq // 2}"),
         ]
+        wmem = memory(self.writer.pid) if self.writer is not None else {}
+        if wmem:
+            rows.append(("writer heap", f"{mib(wmem['anon'])} (anonymous memory: its mirror, the image, grpc)"))
         total_rate = 0.0
         for d in sorted(rd, key=lambda d: d["idx"]):
             m = stats["marks"][d["idx"]]
@@ -470,12 +480,12 @@ class _Demo:
         if all(d["mem"] and mem0[d["idx"]] for d in rd):
             pss = statistics.mean(d["mem"]["pss"] - mem0[d["idx"]]["pss"] for d in rd)
             uss = statistics.mean(d["mem"]["uss"] - mem0[d["idx"]]["uss"] for d in rd)
-            rows.append(("reader memory PSS/USS", f"+{pss / (1 << 20):.1f} / +{uss / (1 << 20):.1f} MiB per reader"))
+            rows.append(("reader memory PSS/USS", f"{_delta_mib(pss)} / {_delta_mib(uss)} MiB per reader"))
         else:
             rows.append(("reader memory PSS/USS", "n/a (no /proc/self/smaps_rollup)"))
         if mirror.get("mem0") and mirror.get("mem1"):
             grow = mirror["mem1"]["rss"] - mirror["mem0"]["rss"]
-            rows.append(("in-process mirror RSS", f"+{mib(grow)} per process"))
+            rows.append(("in-process mirror RSS", f"{_delta_mib(grow)} MiB per process"))
         else:
             rows.append(("in-process mirror RSS", "n/a (no /proc/self/smaps_rollup)"))
         rows.append(("total time", f"{time.monotonic() - t_all:.1f} s"))
@@ -487,7 +497,8 @@ class _Demo:
             f"({self.nupdates} updates x {self.nreaders} readers); the writer batches watch "
             f"events for {self.apply_delay_ms:g} ms (--apply-delay).",
             "reader memory: growth from before attaching to after reading; PSS includes the "
-            "reader's share of the snapshot pages it touched, USS is private memory.",
+            "reader's share of the snapshot pages it touched, USS is private memory. Per host: "
+            "one writer and one segment, plus each reader's USS.",
             f"in-process mirror: a dict of json.loads values of all {mirror.get('keys', '?')} keys, "
             "what every worker would hold without shmkeyspace.",
         ]
@@ -594,6 +605,13 @@ class _Demo:
             out += textwrap.wrap(n, 78, initial_indent="* ", subsequent_indent="  ", break_on_hyphens=False)
         sys.stdout.write("\n".join(out) + "\n")
         sys.stdout.flush()
+
+    def segment_bytes(self, gen: int) -> int:
+        from . import segment
+        try:
+            return os.stat(segment.shm_path(segment.data_name(self.name, gen))).st_size
+        except OSError:
+            return 0
 
     def show_writer_log(self) -> None:
         try:

@@ -194,15 +194,15 @@ class WriterSupervisor:
             while True:
                 p = self.proc
                 if p is not None and p.poll() is not None:
-                    raise RuntimeError(f"shmkeyspace: the writer for {self.name!r} exited (code "
-                                       f"{p.returncode}) before publishing; its error is logged above")
+                    raise RuntimeError(f"shmkeyspace: the writer for {self.name!r} {_how_it_ended(p.returncode)} "
+                                       "before publishing; its error is logged above")
                 try:
                     if r is None:
                         r = Reader(self.name)
                     h = r.health()
                     if p is None and h.writer_alive:
                         return  # another writer's snapshot
-                    if p is not None and h.writer_pid == p.pid and h.published_at >= t0 - 1.0:
+                    if p is not None and h.writer_pid == p.pid and h.published_at >= t0:
                         self.log.info("shmkeyspace: %r published: %d keys at revision %d",
                                       self.name, h.keys, h.revision)
                         return
@@ -217,38 +217,51 @@ class WriterSupervisor:
                 r.close()
 
     def _monitor(self) -> None:
-        from . import segment
-        backoff = RESTART_MIN
+        # This thread must outlive every writer it spawns: a writer started with
+        # --exit-with-parent gets SIGTERM when the *thread* that forked it ends.
+        state = {"backoff": RESTART_MIN}
         while not self._stop.wait(0.2):
+            try:
+                if self._check(state):
+                    return
+            except Exception:
+                self.log.exception("shmkeyspace: writer supervisor error (continuing)")
+
+    def _check(self, state: Dict[str, float]) -> bool:
+        """One round of supervision; True when stopping."""
+        from . import segment
+        backoff = state["backoff"]
+        try:
             with self._lock:
                 p = self.proc
                 if p is not None and p.poll() is None:
-                    continue
+                    return False
                 if p is not None:
                     uptime = time.monotonic() - self.started_at
                     if uptime >= STABLE_AFTER:
                         backoff = RESTART_MIN
-                    # gunicorn's master reaps unknown children itself (waitpid(-1)); the
-                    # status is then lost and Popen reports 0.
-                    self.log.error("shmkeyspace: writer for %r (pid %d) exited (code %s) after %.1fs; "
-                                   "restarting in %.1fs; workers keep serving the last snapshot",
-                                   self.name, p.pid, p.returncode, uptime, backoff)
+                    self.log.error("shmkeyspace: writer for %r (pid %d) %s after %.1fs; restarting in "
+                                   "%.1fs; workers keep serving the last snapshot",
+                                   self.name, p.pid, _how_it_ended(p.returncode), uptime, backoff)
                     self.proc = None
                     delay, backoff = backoff, min(RESTART_MAX, backoff * 2)
                 else:
                     delay = 0.0
-            if delay and self._stop.wait(delay):
-                return
-            with self._lock:
-                if self._stop.is_set():
-                    return
-                if segment.writer_is_running(self.name):
-                    continue  # someone else's writer (or the old one still exiting): stand by
-                try:
-                    self._spawn()
-                    self.restarts += 1
-                except OSError as exc:
-                    self.log.error("shmkeyspace: cannot start the writer for %r: %s", self.name, exc)
+        finally:
+            state["backoff"] = backoff
+        if delay and self._stop.wait(delay):
+            return True
+        with self._lock:
+            if self._stop.is_set():
+                return True
+            if segment.writer_is_running(self.name):
+                return False  # someone else's writer (or the old one still exiting): stand by
+            try:
+                self._spawn()
+                self.restarts += 1
+            except OSError as exc:
+                self.log.error("shmkeyspace: cannot start the writer for %r: %s", self.name, exc)
+        return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop monitoring and the writer (SIGTERM, then SIGKILL). Only acts in the master."""
@@ -271,6 +284,19 @@ class WriterSupervisor:
         except ProcessLookupError:
             pass
         self.log.info("shmkeyspace: stopped writer for %r (pid %d)", self.name, p.pid)
+
+
+def _how_it_ended(rc: Optional[int]) -> str:
+    if rc is not None and rc < 0:
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"was killed by signal {-rc}"
+    if rc:
+        return f"exited with code {rc}"
+    # 0, or a status lost because gunicorn's master reaped the child itself (it
+    # calls waitpid(-1) for every SIGCHLD); Popen then reports 0.
+    return "exited"
 
 
 def on_starting(server: Any) -> None:

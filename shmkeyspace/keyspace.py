@@ -227,7 +227,9 @@ class KeySpace:
                 raise
             if header is None:
                 header = _patch_header(Header(), resp.header, reset=True)
-                rev = int(resp.header.revision)
+                # etcd's header carries the store's current revision, not the one
+                # asked for: a load at rev=R is exact at R (as Gazette records it).
+                rev = rev or int(resp.header.revision)
                 header = replace(header, revision=rev)
             for kv in resp.kvs:
                 raw = KeyValue(bytes(kv.key), bytes(kv.value), int(kv.create_revision),

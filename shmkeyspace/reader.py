@@ -320,8 +320,9 @@ class Reader:
     def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
         """Sleep until the published revision is >= ``revision``; False on timeout.
 
-        Polls the seq word (one 8-byte load) every millisecond or so; an idle
-        waiter costs well under 1 % of a core.
+        Polls the seq word (one 8-byte load), backing off from 0.5 to 4 ms: it
+        wakes within ~4 ms of a publication and an idle waiter costs under 1 % of
+        a core (measured 0.6-1.6 % here; see README).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         seen = -1
@@ -340,7 +341,7 @@ class Reader:
                 time.sleep(min(delay, left))
             else:
                 time.sleep(delay)
-            delay = min(0.002, delay * 2)
+            delay = min(0.004, delay * 2)
 
     def health(self, stale_after: Optional[float] = None) -> Health:
         """Writer liveness and publication facts (one flock probe: not for hot paths).

@@ -119,6 +119,39 @@ def shm_files(name: str) -> List[str]:
     return sorted(f for f in os.listdir("/dev/shm") if f == f"shmks.{name}" or f.startswith(f"shmks.{name}."))
 
 
+class ProgressFile:
+    """A child's live counters, for its parent to poll: one JSON object rewritten in place.
+
+    The child calls ``update(**fields)`` (one pwrite; cheap enough per operation);
+    the parent calls :func:`read_progress`.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fields: Dict[str, object] = {}
+
+    def update(self, **fields) -> None:
+        self.fields.update(fields)
+        data = json.dumps(self.fields).encode().ljust(1024)  # fixed size: no torn tail to parse
+        os.pwrite(self.fd, data, 0)
+
+
+def read_progress(path: str) -> dict:
+    """The latest fields a child wrote with :class:`ProgressFile` ({} if none yet)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read().strip()
+        return json.loads(data) if data else {}
+    except (OSError, ValueError):
+        return {}  # not created yet, or read while being rewritten: poll again
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of ``pid`` (R, S, T when stopped, Z, ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 def last_json(text: str) -> dict:
     """The last line of ``text`` that parses as a JSON object (a child's result)."""
     for line in reversed(text.strip().splitlines()):

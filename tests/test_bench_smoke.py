@@ -52,6 +52,7 @@ def test_outputs_exist_and_nothing_leaks(smoke):
     assert (smoke["out"] / "results.json").stat().st_size > 0
     assert smoke["md"] == smoke["stdout"]  # the table is also printed
     assert not smoke["leaked"], f"shared memory left behind: {smoke['leaked']}"
+    assert smoke["res"]["errors"] == []
     meta = smoke["res"]["meta"]
     assert meta["smoke"] is True and meta["keys"] == [2000] and meta["value_sizes"] == [100]
     _num(meta["duration_s"], positive=True)
@@ -114,7 +115,7 @@ def test_scaling_memory_visibility_writer(smoke):
     for part in (w["one_key"], w["batch_keys"]):
         for k in ("cpu_total_ms", "wall_total_ms", "cpu_parts_ms", "cpu_publish_ms"):
             _num(part[k], positive=True)
-    for k in ("load_s", "writer_start_s", "writer_rss_mb", "image_mb"):
+    for k in ("load_s", "writer_start_s", "writer_rss_mb", "writer_anon_mb", "image_mb"):
         _num(w[k], positive=True)
 
 

@@ -241,6 +241,47 @@ def test_sigint_with_unlink_on_exit(etcd_server, client, prefix, shm_name, pytho
     assert shm_files(shm_name) == []
 
 
+def test_exit_with_parent(etcd_server, client, prefix, shm_name, python_env, tmp_path):
+    """--exit-with-parent (used by the gunicorn master): a SIGKILLed parent leaves no orphan writer."""
+    rev = client.put(f"{prefix}/k", b"v").header.revision
+    code = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); "
+            "time.sleep(300)")
+    parent = subprocess.Popen(
+        [PYTHON, "-c", code, PYTHON, "-m", "shmkeyspace", "writer", "--endpoints", etcd_server.endpoint,
+         "--prefix", prefix, "--name", shm_name, "--exit-with-parent", "--log-level", "warning"],
+        env=python_env, stdout=subprocess.PIPE, text=True)
+    try:
+        writer_pid = int(parent.stdout.readline())
+        from shmkeyspace import Reader
+        with Reader(shm_name, wait=60) as r:
+            assert r.wait_for_revision(rev, 30)
+            deadline = time.monotonic() + 30
+            while r.health().writer_pid != writer_pid:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            parent.kill()
+            parent.wait(10)
+            deadline = time.monotonic() + 30
+            while segment.writer_is_running(shm_name) or _alive(writer_pid):
+                assert time.monotonic() < deadline, "the writer outlived its parent"
+                time.sleep(0.05)
+            h = r.health()
+            assert not h.writer_alive and h.writer_pid == 0  # pid 0: it stopped cleanly (SIGTERM)
+            assert r.get(f"{prefix}/k").decoded == b"v"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][0] != "Z"
+    except OSError:
+        return False
+
+
 def test_module_function_decoder_and_env_settings(etcd_server, client, prefix, shm_name, python_env, tmp_path,
                                                   writers):
     (tmp_path / "my_decoders.py").write_text("def upper(kv):\n    return kv.value.decode().upper()\n")

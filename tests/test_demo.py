@@ -15,8 +15,8 @@ import psutil
 
 from conftest import PYTHON
 
-ROWS = ["keys", "revision", "seeding", "writer first snapshot", "snapshot size", "writer publications",
-        "reader 1 lookups/s", "reader 2 lookups/s", "all readers lookups/s", "update->visible p50/p99/max",
+ROWS = ["keys", "revision", "seeding", "writer first snapshot", "snapshot size", "shm segment",
+        "writer publications", "writer heap", "reader 1 lookups/s", "reader 2 lookups/s", "all readers lookups/s", "update->visible p50/p99/max",
         "reader memory PSS/USS", "in-process mirror RSS", "total time"]
 
 

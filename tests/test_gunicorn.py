@@ -7,8 +7,9 @@ Proves, with workers/gunicorn.conf.py and examples/wsgi_app.py unchanged:
 * a SIGKILLed writer is restarted by the master's monitor while the workers keep
   serving the last snapshot, and then see new puts, without being restarted;
 * SIGTERM to the master stops the writer too;
-* an external writer (SHMKEYSPACE_EXTERNAL_WRITER=1) is used as is, and an
-  unreachable etcd makes gunicorn fail at start with a clear message.
+* an external writer (SHMKEYSPACE_EXTERNAL_WRITER=1) is used as is; a writer
+  already running when gunicorn starts is stood by for and taken over from when
+  it exits; an unreachable etcd makes gunicorn fail at start with a clear message.
 """
 from __future__ import annotations
 
@@ -244,7 +245,7 @@ def test_fleet_one_watch_worker_and_writer_crashes(own_etcd, prefix, shm_name, p
         rev = client.put(key, json.dumps({"v": 3})).header.revision
         gu.poll_all(f"/get?key={key}", workers3, value_is(3, rev))
         wait_metrics(own_etcd, 1)  # the dead writer's watch is gone, the new one counted once
-        assert "exited" in gu.log() and "restarting" in gu.log()
+        assert "restarting in" in gu.log()
 
         # SIGTERM the master: it stops its writer too.
         assert gu.stop() == 0, gu.log()
@@ -275,6 +276,36 @@ def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_
         assert body["writer_pid"] == os.getpid()  # this test process is the writer
         rev = client.put(key, json.dumps({"v": 8})).header.revision
         gu.poll_all(f"/get?key={key}", workers, value_is(8, rev))
+        assert gu.stop() == 0
+    finally:
+        if gu is not None:
+            gu.stop()
+        w.stop()
+
+
+def test_stands_by_for_a_running_writer_then_takes_over(etcd_server, client, prefix, shm_name, python_env,
+                                                       tmp_path):
+    key = f"{prefix}/k"
+    client.put(key, json.dumps({"v": 1}))
+    w = Writer(shm_name, prefix, client=client, decoder=lambda kv: json.loads(kv.value)).start()
+    gu = None
+    try:
+        gu = Gunicorn(fleet_env(python_env, etcd_server, prefix, shm_name), tmp_path, workers=2)
+        gu.wait_up()
+        workers, _ = gu.wait_children(2, n_writers=0)
+        assert "standing by" in gu.log()
+        w.stop()  # the other writer goes away: the master starts its own
+        workers2, writer = gu.wait_children(2, n_writers=1)
+        assert workers2 == workers
+        deadline = time.monotonic() + 60
+        while True:
+            status, body = gu.request("/health")
+            if body.get("writer_pid") == writer and body.get("writer_alive"):
+                break
+            assert time.monotonic() < deadline, gu.log()
+            time.sleep(0.1)
+        rev = client.put(key, json.dumps({"v": 2})).header.revision
+        gu.poll_all(f"/get?key={key}", workers, value_is(2, rev))
         assert gu.stop() == 0
     finally:
         if gu is not None:

@@ -215,15 +215,23 @@ def markdown(res: Dict[str, Any]) -> str:
                          f"{fmt(b['cpu_total_ms'])} ({fmt(b['cpu_apply_ms'])} / {fmt(b['cpu_parts_ms'])} / "
                          f"{fmt(b['cpu_publish_ms'])})", fmt(b["wall_total_ms"]), fmt(b["cpu_ks_apply_ms"]),
                          fmt(w["load_s"]), fmt(w["writer_start_s"]), fmt(w["writer_rss_mb"]),
-                         fmt(w["writer_rss_end_mb"]), fmt(w["image_mb"])])
+                         fmt(w["writer_anon_mb"]), fmt(w["writer_anon_end_mb"]), fmt(w["image_mb"])])
         parts.append(_table(["keys", "value B", "1-key publish CPU ms (apply / parts / publish)", "wall ms",
                              f"{wr[0]['batch']}-key publish CPU ms (apply / parts / publish)", "wall ms",
                              "incl. decode CPU ms", "KeySpace.load s", "Writer start s", "RSS MB",
-                             "RSS end MB", "image MB"], rows))
+                             "heap MB", "heap end MB", "image MB"], rows))
         parts += ["", "CPU = thread CPU time of the Writer's watch thread around its KeySpace observer "
                       "(`builder.apply` + `builder.parts` + `publisher.publish`); \"incl. decode\" adds "
                       "KeySpace.apply (decode + pack of the changed values). KeySpace.load: a fresh process, "
-                      "pyetcd, paginated, JSON decoder. Writer start = load + first publication."]
+                      "pyetcd, paginated, JSON decoder. Writer start = load + first publication. RSS (after "
+                      "start) includes the shared-memory pages the Writer has written; heap = RssAnon (the "
+                      "Writer's private memory: KeySpace, ImageBuilder, ...), after start and at the end.",
+                  "", "A publication copies the whole image into the inactive buffer, so `publish` grows with the "
+                  "image size, not with the change."]
+    errors = res.get("errors") or []
+    if errors:
+        parts += ["", "## Failed scenarios", ""]
+        parts += [f"* {_vs(e['keys'])} keys × {e['value_size']} B, {e['scenario']}: {e['error']}" for e in errors]
     return "\n".join(parts) + "\n"
 
 

@@ -37,13 +37,21 @@ def wait_eof() -> None:
 
 
 def rss() -> dict:
+    """RSS, and its parts from /proc (RssAnon: the heap; RssShmem: shared memory touched)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[{"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}[k]] = \
+                    int(v.split()[0]) * 1024
     try:
         import psutil
         m = psutil.Process().memory_full_info()
-        return {"rss": m.rss, "uss": m.uss, "pss": m.pss}
-    except Exception:  # psutil is a dev dependency; RSS from /proc otherwise
-        with open("/proc/self/statm") as f:
-            return {"rss": int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")}
+        out.update(uss=m.uss, pss=m.pss)
+    except Exception:  # psutil is a dev dependency; /proc is enough for RSS
+        pass
+    return out
 
 
 # -- writer ----------------------------------------------------------------------------

@@ -66,6 +66,9 @@ def run(ctx) -> Dict[str, Any]:
         "writer_fetch_s": (ready["load"]["fetch"] or {}).get("wall", 0) / 1e9,
         "writer_first_publish_ms": ((ready["load"]["publish"] or {}).get("wall_total", 0)) / 1e6,
         "writer_rss_mb": ready["mem"]["rss"] / MB,
+        "writer_anon_mb": ready["mem"].get("anon", 0) / MB,   # the Writer's heap, without shared memory
+        "writer_shmem_mb": ready["mem"].get("shmem", 0) / MB,
         "writer_rss_end_mb": stats["mem"]["rss"] / MB,
+        "writer_anon_end_mb": stats["mem"].get("anon", 0) / MB,
         "image_mb": ready["image_bytes"] / MB,
     }
