@@ -39,7 +39,7 @@ _new = tuple.__new__
 # raises one of these is retried if the writer moved, else reported as corrupt.
 _READ_ERRORS = (CorruptSegmentError, ValueError, TypeError, IndexError, KeyError, OverflowError)
 _MAX_RETRIES = 10_000
-_MISSING = object()
+_COPY_AFTER = 3  # retries of a query before it runs on a private copy of the image
 
 
 class Entry(NamedTuple):
@@ -232,9 +232,12 @@ class Reader:
         words = self._words
         s1 = words[2]
         if s1 == self._cache_seq:
-            hit = self._cache.get(key, _MISSING)
-            if hit is not _MISSING:
-                return hit
+            try:  # a subscript, not .get(): no method call on the hottest path
+                return self._cache[key]
+            except KeyError:
+                pass
+            except TypeError:  # unhashable: let _get_slow name the problem
+                return self._get_slow(key)
         if s1 == self._pub_seq and not self._fence:
             try:
                 e = _lookup(self._view, key)
@@ -283,8 +286,20 @@ class Reader:
         return self._consistent(lambda v: v.revision)
 
     def _consistent(self, fn, *args):
-        for _ in range(_MAX_RETRIES):
+        for attempt in range(_MAX_RETRIES):
             s1, pub = self._current()
+            if attempt >= _COPY_AFTER:
+                # A query slower than two publications (a 100k-key prefixed()
+                # under steady churn) would retry forever: copy the image once
+                # (one memcpy, far shorter) and answer from the private copy.
+                img = bytes(pub.view.buf)
+                if self._moved(s1):
+                    self.retries += 1
+                    continue
+                try:
+                    return fn(ImageView(memoryview(img), 0, len(img)), *args)
+                except _READ_ERRORS as exc:
+                    raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
             try:
                 out = fn(pub.view, *args)
             except _READ_ERRORS as exc:

@@ -44,7 +44,7 @@ import re
 import struct
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import posix_ipc
 
@@ -236,6 +236,8 @@ class Publisher:
         self._data_size = 0
         self._buf_size = 0
         self._active_buf = 1  # so the first publication goes to buffer 0
+        # Per buffer: (gen, token, start, end) of the stable span it holds, or None.
+        self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
         self.heartbeat()
@@ -293,14 +295,21 @@ class Publisher:
         _DATA_HEAD.pack_into(mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, gen, seg_size, buf_size, PAGE)
         old = self._data
         self._data, self._data_size, self._buf_size, self.gen = mm, seg_size, buf_size, gen
+        self._written = [None, None]
         self._active_buf = 1
         if old is not None:
             self._stale_gens.append(gen - 1)
             old.close()
 
-    def publish(self, parts, length: int, revision: int, count: int) -> None:
+    def publish(self, parts, length: int, revision: int, count: int,
+                stable: Optional[Tuple[Any, int, int]] = None) -> None:
         """Publish the image made of ``parts`` (bytes-like, ``length`` bytes in all).
 
+        ``stable = (token, start, end)`` is the caller's promise that any two
+        images published with an equal token agree on bytes
+        ``[start, min(end, other end))`` (ImageBuilder's append-only arena). The
+        part of that span already in the target buffer is not copied again, so
+        a 1-key change at 100k x 1 KB costs ~1 ms instead of a 100 MB memcpy.
         Raises SegmentFullError (and publishes nothing) when shared memory is full.
         """
         if self._data is None or length > self._buf_size:
@@ -311,14 +320,29 @@ class Publisher:
         if seq % 2 == 0:
             seq += 1
             self._store_seq(seq)
+        skip_lo = skip_hi = 0
+        had = self._written[buf]
+        if stable is not None and had is not None and had[:3] == (self.gen, stable[0], stable[1]):
+            skip_lo, skip_hi = stable[1], min(had[3], stable[2])
+        self._written[buf] = None  # unknown until this copy completes
         data = self._data
-        pos = off
+        pos = 0
         for p in parts:
-            n = len(p)
-            data[pos:pos + n] = p
-            pos += n
-        if pos - off != length:
-            raise AssertionError(f"image length {pos - off} != {length}")
+            end = pos + len(p)
+            if end <= skip_lo or pos >= skip_hi:
+                data[off + pos:off + end] = p
+            else:
+                mv = memoryview(p)
+                if pos < skip_lo:
+                    data[off + pos:off + skip_lo] = mv[:skip_lo - pos]
+                if end > skip_hi:
+                    data[off + skip_hi:off + end] = mv[skip_hi - pos:]
+                mv.release()
+            pos = end
+        if pos != length:
+            raise AssertionError(f"image length {pos} != {length}")
+        if stable is not None:
+            self._written[buf] = (self.gen, stable[0], stable[1], stable[2])
         slot = ((seq >> 1) + 1) & 1
         RECORD.pack_into(self.ctrl, OFF_RECORDS + slot * RECORD.size, self.gen, self._data_size, off,
                          length, revision, count, time.time_ns(), 0)

@@ -114,7 +114,7 @@ class Writer:
             self._pending = {}
         parts, total = self.builder.parts()
         try:
-            self.publisher.publish(parts, total, rev, len(self.builder))
+            self.publisher.publish(parts, total, rev, len(self.builder), stable=self.builder.stable_span())
         except SegmentFullError as exc:
             self.publish_failures += 1
             log.error("publication of %r at revision %d failed: %s", self.name, rev, exc)

@@ -34,8 +34,14 @@ def _packed(kv: KeyValue) -> bytes:
 
 
 def _publish(pub: segment.Publisher, b: ImageBuilder) -> None:
+    """Publish incrementally (skipping the arena a buffer already holds) and check
+    the published bytes equal the whole image."""
     parts, total = b.parts()
-    pub.publish(parts, total, b.revision, len(b))
+    pub.publish(parts, total, b.revision, len(b), stable=b.stable_span())
+    slot = (pub.seq >> 1) & 1
+    rec = segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + slot * segment.RECORD.size)
+    off, length = rec[2], rec[3]
+    assert length == total and pub._data[off:off + total] == b"".join(bytes(p) for p in parts)
 
 
 def _check(reader: Reader, ref: KeyValues, probes) -> None:

@@ -95,7 +95,7 @@ def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int =
             ch = changes(r, big_kib)
             b.apply({k: None if x is None else pack_entry(k, x[0], x[1], x[1], 1, 0) for k, x in ch.items()}, r)
         parts, total = b.parts()
-        pub.publish(parts, total, r, len(b))
+        pub.publish(parts, total, r, len(b), stable=b.stable_span())
         if report is not None and r % 50 == 0:
             report.value = r
         r += 1
