@@ -90,7 +90,7 @@ def test_scaling_memory_visibility_writer(smoke):
         assert r["per_proc"] == pytest.approx(r["ops_per_s"] / r["procs"])
 
     mem = res["memory"]
-    assert sorted(m["reader_cache"] for m in mem) == [0, 4096]
+    assert sorted(m["reader_cache"] for m in mem) == [0, 256, 4096]
     for m in mem:
         for k in ("reader_pss_mb", "reader_uss_mb", "mirror_pss_mb", "mirror_uss_mb", "idle_pss_mb",
                   "idle_uss_mb", "image_mb", "mirror_mb"):

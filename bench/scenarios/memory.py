@@ -48,7 +48,7 @@ def run(ctx) -> List[Dict[str, Any]]:
         idle = _group(["idle"], st.memory_procs)
         mirror = _group(["mirror", cfg.name], st.memory_procs)
         readers = {cache: _group(["hold", cfg.name, str(cache), cfg.prefix, str(cfg.n)], st.memory_procs)
-                   for cache in (4096, 0)}
+                   for cache in (256, 4096, 0)}
     finally:
         ctx.open_readers()
     mirror_cost = mirror["uss"] - idle["uss"]
