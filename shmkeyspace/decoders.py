@@ -20,14 +20,18 @@ def raw(kv: KeyValue) -> bytes:
     return kv.value
 
 
+_json_decode = _json.JSONDecoder().decode
+
+
 def utf8(kv: KeyValue) -> str:
     """The value as UTF-8 text (rejects other bytes)."""
     return kv.value.decode("utf-8")
 
 
 def json(kv: KeyValue) -> Any:
-    """The value parsed as JSON."""
-    return _json.loads(kv.value)
+    """The value parsed as JSON (UTF-8, as etcd tools write it)."""
+    # str input skips json.loads' per-call encoding sniffing (~5 us a key).
+    return _json_decode(kv.value.decode("utf-8"))
 
 
 def msgpack(kv: KeyValue) -> Any:

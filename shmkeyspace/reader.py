@@ -454,7 +454,8 @@ def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
             end = off + (ol >> 32)
             if end > view.arena_len:
                 raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
-            lst = _unpackb(view.arena[off:end])
+            base = view.arena_base
+            lst = _unpackb(view.src[base + off:base + end])  # parse a copy, never shared memory
             if lst[0] == kq:
                 if len(lst) != 6:
                     raise CorruptSegmentError(f"entry at offset {off} has {len(lst)} fields, expected 6")
@@ -477,18 +478,18 @@ def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
     lens = order[2 * i + 1:2 * j:2].tolist()
     start = offs[0]
     total = sum(lens)
-    arena = view.arena
+    src, base = view.src, view.arena_base  # slices of src are private copies (ImageView doc)
     n = j - i
     if offs[-1] + lens[-1] - start == total and offs == sorted(offs):
         # Entries lie back to back in key order (the arena is compacted in key
         # order): unpack them as one msgpack array, in C.
         if start + total > view.arena_len:
             raise CorruptSegmentError("range runs past the arena")
-        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + arena[start:start + total])
+        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + src[base + start:base + start + total])
     else:
         if max(map(add, offs, lens)) > view.arena_len:
             raise CorruptSegmentError("range entry lies outside the arena")
-        lists = [_unpackb(arena[o:o + m]) for o, m in zip(offs, lens)]
+        lists = [_unpackb(src[base + o:base + o + m]) for o, m in zip(offs, lens)]
     if len(lists) != n:
         raise CorruptSegmentError("range unpacked to the wrong number of entries")
     out = list(map(_entry_from_list, lists))

@@ -26,6 +26,7 @@ memory; nothing in the builder is shared.
 from __future__ import annotations
 
 import bisect
+import mmap
 import struct
 import sys
 from array import array
@@ -373,10 +374,19 @@ class ImageView:
     Construction checks every region against the image bounds; the methods check
     every entry offset they follow. Holds memoryviews into the mapping: call
     :meth:`release` before the mapping is closed.
+
+    Never parse shared memory in place: the writer may rewrite it mid-parse, and
+    C/Rust parsers assume their input holds still (a torn string length between
+    two passes is a heap overflow, not an exception; the fenced-path soak
+    segfaulted that way). Entries are copied out first by slicing ``src`` (the
+    mmap itself: one memcpy into a new bytes, cheaper than a memoryview slice)
+    at ``arena_base + offset``, then parsed; the seqlock check decides whether
+    the copy is usable. Integers read through the ``table``/``order`` casts are
+    plain loads and safe to read torn.
     """
 
     __slots__ = ("buf", "revision", "count", "arena", "arena_len", "table", "mask", "slots",
-                 "order", "fence_step", "_fences", "_fence_region")
+                 "order", "fence_step", "_fences", "_fence_region", "src", "arena_base")
 
     def __init__(self, buf: memoryview, offset: int, length: int) -> None:
         if offset < 0 or length < HEADER_SIZE or offset + length > len(buf):
@@ -406,6 +416,11 @@ class ImageView:
         self.count = count
         self.arena = img[arena_off:arena_off + arena_len]
         self.arena_len = arena_len
+        src = buf.obj
+        if not (isinstance(src, (mmap.mmap, bytes)) and len(src) == buf.nbytes):
+            src = bytes(buf)  # a view of something else: one private copy
+        self.src = src
+        self.arena_base = offset + arena_off
         self.table = img[table_off:table_off + 16 * slots].cast("Q")
         self.mask = slots - 1
         self.slots = slots
@@ -417,7 +432,7 @@ class ImageView:
     def fences(self) -> List[bytes]:
         if self._fences is None:
             try:
-                f = unpackb(self._fence_region)
+                f = unpackb(bytes(self._fence_region))  # a private copy: see the class doc
             except Exception as exc:
                 raise CorruptSegmentError(f"undecodable fence index: {exc}") from None
             if not isinstance(f, list) or len(f) != (self.count + self.fence_step - 1) // self.fence_step:

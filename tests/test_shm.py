@@ -269,3 +269,39 @@ def test_writer_mirrors_etcd_prefix(client, prefix, shm_name):
     h = r.health()
     assert not h.writer_alive and h.keys == 50  # the last snapshot stays readable
     r.close()
+
+
+def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
+    """Every unpack a query does runs on a private bytes copy, never on a view of the
+    mapping: C/Rust parsers assume their input holds still, and the writer may be
+    rewriting it (the fenced-path soak segfaulted when entries were parsed in place).
+    The seqlock then decides whether the copy is usable."""
+    from shmkeyspace import reader as reader_mod
+    from shmkeyspace import snapshot as snapshot_mod
+
+    seen = []
+
+    def recording_unpackb(data, *a, **kw):
+        seen.append(type(data))
+        return real(data, *a, **kw)
+
+    real = reader_mod._unpackb
+    monkeypatch.setattr(reader_mod, "_unpackb", recording_unpackb)
+    monkeypatch.setattr(snapshot_mod, "unpackb", recording_unpackb)
+    pub, b = segment.Publisher(shm_name), ImageBuilder()
+    try:
+        _publish_small(pub, b, 1, n=200)
+        # An out-of-key-order arena too (the non-contiguous range path).
+        b.apply({b"/s/0005": pack_entry(b"/s/0005", "moved", 2, 2, 1, 0)}, 2)
+        parts, total = b.parts()
+        pub.publish(parts, total, 2, len(b), stable=b.stable_span())
+        for cache in (0, 16):
+            with Reader(shm_name, cache_size=cache) as r:
+                r._fence = cache == 16  # the fenced (aarch64) path as well
+                assert r.get("/s/0005").decoded == "moved" and r.get("/s/0100").decoded == [1, 100]
+                assert len(r.range("/s/0000", "/s/0010")) == 10 and len(r.prefixed("/s/01")) == 100
+                with r.snapshot() as s:
+                    assert s.get("/s/0007").decoded == [1, 7] and len(s.range("/s/0190", None)) == 10
+        assert seen and set(seen) == {bytes}, set(seen)
+    finally:
+        pub.close(unlink=True)
