@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH_DIR)
@@ -68,7 +68,7 @@ class Config:
 class Settings:
     """Iteration counts and durations (``--smoke`` shrinks them)."""
 
-    repeats: int = 5
+    repeats: int = 7                # interleaved across systems (time_interleaved)
     cold_keys: int = 20_000         # distinct keys per repeat (capped at n)
     repeated_iters: int = 20_000
     range_iters: int = 2_000
@@ -127,6 +127,23 @@ def time_batches(fn: Callable[[Sequence[Any]], Any], args_per_repeat: Sequence[S
         finally:
             gc.enable()
         out.append((t1 - t0) / max(1, len(args)))
+    return out
+
+
+def time_interleaved(jobs: Dict[str, Tuple[Callable[[Sequence[Sequence[Any]]], List[float]],
+                                             Sequence[Sequence[Any]]]]) -> Dict[str, List[float]]:
+    """Run repeat r of every job before repeat r+1 of any (round robin).
+
+    ``jobs``: {system: (timer, args_per_repeat)} with ``timer`` like
+    :func:`time_loop`. On a shared machine, slow phases then hit every system
+    alike instead of whichever one happened to be measured during them, which
+    keeps the ratios honest.
+    """
+    out: Dict[str, List[float]] = {k: [] for k in jobs}
+    for r in range(max(len(a) for _, a in jobs.values())):
+        for k, (timer, args) in jobs.items():
+            if r < len(args):
+                out[k] += timer([args[r]])
     return out
 
 

@@ -11,6 +11,7 @@ dict and etcd, pre-encoded ``bytes`` to lmdb (so lmdb never pays the encode).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Dict, List
 
 import msgpack
@@ -90,16 +91,25 @@ def run(ctx) -> List[Dict[str, Any]]:
             for k in ks:
                 g(k)
 
-    rows.append(_row(cfg, "get_cold", SHM, time_loop(reader.get, cold), m * R, "Reader(cache_size=0)"))
-    rows.append(_row(cfg, "get_cold", SHM_BATCH, time_batches(shm_batch, cold, BATCH), m * R,
-                     f"one snapshot() per {BATCH} gets"))
-    rows.append(_row(cfg, "get_cold", LMDB, time_loop(lm.get, cold_b), m * R, "read txn per get"))
-    rows.append(_row(cfg, "get_cold", LMDB_BATCH, time_batches(lm.get_batch, cold_b, BATCH), m * R,
-                     f"one read txn per {BATCH} gets"))
+    T, TB = time_loop, time_batches
+
+    def timed(jobs):  # {system: (timer, args_per_repeat)}: repeats interleaved across systems
+        return common.time_interleaved(jobs)
+
+    t = timed({SHM: (partial(T, reader.get), cold),
+               SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), cold),
+               LMDB: (partial(T, lm.get), cold_b),
+               LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), cold_b),
+               **({LMDB_MSGPACK: (partial(T, lm_msgpack.get), cold_b)} if lm_msgpack is not None else {}),
+               DICT: (partial(T, d.get), cold)})
+    rows.append(_row(cfg, "get_cold", SHM, t[SHM], m * R, "Reader(cache_size=0)"))
+    rows.append(_row(cfg, "get_cold", SHM_BATCH, t[SHM_BATCH], m * R, f"one snapshot() per {BATCH} gets"))
+    rows.append(_row(cfg, "get_cold", LMDB, t[LMDB], m * R, "read txn per get"))
+    rows.append(_row(cfg, "get_cold", LMDB_BATCH, t[LMDB_BATCH], m * R, f"one read txn per {BATCH} gets"))
     if lm_msgpack is not None:
-        rows.append(_row(cfg, "get_cold", LMDB_MSGPACK, time_loop(lm_msgpack.get, cold_b), m * R,
+        rows.append(_row(cfg, "get_cold", LMDB_MSGPACK, t[LMDB_MSGPACK], m * R,
                          "read txn per get, unpacked with msgpack instead of the Reader's unpacker"))
-    rows.append(_row(cfg, "get_cold", DICT, time_loop(d.get, cold), m * R))
+    rows.append(_row(cfg, "get_cold", DICT, t[DICT], m * R))
     ek = max(1, st.etcd_iters // R)
     rows.append(_row(cfg, "get_cold", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in cold]), ek * R,
                      "client.get + json.loads"))
@@ -108,14 +118,17 @@ def run(ctx) -> List[Dict[str, Any]]:
     # -- the same key over and over (the per-reader cache path) --------------------------
     same = [[keys[r.randrange(n)]] * st.repeated_iters for _ in range(R)]
     same_b = [[ks[0].encode()] * len(ks) for ks in same]
-    rows.append(_row(cfg, "get_repeated", SHM, time_loop(ctx.reader.get, same), st.repeated_iters * R,
-                     "Reader() default cache"))
-    rows.append(_row(cfg, "get_repeated", SHM_BATCH, time_batches(shm_batch, same, BATCH), st.repeated_iters * R,
-                     f"one snapshot() per {BATCH} gets (no cache)"))
-    rows.append(_row(cfg, "get_repeated", LMDB, time_loop(lm.get, same_b), st.repeated_iters * R))
-    rows.append(_row(cfg, "get_repeated", LMDB_BATCH, time_batches(lm.get_batch, same_b, BATCH),
-                     st.repeated_iters * R))
-    rows.append(_row(cfg, "get_repeated", DICT, time_loop(d.get, same), st.repeated_iters * R))
+    it = st.repeated_iters * R
+    t = timed({SHM: (partial(T, ctx.reader.get), same),
+               SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), same),
+               LMDB: (partial(T, lm.get), same_b),
+               LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), same_b),
+               DICT: (partial(T, d.get), same)})
+    rows.append(_row(cfg, "get_repeated", SHM, t[SHM], it, "Reader() default cache"))
+    rows.append(_row(cfg, "get_repeated", SHM_BATCH, t[SHM_BATCH], it, f"one snapshot() per {BATCH} gets (no cache)"))
+    rows.append(_row(cfg, "get_repeated", LMDB, t[LMDB], it))
+    rows.append(_row(cfg, "get_repeated", LMDB_BATCH, t[LMDB_BATCH], it))
+    rows.append(_row(cfg, "get_repeated", DICT, t[DICT], it))
     rows.append(_row(cfg, "get_repeated", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in same]), ek * R,
                      "client.get + json.loads"))
     rows.append(_smd(ctx, "get_repeated", same[0]))
@@ -124,17 +137,18 @@ def run(ctx) -> List[Dict[str, Any]]:
     L = common.RANGE_LEN
     starts = [[r.randrange(max(1, n - L)) for _ in range(st.range_iters)] for _ in range(R)]
     bounds = [[(keys[i], keys[i + L] if i + L < n else "\U0010ffff") for i in s] for s in starts]
-    rows.append(_row(cfg, "range100", SHM, time_loop(lambda b: reader.range(b[0], b[1]), bounds),
-                     st.range_iters * R, "Reader.range(from, to)"))
-    rows.append(_row(cfg, "range100", LMDB, time_loop(lambda b: lm.range(b, L), [[keys[i].encode() for i in s]
-                                                                                for s in starts]),
-                     st.range_iters * R, "cursor set_range + 100 next + unpack, txn per range"))
+    lows = [[keys[i].encode() for i in s] for s in starts]
+    it = st.range_iters * R
+    t = timed({SHM: (partial(T, lambda b: reader.range(b[0], b[1])), bounds),
+               LMDB: (partial(T, lambda b: lm.range(b, L)), lows),
+               **({LMDB_MSGPACK: (partial(T, lambda b: lm_msgpack.range(b, L)), lows)}
+                  if lm_msgpack is not None else {}),
+               DICT: (partial(T, lambda b: d.range_to(b[0], b[1])), bounds)})
+    rows.append(_row(cfg, "range100", SHM, t[SHM], it, "Reader.range(from, to)"))
+    rows.append(_row(cfg, "range100", LMDB, t[LMDB], it, "cursor set_range + 100 next + unpack, txn per range"))
     if lm_msgpack is not None:
-        rows.append(_row(cfg, "range100", LMDB_MSGPACK,
-                         time_loop(lambda b: lm_msgpack.range(b, L), [[keys[i].encode() for i in s] for s in starts]),
-                         st.range_iters * R, "as lmdb txn/op, unpacked with msgpack"))
-    rows.append(_row(cfg, "range100", DICT, time_loop(lambda b: d.range_to(b[0], b[1]), bounds),
-                     st.range_iters * R, "bisect on sorted keys + dict lookups"))
+        rows.append(_row(cfg, "range100", LMDB_MSGPACK, t[LMDB_MSGPACK], it, "as lmdb txn/op, unpacked with msgpack"))
+    rows.append(_row(cfg, "range100", DICT, t[DICT], it, "bisect on sorted keys + dict lookups"))
     er = max(1, st.etcd_range_iters // R)
     rows.append(_row(cfg, "range100", ETCD, time_loop(lambda b: ctx.etcd.range_to(b[0], b[1]),
                                                       [bs[:er] for bs in bounds]), er * R,
@@ -145,12 +159,12 @@ def run(ctx) -> List[Dict[str, Any]]:
     groups = max(1, n // common.GROUP)
     prefixes = [[common.group_prefix(cfg.prefix, r.randrange(groups)) for _ in range(st.range_iters)]
                 for _ in range(R)]
-    rows.append(_row(cfg, "prefix100", SHM, time_loop(reader.prefixed, prefixes), st.range_iters * R,
-                     "Reader.prefixed(p)"))
-    rows.append(_row(cfg, "prefix100", LMDB, time_loop(lm.prefixed, [[p.encode() for p in ps] for ps in prefixes]),
-                     st.range_iters * R, "cursor set_range + next while key < prefix end + unpack"))
-    rows.append(_row(cfg, "prefix100", DICT, time_loop(d.prefixed, prefixes), st.range_iters * R,
-                     "bisect on sorted keys + dict lookups"))
+    t = timed({SHM: (partial(T, reader.prefixed), prefixes),
+               LMDB: (partial(T, lm.prefixed), [[p.encode() for p in ps] for ps in prefixes]),
+               DICT: (partial(T, d.prefixed), prefixes)})
+    rows.append(_row(cfg, "prefix100", SHM, t[SHM], it, "Reader.prefixed(p)"))
+    rows.append(_row(cfg, "prefix100", LMDB, t[LMDB], it, "cursor set_range + next while key < prefix end + unpack"))
+    rows.append(_row(cfg, "prefix100", DICT, t[DICT], it, "bisect on sorted keys + dict lookups"))
     rows.append(_row(cfg, "prefix100", ETCD, time_loop(ctx.etcd.prefixed, [ps[:er] for ps in prefixes]), er * R,
                      "client.get_prefix + json.loads"))
     rows.append(_na(cfg, "prefix100", SMD, "no ordered queries"))
