@@ -82,8 +82,9 @@ def seed(endpoint: str, n: int, threads: int = 2) -> float:
     return time.perf_counter() - t0
 
 
-def load_pyetcd(endpoint: str, repeats: int) -> Dict[str, Any]:
-    c = connect(endpoint, client="pyetcd")
+def load_times(endpoint: str, client: str, repeats: int) -> Dict[str, Any]:
+    """Best of ``repeats`` paginated KeySpace loads of PREFIX with ``client``."""
+    c = connect(endpoint, client=client)
     times, keys = [], 0
     try:
         for _ in range(repeats):
@@ -95,35 +96,31 @@ def load_pyetcd(endpoint: str, repeats: int) -> Dict[str, Any]:
             del ks
     finally:
         c.close()
-    return {"times_s": times, "best_s": min(times), "keys": keys}
+    out: Dict[str, Any] = {"times_s": times, "best_s": min(times), "keys": keys}
+    if client == "etcd3":
+        from google.protobuf.internal import api_implementation
+        out["protobuf_backend"] = api_implementation.Type()
+    return out
 
 
+def load_pyetcd(endpoint: str, repeats: int) -> Dict[str, Any]:
+    return load_times(endpoint, "pyetcd", repeats)
+
+
+# etcd3 0.12 needs protobuf's pure-Python backend, chosen before protobuf loads: a
+# fresh process, so this one keeps the fast backend for pyetcd.
 ETCD3_CHILD = """
-import json, sys, time
-from shmkeyspace.etcd import connect
-from shmkeyspace.keyspace import KeySpace
-from shmkeyspace import decoders
-from google.protobuf.internal import api_implementation
-ep, prefix, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
-c = connect(ep, client="etcd3")
-times = []
-for _ in range(repeats):
-    ks = KeySpace(prefix, decoders.json)
-    t0 = time.perf_counter()
-    ks.load(c)
-    times.append(time.perf_counter() - t0)
-    keys = len(ks.key_values)
-    del ks
-c.close()
-print(json.dumps({"times_s": times, "best_s": min(times), "keys": keys,
-                  "protobuf_backend": api_implementation.Type()}))
+import json, sys
+sys.path.insert(0, sys.argv[3])
+from bench.bench_load import load_times
+print(json.dumps(load_times(sys.argv[1], "etcd3", int(sys.argv[2]))))
 """
 
 
 def load_etcd3(endpoint: str, repeats: int) -> Dict[str, Any]:
     env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", ETCD3_CHILD, endpoint, PREFIX, str(repeats)],
+    p = subprocess.run([sys.executable, "-c", ETCD3_CHILD, endpoint, str(repeats), ROOT],
                        env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}

@@ -33,6 +33,20 @@ def _packed(kv: KeyValue) -> bytes:
     return pack_entry(kv.key, kv.decoded, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
 
 
+def _changes(ref: KeyValues, step: dict, rev: int) -> dict:
+    """Apply ``{key: value or None}`` to the reference; the same as builder changes."""
+    changes = {}
+    for k, v in step.items():
+        if v is None:
+            ref.remove(k)
+            changes[k] = None
+        else:
+            kv = _kv(k, v, rev)
+            ref.upsert(kv)
+            changes[k] = _packed(kv)
+    return changes
+
+
 def _publish(pub: segment.Publisher, b: ImageBuilder) -> None:
     """Publish incrementally (skipping the arena a buffer already holds) and check
     the published bytes equal the whole image."""
@@ -102,16 +116,7 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes):
     try:
         with_reader = None
         for rev, step in enumerate(steps, start=1):
-            changes = {}
-            for k, v in step.items():
-                if v is None:
-                    ref.remove(k)
-                    changes[k] = None
-                else:
-                    kv = _kv(k, v, rev)
-                    ref.upsert(kv)
-                    changes[k] = _packed(kv)
-            b.apply(changes, rev)
+            b.apply(_changes(ref, step, rev), rev)
             _publish(pub, b)
             if with_reader is None:
                 with_reader = Reader(shm_name, cache_size=16)
@@ -133,16 +138,8 @@ def test_hash_table_survives_heavy_churn(shm_name):
     try:
         universe = [f"/c/{i:05d}".encode() for i in range(3000)]
         for rev in range(1, 200):
-            changes = {}
-            for k in rnd.sample(universe, 30):
-                if rnd.random() < 0.4:
-                    ref.remove(k)
-                    changes[k] = None
-                else:
-                    kv = _kv(k, rev, rev)
-                    ref.upsert(kv)
-                    changes[k] = _packed(kv)
-            b.apply(changes, rev)
+            step = {k: None if rnd.random() < 0.4 else rev for k in rnd.sample(universe, 30)}
+            b.apply(_changes(ref, step, rev), rev)
         _publish(pub, b)
         with Reader(shm_name, cache_size=0) as r:
             _check(r, ref, rnd.sample(universe, 50))
