@@ -26,21 +26,13 @@ from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import msgpack
 
+from shmkeyspace.key_values import prefix_end
+
 try:  # whatever the Reader unpacks entries with (msgpack, or a faster drop-in)
     from shmkeyspace.snapshot import unpackb as READER_UNPACKB
 except ImportError:
     READER_UNPACKB = msgpack.unpackb
 UNPACKER_NAME = f"{READER_UNPACKB.__module__ or '?'}.{READER_UNPACKB.__name__}"
-
-
-def _prefix_end(p: bytes) -> Optional[bytes]:
-    b = bytearray(p)
-    while b:
-        if b[-1] < 0xFF:
-            b[-1] += 1
-            return bytes(b)
-        b.pop()
-    return None
 
 
 class LmdbPeer:
@@ -102,7 +94,7 @@ class LmdbPeer:
         return out
 
     def prefixed(self, p: bytes) -> List[Any]:
-        end = _prefix_end(p)
+        end = prefix_end(p)
         return self.range_to(p, end) if end is not None else self.range(p, 1 << 62)
 
     def with_unpacker(self, unpackb: Any) -> "LmdbPeer":
