@@ -299,9 +299,8 @@ class Reader:
                 # A query slower than two publications (a 100k-key prefixed()
                 # under steady churn) would retry forever: copy the image once
                 # (one memcpy, far shorter) and answer from the private copy.
-                img = bytes(pub.view.buf)
-                if self._moved(s1):
-                    self.retries += 1
+                img = self._copy_image(s1, pub)
+                if img is None:
                     continue
                 try:
                     return fn(ImageView(memoryview(img), 0, len(img)), *args)
@@ -330,13 +329,19 @@ class Reader:
             s1, pub = self._current()
             if not copy:
                 return SnapshotView(self, s1, pub.view, None)
-            img = bytes(pub.view.buf)
-            if self._moved(s1):
-                self.retries += 1
+            img = self._copy_image(s1, pub)
+            if img is None:
                 continue
-            view = ImageView(memoryview(img), 0, len(img))
-            return SnapshotView(self, s1, view, img)
+            return SnapshotView(self, s1, ImageView(memoryview(img), 0, len(img)), img)
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
+
+    def _copy_image(self, s1: int, pub: _Pub) -> Optional[bytes]:
+        """A private copy of ``pub``'s image (one memcpy); None if the writer moved meanwhile."""
+        img = bytes(pub.view.buf)
+        if self._moved(s1):
+            self.retries += 1
+            return None
+        return img
 
     # -- waiting and health ----------------------------------------------------------
     def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
