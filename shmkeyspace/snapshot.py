@@ -408,8 +408,11 @@ class ImageView:
               and fence_off >= order_off + order_len and fence_off + fence_len <= length)
         if not ok:
             raise CorruptSegmentError("snapshot header describes regions outside the image")
+        # The fences are parsed lazily and cached: copy them now and checksum the
+        # copy, so the cached parse is of exactly the bytes that were verified.
+        fence_region = bytes(img[fence_off:fence_off + fence_len])
         if checksum != index_checksum(img[:HEADER_SIZE], img[table_off:table_off + 16 * slots],
-                                      img[order_off:order_off + order_len], img[fence_off:fence_off + fence_len]):
+                                      img[order_off:order_off + order_len], fence_region):
             raise CorruptSegmentError("snapshot index checksum mismatch: the header or index is damaged")
         self.buf = img
         self.revision = revision
@@ -426,13 +429,13 @@ class ImageView:
         self.slots = slots
         self.order = img[order_off:order_off + order_len].cast("I")
         self.fence_step = fence_step
-        self._fence_region = img[fence_off:fence_off + fence_len]
+        self._fence_region = fence_region
         self._fences: Optional[List[bytes]] = None
 
     def fences(self) -> List[bytes]:
         if self._fences is None:
             try:
-                f = unpackb(bytes(self._fence_region))  # a private copy: see the class doc
+                f = unpackb(self._fence_region)  # a private copy, made when it was verified
             except Exception as exc:
                 raise CorruptSegmentError(f"undecodable fence index: {exc}") from None
             if not isinstance(f, list) or len(f) != (self.count + self.fence_step - 1) // self.fence_step:

@@ -437,6 +437,17 @@ def test_fuzzed_segments_raise_only_own_errors(shm_name, tmp_path):
     assert stats["answered_same"] > 0 and stats["truncations"] > 0, stats
 
 
+@pytest.mark.parametrize("seed", [2103379687])
+def test_fuzz_regressions(shm_name, tmp_path, seed):
+    """Seeds that once failed. 2103379687: a bit flip in the fence region before a
+    long-lived reader first parsed its (lazily cached) fences left it answering
+    prefixed() wrongly after the bytes were restored; fences are now copied and
+    checksummed together when a publication is validated."""
+    res = _run_child(shm_name, seed, 20, tmp_path, watchdog=120)
+    assert res["failures"] == [], json.dumps(res["failures"][:5], indent=1, default=str)
+    assert res["stats"]["cases"] == 20
+
+
 def test_truncated_segment_is_rejected_at_attach(shm_name):
     """Every truncation of the data or control segment gives CorruptSegmentError."""
     pub = build_pristine(shm_name)
