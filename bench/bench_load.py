@@ -18,6 +18,7 @@ Measures, on a throwaway loopback etcd (``EtcdServer``):
 
 Prints a markdown table and writes JSON to ``--out`` (default bench/results/load.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ def key_of(i: int) -> str:
 
 def value_of(i: int, version: int = 0, size: int = 90) -> bytes:
     """A JSON object of about ``size`` bytes."""
-    doc: Dict[str, Any] = {"id": i, "v": version, "host": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-                           "port": 8000 + i % 1000, "zone": f"z{i % 5}", "up": i % 3 != 0}
+    doc: Dict[str, Any] = {
+        "id": i,
+        "v": version,
+        "host": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+        "port": 8000 + i % 1000,
+        "zone": f"z{i % 5}",
+        "up": i % 3 != 0,
+    }
     base = len(json.dumps(doc, separators=(",", ":"))) + len(',"pad":""')
     doc["pad"] = "x" * max(0, size - base)
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -65,7 +72,9 @@ def seed(endpoint: str, n: int, threads: int = 2) -> float:
         c = connect(endpoint)
         try:
             for start in part:
-                ops = [c.transactions.put(key_of(i), value_of(i)) for i in range(start, min(n, start + TXN_OPS))]
+                ops = [
+                    c.transactions.put(key_of(i), value_of(i)) for i in range(start, min(n, start + TXN_OPS))
+                ]
                 c.transaction(compare=[], success=ops, failure=[])
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
@@ -99,6 +108,7 @@ def load_times(endpoint: str, client: str, repeats: int) -> Dict[str, Any]:
     out: Dict[str, Any] = {"times_s": times, "best_s": min(times), "keys": keys}
     if client == "etcd3":
         from google.protobuf.internal import api_implementation
+
         out["protobuf_backend"] = api_implementation.Type()
     return out
 
@@ -118,10 +128,18 @@ print(json.dumps(load_times(sys.argv[1], "etcd3", int(sys.argv[2]))))
 
 
 def load_etcd3(endpoint: str, repeats: int) -> Dict[str, Any]:
-    env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", ETCD3_CHILD, endpoint, str(repeats), ROOT],
-                       env=env, capture_output=True, text=True, timeout=1800)
+    env = dict(
+        os.environ,
+        PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python",
+        PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", ETCD3_CHILD, endpoint, str(repeats), ROOT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if p.returncode != 0:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -180,9 +198,13 @@ def watch_throughput(endpoint: str, n: int, events: int) -> Dict[str, Any]:
         wt = ks.start_watch(c)
         time.sleep(0.3)
         ks.apply_seconds, ks.apply_calls = 0.0, 0
-        p = subprocess.run([sys.executable, "-c", WRITER_CHILD, endpoint, str(n), str(events), "1", ROOT],
-                           capture_output=True, text=True, timeout=1800,
-                           env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        p = subprocess.run(
+            [sys.executable, "-c", WRITER_CHILD, endpoint, str(n), str(events), "1", ROOT],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        )
         if p.returncode != 0:
             raise RuntimeError(f"writer process failed: {p.stderr[-2000:]}")
         w = json.loads(p.stdout.strip().splitlines()[-1])
@@ -196,7 +218,8 @@ def watch_throughput(endpoint: str, n: int, events: int) -> Dict[str, Any]:
         updates = [a for a in applied if a[1]]
         first, last = updates[0][0], updates[-1][0]
         out: Dict[str, Any] = {
-            "events": events, "txn_ops": TXN_OPS,
+            "events": events,
+            "txn_ops": TXN_OPS,
             "writer_seconds": w["t_end"] - w["t_start"],
             "writer_events_per_s": events / (w["t_end"] - w["t_start"]),
             "first_to_last_applied_s": last - first,
@@ -216,7 +239,9 @@ def watch_throughput(endpoint: str, n: int, events: int) -> Dict[str, Any]:
         cap.close()
 
 
-def replay(base_rev: int, base_kvs: Any, responses: List[Any], watched: KeySpace, events: int) -> Dict[str, Any]:
+def replay(
+    base_rev: int, base_kvs: Any, responses: List[Any], watched: KeySpace, events: int
+) -> Dict[str, Any]:
     """Direct apply cost: the captured responses onto a copy of the loaded mirror."""
     from dataclasses import replace
 
@@ -250,6 +275,7 @@ def versions() -> Dict[str, str]:
     for dist in ("etcd-sdk-python", "etcd3"):
         try:
             from importlib.metadata import version
+
             out[dist] = version(dist)
         except Exception:
             out[dist] = "-"
@@ -260,31 +286,52 @@ def table(r: Dict[str, Any]) -> str:
     n, L, W = r["settings"]["keys"], r["load"], r["watch"]
     rows = [
         ("seed etcd (txns of 100 puts, 2 clients)", f"{r['seed_seconds']:.1f} s"),
-        (f"KeySpace.load of {n:,} keys, pyetcd, in-process (best of {r['settings']['repeats']})",
-         f"{L['pyetcd']['best_s']:.2f} s ({', '.join(f'{t:.2f}' for t in L['pyetcd']['times_s'])})"),
+        (
+            f"KeySpace.load of {n:,} keys, pyetcd, in-process (best of {r['settings']['repeats']})",
+            f"{L['pyetcd']['best_s']:.2f} s ({', '.join(f'{t:.2f}' for t in L['pyetcd']['times_s'])})",
+        ),
     ]
     e3 = L["etcd3"]
     if "error" in e3:
         rows.append(("KeySpace.load, etcd3 0.12 (pure-Python protobuf, child)", f"failed: {e3['error']}"))
     else:
-        rows.append((f"KeySpace.load of {n:,} keys, etcd3 0.12, pure-Python protobuf, child process "
-                     f"(best of {r['settings']['repeats']})",
-                     f"{e3['best_s']:.2f} s ({', '.join(f'{t:.2f}' for t in e3['times_s'])})"))
+        rows.append(
+            (
+                f"KeySpace.load of {n:,} keys, etcd3 0.12, pure-Python protobuf, child process "
+                f"(best of {r['settings']['repeats']})",
+                f"{e3['best_s']:.2f} s ({', '.join(f'{t:.2f}' for t in e3['times_s'])})",
+            )
+        )
     rows += [
-        (f"writer process: {W['events']:,} puts in txns of 100", f"{W['writer_seconds']:.2f} s "
-         f"({W['writer_events_per_s']:,.0f} puts/s)"),
-        ("watch: writer's first put → last event applied", f"{W['start_to_last_applied_s']:.2f} s "
-         f"(**{W['events_per_s']:,.0f} events/s**)"),
+        (
+            f"writer process: {W['events']:,} puts in txns of 100",
+            f"{W['writer_seconds']:.2f} s ({W['writer_events_per_s']:,.0f} puts/s)",
+        ),
+        (
+            "watch: writer's first put → last event applied",
+            f"{W['start_to_last_applied_s']:.2f} s (**{W['events_per_s']:,.0f} events/s**)",
+        ),
         ("watch: first → last update applied", f"{W['first_to_last_applied_s']:.2f} s"),
-        ("watch: last event applied after the writer's last ack", f"{W['last_applied_after_writer_end_s'] * 1e3:.0f} ms"),
-        ("watch: updates (observer calls) / apply calls / watch responses",
-         f"{W['updates']} / {W['apply_calls']} / {W['watch_responses']}"),
-        ("time inside KeySpace.apply while watching", f"{W['apply_seconds']:.2f} s "
-         f"({W['apply_us_per_event']:.1f} µs/event)"),
-        ("direct apply of the captured responses, one call", f"{W['replay_one_call_s']:.2f} s "
-         f"({W['replay_one_call_us_per_event']:.1f} µs/event)"),
-        ("direct apply, one call per response (100 events each)", f"{W['replay_per_response_s']:.2f} s "
-         f"({W['replay_per_response_us_per_event']:.1f} µs/event)"),
+        (
+            "watch: last event applied after the writer's last ack",
+            f"{W['last_applied_after_writer_end_s'] * 1e3:.0f} ms",
+        ),
+        (
+            "watch: updates (observer calls) / apply calls / watch responses",
+            f"{W['updates']} / {W['apply_calls']} / {W['watch_responses']}",
+        ),
+        (
+            "time inside KeySpace.apply while watching",
+            f"{W['apply_seconds']:.2f} s ({W['apply_us_per_event']:.1f} µs/event)",
+        ),
+        (
+            "direct apply of the captured responses, one call",
+            f"{W['replay_one_call_s']:.2f} s ({W['replay_one_call_us_per_event']:.1f} µs/event)",
+        ),
+        (
+            "direct apply, one call per response (100 events each)",
+            f"{W['replay_per_response_s']:.2f} s ({W['replay_per_response_us_per_event']:.1f} µs/event)",
+        ),
     ]
     lines = ["| measurement | result |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
@@ -298,8 +345,14 @@ def main(argv: List[str] = None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "load.json"))
     a = ap.parse_args(argv)
     results: Dict[str, Any] = {
-        "settings": {"keys": a.keys, "events": a.events, "repeats": a.repeats, "value_bytes": len(value_of(1)),
-                     "page_size": 2000, "apply_delay_s": 0.030},
+        "settings": {
+            "keys": a.keys,
+            "events": a.events,
+            "repeats": a.repeats,
+            "value_bytes": len(value_of(1)),
+            "page_size": 2000,
+            "apply_delay_s": 0.030,
+        },
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "versions": versions(),
     }

@@ -13,6 +13,7 @@
 Medians; entries are ``[key, decoded, create, mod, version, lease]`` packed with
 ``pack_entry`` for every system.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,6 +65,7 @@ def lmdb_put(env: "lmdb.Environment") -> Callable[[int, bytes], None]:
     def write(i: int, packed: bytes) -> None:
         with env.begin(write=True) as txn:
             txn.put(KEYS[i], packed)
+
     return write
 
 
@@ -99,7 +101,7 @@ def main() -> None:
     dict_ms = (time.perf_counter_ns() - t0) / N / 1e6
 
     print(f"1-key write at {N:,} keys (median)")
-    print(f"| system | cost | ÷ shmkeyspace |\n| --- | ---: | ---: |")
+    print("| system | cost | ÷ shmkeyspace |\n| --- | ---: | ---: |")
     print(f"| shmkeyspace publish (apply + parts + publish), CPU | {shm_ms:.3f} ms | 1 |")
     print(f"| py-lmdb write txn, sync off, CPU | {lmdb_ms:.4f} ms | {lmdb_ms / shm_ms:.4f} |")
     print(f"| py-lmdb write txn, default sync, wall | {lmdb_sync_ms:.3f} ms | {lmdb_sync_ms / shm_ms:.3f} |")

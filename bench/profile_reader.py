@@ -11,6 +11,7 @@ measured in isolation (each over precomputed inputs), so they add up only
 roughly: loop and call overheads are counted once per line. Each line is the
 fastest of 5 loops (noise on a shared machine only ever adds time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,11 @@ import json  # noqa: E402
 
 from scenarios import common  # noqa: E402
 from scenarios.peers import READER_UNPACKB, UNPACKER_NAME, LmdbPeer  # noqa: E402
-from shmkeyspace import Reader, reader as reader_mod, segment  # noqa: E402
-from shmkeyspace.snapshot import ImageBuilder, pack_entry  # noqa: E402
 from xxhash import xxh3_64_intdigest  # noqa: E402
+
+from shmkeyspace import Reader, segment  # noqa: E402
+from shmkeyspace import reader as reader_mod  # noqa: E402
+from shmkeyspace.snapshot import ImageBuilder, pack_entry  # noqa: E402
 
 
 class _Noop:
@@ -71,7 +74,6 @@ def main() -> None:
 def run(name: str, keys, lm: LmdbPeer, m: int) -> None:
     r = common.rng("profile")
     sample = [keys[i] for i in r.sample(range(len(keys)), min(m, len(keys)))]
-    reps = [sample] * 5
     rd = Reader(name, cache_size=0)
     rc = Reader(name)
     view = rd._current()[1].view if hasattr(rd, "_current") else None
@@ -80,7 +82,7 @@ def run(name: str, keys, lm: LmdbPeer, m: int) -> None:
     hashes = [xxh3_64_intdigest(kb) or 1 for kb in kbs]
     # slot of each key (first probe position) and its (offset, end)
     locs, slots = [], []
-    for kb, h in zip(kbs, hashes):
+    for _kb, h in zip(kbs, hashes):
         i = h & mask
         while table[2 * i] != h:
             i = (i + 1) & mask
@@ -92,7 +94,6 @@ def run(name: str, keys, lm: LmdbPeer, m: int) -> None:
     Entry = reader_mod.Entry
     new = tuple.__new__
     env = lm.env
-    lbufs = []
     with env.begin(buffers=True) as txn:
         lbytes = [bytes(txn.get(kb)) for kb in kbs]
     noop = _Noop()
@@ -106,14 +107,18 @@ def run(name: str, keys, lm: LmdbPeer, m: int) -> None:
     def begin_end(_):
         with env.begin(buffers=True):
             pass
+
     txn = env.begin(buffers=True)
     rows = [
         ("Reader.get (cache_size=0), whole call", med(rd.get, sample)),
-        ("  _lookup(view, key) kernel alone", med(lambda k: lookup(view, k), sample) if lookup else float("nan")),
+        (
+            "  _lookup(view, key) kernel alone",
+            med(lambda k: lookup(view, k), sample) if lookup else float("nan"),
+        ),
         ("  key.encode()", med(str.encode, sample)),
         ("  xxh3_64_intdigest(kb)", med(xxh3_64_intdigest, kbs)),
         ("  table[i] + table[i + 1] (memoryview 'Q')", med(lambda i: (table[i], table[i + 1]), slots)),
-        ("  arena[off:end] (memoryview slice)", med(lambda oe: arena[oe[0]:oe[1]], locs)),
+        ("  arena[off:end] (memoryview slice)", med(lambda oe: arena[oe[0] : oe[1]], locs)),
         (f"  unpack entry ({UNPACKER_NAME})", med(READER_UNPACKB, slices)),
         ("  tuple.__new__(Entry, lst)", med(lambda lst: new(Entry, lst), lists)),
         ("  floor: a no-op Python method call", med(noop.get, sample)),
@@ -134,25 +139,35 @@ def run(name: str, keys, lm: LmdbPeer, m: int) -> None:
 
     def offs_lens(ij):
         i, j = ij
-        return order[2 * i:2 * j:2].tolist(), order[2 * i + 1:2 * j:2].tolist()
+        return order[2 * i : 2 * j : 2].tolist(), order[2 * i + 1 : 2 * j : 2].tolist()
+
     ol = [offs_lens(ij) for ij in starts]
-    blobs = [b"\xdd" + L.to_bytes(4, "big") + arena[o[0]:o[0] + sum(ln)] for o, ln in ol]
+    blobs = [b"\xdd" + L.to_bytes(4, "big") + arena[o[0] : o[0] + sum(ln)] for o, ln in ol]
     unpacked = [READER_UNPACKB(bl) for bl in blobs]
     entry_from = getattr(reader_mod, "_entry_from_list", lambda lst: new(Entry, lst))
     rows += [
-        ("Reader.range(k[i], k[i+100]), whole call", med(lambda b: rd.range(b[0], b[1]), [(keys[i], keys[i + L])
-                                                                                    for i in idx])),
-        ("  view.lower_bound(key) x 2", med(lambda b: (view.lower_bound(b[0]), view.lower_bound(b[1])), bounds)),
+        (
+            "Reader.range(k[i], k[i+100]), whole call",
+            med(lambda b: rd.range(b[0], b[1]), [(keys[i], keys[i + L]) for i in idx]),
+        ),
+        (
+            "  view.lower_bound(key) x 2",
+            med(lambda b: (view.lower_bound(b[0]), view.lower_bound(b[1])), bounds),
+        ),
         ("  order slices .tolist() x 2", med(offs_lens, starts)),
-        ("  b'\\xdd' + count + arena slice (copy)", med(lambda o: b"\xdd" + L.to_bytes(4, "big")
-                                                       + arena[o[0][0]:o[0][0] + sum(o[1])], ol)),
+        (
+            "  b'\\xdd' + count + arena slice (copy)",
+            med(lambda o: b"\xdd" + L.to_bytes(4, "big") + arena[o[0][0] : o[0][0] + sum(o[1])], ol),
+        ),
         (f"  unpack 100 entries at once ({UNPACKER_NAME})", med(READER_UNPACKB, blobs)),
         ("  list(map(_entry_from_list, lists))", med(lambda ls: list(map(entry_from, ls)), unpacked)),
         ("lmdb cursor set_range + 100 next + unpack", med(lambda b: lm.range(b[0], L), bounds)),
-        ("dict: bisect + 100 lookups", med(lambda b: [d[k] for k in keys[b[0]:b[1]]], starts)),
+        ("dict: bisect + 100 lookups", med(lambda b: [d[k] for k in keys[b[0] : b[1]]], starts)),
     ]
     txn.abort()
-    print(f"{len(keys):,} keys, value ~{len(lbytes[0])} B packed; ns per operation, fastest of 5 loops x {len(sample):,}")
+    print(
+        f"{len(keys):,} keys, value ~{len(lbytes[0])} B packed; ns per operation, fastest of 5 loops x {len(sample):,}"
+    )
     for label, ns in rows:
         print(f"{label:48s} {ns:9.0f}")
     pr = cProfile.Profile()

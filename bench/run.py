@@ -13,6 +13,7 @@ py-lmdb, a plain dict, direct etcd reads (pyetcd) and shared-memory-dict.
 Writes ``results.md``, ``results.json`` and (with matplotlib) ``results.png``
 to ``--out`` (default ``bench/results``). See bench/README.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,8 @@ class Context:
         self.writer: Optional[common.Child] = None
         self.writer_ready: Dict[str, Any] = {}
         self.image_bytes = 0
-        self.reader: Any = None        # default Reader() (per-reader cache on)
-        self.reader_cold: Any = None   # Reader(cache_size=0)
+        self.reader: Any = None  # default Reader() (per-reader cache on)
+        self.reader_cold: Any = None  # Reader(cache_size=0)
         self.lmdb: Optional[LmdbPeer] = None
         self.dict_peer: Optional[DictPeer] = None
         self.etcd: Optional[EtcdPeer] = None
@@ -61,6 +62,7 @@ class Context:
 
     def open_readers(self) -> None:
         from shmkeyspace import Reader
+
         self.reader = Reader(self.cfg.name, wait=60)
         self.reader_cold = Reader(self.cfg.name, cache_size=0)
 
@@ -88,13 +90,19 @@ def log(msg: str) -> None:
 def build_peers(ctx: Context, need: List[str]) -> None:
     """Fill the peers from the published snapshot (same keys, values, revisions)."""
     from shmkeyspace.snapshot import pack_entry
+
     entries = ctx.reader.range(b"", None)
     if len(entries) != ctx.cfg.n:
         raise AssertionError(f"snapshot holds {len(entries)} keys, expected {ctx.cfg.n}")
     if "reads" in need or "scaling" in need:
         ctx.lmdb = LmdbPeer()
-        ctx.lmdb.fill((e.key.encode(), pack_entry(e.key.encode(), e.decoded, e.create_revision, e.mod_revision,
-                                                 e.version, e.lease)) for e in entries)
+        ctx.lmdb.fill(
+            (
+                e.key.encode(),
+                pack_entry(e.key.encode(), e.decoded, e.create_revision, e.mod_revision, e.version, e.lease),
+            )
+            for e in entries
+        )
     if "reads" in need:
         ctx.dict_peer = DictPeer((e.key, e.decoded) for e in entries)
         ctx.etcd = EtcdPeer(ctx.client)
@@ -112,9 +120,15 @@ def build_peers(ctx: Context, need: List[str]) -> None:
 
 def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res: Dict[str, list]) -> None:
     from shmkeyspace.etcd import EtcdServer, connect
+
     prefix = common.config_prefix(n, vs)
-    cfg = common.Config(n=n, value_size=vs, prefix=prefix, name=f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}-{n}x{vs}",
-                        keys=[common.key_of(prefix, i) for i in range(n)])
+    cfg = common.Config(
+        n=n,
+        value_size=vs,
+        prefix=prefix,
+        name=f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}-{n}x{vs}",
+        keys=[common.key_of(prefix, i) for i in range(n)],
+    )
     ctx = Context(cfg, settings)
     with EtcdServer(extra_args=common.ETCD_ARGS) as srv:
         cfg.endpoint = srv.endpoint
@@ -125,8 +139,10 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
             ctx.writer = common.Child("writer", srv.endpoint, prefix, cfg.name, "0.03")
             ctx.writer_ready = ctx.writer.read(900)
             ctx.image_bytes = ctx.writer_ready["image_bytes"]
-            log(f"writer published {ctx.writer_ready['keys']:,} keys ({ctx.image_bytes / 1e6:.1f} MB image) "
-                f"in {ctx.writer_ready['load']['wall'] / 1e9:.2f} s")
+            log(
+                f"writer published {ctx.writer_ready['keys']:,} keys ({ctx.image_bytes / 1e6:.1f} MB image) "
+                f"in {ctx.writer_ready['load']['wall'] / 1e9:.2f} s"
+            )
             ctx.open_readers()
             build_peers(ctx, only)
             for name in SCENARIOS:
@@ -134,16 +150,27 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
                     continue
                 t0 = time.perf_counter()
                 try:
-                    out = {"reads": reads.run, "scaling": scaling.run, "memory": memory.run,
-                           "writer": writer_scenario.run, "visibility": visibility.run}[name](ctx)
+                    out = {
+                        "reads": reads.run,
+                        "scaling": scaling.run,
+                        "memory": memory.run,
+                        "writer": writer_scenario.run,
+                        "visibility": visibility.run,
+                    }[name](ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:
                     # One failed scenario must not cost the rest of a long run: record it
                     # (the exit status says so) and go on with a fresh pair of Readers.
                     log(f"{n:,} keys × {vs} B: {name} FAILED:\n{traceback.format_exc()}")
-                    res["errors"].append({"keys": n, "value_size": vs, "scenario": name,
-                                          "error": f"{type(exc).__name__}: {exc}"})
+                    res["errors"].append(
+                        {
+                            "keys": n,
+                            "value_size": vs,
+                            "scenario": name,
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     ctx.close_readers()
                     ctx.open_readers()
                     continue
@@ -155,6 +182,7 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
                 ctx.writer.close(30)
             ctx.client.close()
             from shmkeyspace import segment
+
             try:
                 segment.unlink_all(cfg.name)
             except Exception:
@@ -164,6 +192,7 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
 def versions() -> Dict[str, str]:
     out = {}
     from importlib import metadata
+
     for dist in ("shmkeyspace", "lmdb", "msgpack", "ormsgpack", "etcd-sdk-python", "shared-memory-dict"):
         try:
             out[dist] = metadata.version(dist)
@@ -171,7 +200,10 @@ def versions() -> Dict[str, str]:
             out[dist] = "not installed"
     try:
         from shmkeyspace.etcd import find_etcd_binary
-        v = subprocess.run([find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=20).stdout
+
+        v = subprocess.run(
+            [find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=20
+        ).stdout
         out["etcd"] = v.split("etcd Version:")[1].split()[0] if "etcd Version:" in v else "?"
     except Exception:
         out["etcd"] = "?"
@@ -196,13 +228,17 @@ def ints(s: str) -> List[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--keys", type=ints, default=None, help="key counts (default 10000,100000)")
     ap.add_argument("--value-size", type=ints, default=None, help="value sizes in bytes (default 100,1000)")
     ap.add_argument("--smoke", action="store_true", help="tiny run: 2,000 keys, few iterations (< 60 s)")
-    ap.add_argument("--only", default=",".join(SCENARIOS),
-                    help=f"comma-separated scenarios (default all: {','.join(SCENARIOS)})")
+    ap.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios (default all: {','.join(SCENARIOS)})",
+    )
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"), help="output directory")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -226,10 +262,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         for vs in sizes:
             run_config(n, vs, settings, only, res)
     cmd = "./run bench" + ("" if not sys.argv[1:] else " " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    res["meta"] = {"command": cmd, "started": started, "duration_s": time.perf_counter() - t0,
-                   "machine": machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                   "versions": versions(), "unpacker": UNPACKER_NAME, "keys": keys, "value_sizes": sizes, "scenarios": only,
-                   "smoke": args.smoke, "settings": vars(settings)}
+    res["meta"] = {
+        "command": cmd,
+        "started": started,
+        "duration_s": time.perf_counter() - t0,
+        "machine": machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions(),
+        "unpacker": UNPACKER_NAME,
+        "keys": keys,
+        "value_sizes": sizes,
+        "scenarios": only,
+        "smoke": args.smoke,
+        "settings": vars(settings),
+    }
     res["targets"] = report.compute_targets(res)
     paths = report.write(res, args.out)
     log(f"done in {res['meta']['duration_s']:.0f} s: " + ", ".join(paths.values()))

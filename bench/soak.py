@@ -12,6 +12,7 @@ variables the tests read). Every test appends what it injected and checked to
 ``soak.json`` in ``--out`` (default ``bench/results/``) and prints the table.
 Exit status is pytest's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,24 +37,38 @@ def collect(path: str) -> List[Dict]:
     with open(path) as f:
         for line in f:
             rec = json.loads(line)
-            row = rows.setdefault(rec["test"], {"test": rec["test"], "runs": 0, "faults": 0,
-                                                "answers": 0, "inconsistencies": 0, "extra": {}})
+            row = rows.setdefault(
+                rec["test"],
+                {
+                    "test": rec["test"],
+                    "runs": 0,
+                    "faults": 0,
+                    "answers": 0,
+                    "inconsistencies": 0,
+                    "extra": {},
+                },
+            )
             row["runs"] += 1
             for k in ("faults", "answers", "inconsistencies"):
                 row[k] += int(rec.get(k, 0))
-            row["extra"].update({k: v for k, v in rec.items()
-                                 if k not in ("test", "faults", "answers", "inconsistencies")})
+            row["extra"].update(
+                {k: v for k, v in rec.items() if k not in ("test", "faults", "answers", "inconsistencies")}
+            )
     return list(rows.values())
 
 
 def table(rows: List[Dict]) -> str:
-    out = ["| fault or input | faults injected | answers checked | inconsistencies | notes |",
-           "| --- | ---: | ---: | ---: | --- |"]
+    out = [
+        "| fault or input | faults injected | answers checked | inconsistencies | notes |",
+        "| --- | ---: | ---: | ---: | --- |",
+    ]
     for r in rows:
         notes = ", ".join(f"{k}={v}" for k, v in r["extra"].items())
         out.append(f"| {r['test']} | {r['faults']:,} | {r['answers']:,} | {r['inconsistencies']} | {notes} |")
     tot = {k: sum(r[k] for r in rows) for k in ("faults", "answers", "inconsistencies")}
-    out.append(f"| **total** | **{tot['faults']:,}** | **{tot['answers']:,}** | **{tot['inconsistencies']}** | |")
+    out.append(
+        f"| **total** | **{tot['faults']:,}** | **{tot['answers']:,}** | **{tot['inconsistencies']}** | |"
+    )
     return "\n".join(out)
 
 
@@ -65,22 +80,43 @@ def main(argv=None) -> int:
     fd, report = tempfile.mkstemp(prefix="shmkeyspace-soak-", suffix=".jsonl")
     os.close(fd)
     env = dict(os.environ, SHMKEYSPACE_SOAK="1", SHMKEYSPACE_SOAK_REPORT=report)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=3600",
-           *TESTS, *pytest_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "timeout=3600",
+        *TESTS,
+        *pytest_args,
+    ]
     print("$ SHMKEYSPACE_SOAK=1 " + " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()
     rc = subprocess.call(cmd, cwd=ROOT, env=env)
     seconds = time.monotonic() - t0
     rows = collect(report)
     os.unlink(report)
-    md = (f"Soak of {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
-          f"Python {platform.python_version()}: `python bench/soak.py` took {seconds / 60:.1f} min, "
-          f"pytest exit status {rc}.\n\n" + table(rows) + "\n")
+    md = (
+        f"Soak of {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}: `python bench/soak.py` took {seconds / 60:.1f} min, "
+        f"pytest exit status {rc}.\n\n" + table(rows) + "\n"
+    )
     with open(os.path.join(args.out, "soak.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "soak.json"), "w") as f:
-        json.dump({"seconds": round(seconds, 1), "pytest_exit": rc, "rows": rows,
-                   "machine": platform.machine(), "cpus": os.cpu_count()}, f, indent=1)
+        json.dump(
+            {
+                "seconds": round(seconds, 1),
+                "pytest_exit": rc,
+                "rows": rows,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+            },
+            f,
+            indent=1,
+        )
     print("\n" + md)
     return rc
 

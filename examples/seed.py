@@ -8,6 +8,7 @@ Writes ``PREFIX/svc-NNNNN/instance-NN`` keys whose values are JSON records like
 transaction on 4 threads (about 20k keys/s on a laptop-class etcd), and prints
 etcd's revision afterwards. ``--delete`` removes the prefix first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,18 @@ def main(argv=None) -> int:
         if args.delete:
             client.delete_prefix(args.prefix + "/")
         t0 = time.monotonic()
-        rev = seed(client, args.keys, prefix=args.prefix, threads=args.threads,
-                   progress=Progress("seeding", args.keys))
-        print(f"seeded {args.keys} keys under {args.prefix}/ in {time.monotonic() - t0:.1f}s; "
-              f"etcd revision {rev}", file=sys.stderr)
+        rev = seed(
+            client,
+            args.keys,
+            prefix=args.prefix,
+            threads=args.threads,
+            progress=Progress("seeding", args.keys),
+        )
+        print(
+            f"seeded {args.keys} keys under {args.prefix}/ in {time.monotonic() - t0:.1f}s; "
+            f"etcd revision {rev}",
+            file=sys.stderr,
+        )
         print(f"e.g. {instance_key(7, args.prefix)} = {json.dumps(instance_record(7))}", file=sys.stderr)
     finally:
         client.close()

@@ -14,6 +14,7 @@ Run it under gunicorn with the ready-made config (it starts the writer)::
 Values are what the writer's decoder produced; bytes (the ``raw`` decoder) are
 returned as text when they are UTF-8, else as ``{"base64": ...}``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -40,8 +41,14 @@ def _jsonable(v: Any) -> Any:
 
 
 def _entry(e: Any) -> Dict[str, Any]:
-    return {"key": _jsonable(e.key), "value": _jsonable(e.decoded), "create_revision": e.create_revision,
-            "mod_revision": e.mod_revision, "version": e.version, "lease": e.lease}
+    return {
+        "key": _jsonable(e.key),
+        "value": _jsonable(e.decoded),
+        "create_revision": e.create_revision,
+        "mod_revision": e.mod_revision,
+        "version": e.version,
+        "lease": e.lease,
+    }
 
 
 def _consistent(fn: Callable[[Any], Dict[str, Any]]) -> Dict[str, Any]:
@@ -91,9 +98,15 @@ def health(q: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
     h = reader().health()
     return 200, {
         "status": "ok" if h.writer_alive else "stale",  # stale: serving the last snapshot
-        "revision": h.revision, "keys": h.keys, "writer_alive": h.writer_alive,
-        "writer_pid": h.writer_pid, "heartbeat_age": h.heartbeat_age, "etcd_revision": h.etcd_revision,
-        "lag": h.lag, "generation": h.generation, "published_at": h.published_at,
+        "revision": h.revision,
+        "keys": h.keys,
+        "writer_alive": h.writer_alive,
+        "writer_pid": h.writer_pid,
+        "heartbeat_age": h.heartbeat_age,
+        "etcd_revision": h.etcd_revision,
+        "lag": h.lag,
+        "generation": h.generation,
+        "published_at": h.published_at,
     }
 
 
@@ -113,8 +126,14 @@ def application(environ: Dict[str, Any], start_response: Callable) -> Iterable[b
             status, body = 503, {"error": f"{type(exc).__name__}: {exc}"}
     body["pid"] = os.getpid()
     data = json.dumps(body).encode()
-    reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-              503: "Service Unavailable"}[status]
-    start_response(f"{status} {reason}", [("Content-Type", "application/json"),
-                                         ("Content-Length", str(len(data)))])
+    reason = {
+        200: "OK",
+        400: "Bad Request",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        503: "Service Unavailable",
+    }[status]
+    start_response(
+        f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
+    )
     return [data]

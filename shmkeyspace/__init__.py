@@ -4,6 +4,7 @@ Readers import :class:`Reader` (no grpc, no protobuf); the writer side
 (:class:`Writer`, :mod:`shmkeyspace.etcd`) needs the ``writer`` extra.
 Names are resolved lazily so ``import shmkeyspace`` stays cheap in every worker.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,13 +12,23 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "KeySpace": "keyspace", "Header": "keyspace", "KeySpaceError": "keyspace",
-    "KeyValue": "key_values", "KeyValues": "key_values",
-    "Reader": "reader", "Entry": "reader", "Health": "reader",
+    "KeySpace": "keyspace",
+    "Header": "keyspace",
+    "KeySpaceError": "keyspace",
+    "KeyValue": "key_values",
+    "KeyValues": "key_values",
+    "Reader": "reader",
+    "Entry": "reader",
+    "Health": "reader",
     "Writer": "writer",
-    "ShmKeyspaceError": "errors", "CorruptSegmentError": "errors", "SegmentNotFoundError": "errors",
-    "SnapshotExpiredError": "errors", "WriterExistsError": "errors", "InvalidNameError": "errors",
-    "NotSerializableError": "errors", "SegmentFullError": "errors",
+    "ShmKeyspaceError": "errors",
+    "CorruptSegmentError": "errors",
+    "SegmentNotFoundError": "errors",
+    "SnapshotExpiredError": "errors",
+    "WriterExistsError": "errors",
+    "InvalidNameError": "errors",
+    "NotSerializableError": "errors",
+    "SegmentFullError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -27,6 +38,7 @@ def __getattr__(name: str) -> Any:
     if mod is None:
         raise AttributeError(f"module 'shmkeyspace' has no attribute {name!r}")
     import importlib
+
     value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
     globals()[name] = value
     return value

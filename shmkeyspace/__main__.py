@@ -1,4 +1,5 @@
 """``python -m shmkeyspace``: the same command line as the ``shmkeyspace`` script."""
+
 import sys
 
 from .cli import main

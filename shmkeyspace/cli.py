@@ -34,6 +34,7 @@ Values are what the writer's decoder produced; bytes anywhere in a key or value
 (e.g. every value under the default ``raw`` decoder) are written as
 ``{"base64": "<standard base64>"}``, so the output is lossless and unambiguous.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, NoReturn, Optional, Sequence
+from typing import AbstractSet, Any, Dict, List, NoReturn, Optional, Sequence
 
 log = logging.getLogger("shmkeyspace.cli")
 
@@ -70,73 +71,140 @@ def _env(name: str, default: Optional[str] = None) -> Optional[str]:
 
 # -- argument parsing -------------------------------------------------------------
 
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (the usage itself is one --help away)."""
 
-    def error(self, message: str) -> "NoReturn":  # type: ignore[override]
+    def error(self, message: str) -> "NoReturn":
         one_line = " ".join(message.split())
         self.exit(EXIT_USAGE, f"{self.prog}: error: {one_line} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog=PROG, description="Mirror an etcd prefix into POSIX shared memory: one writer per host, "
-        "lock-free readers in every process.")
+        prog=PROG,
+        description="Mirror an etcd prefix into POSIX shared memory: one writer per host, "
+        "lock-free readers in every process.",
+    )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     w = sub.add_parser(
-        "writer", help="run the writer daemon for one prefix",
+        "writer",
+        help="run the writer daemon for one prefix",
         description="Load every key under --prefix, publish it as snapshot --name, then follow "
         "etcd's watch until SIGTERM/SIGINT (exit 0). Each option defaults to the environment "
         "variable shown. On exit the segments stay: readers keep the last snapshot and see the "
-        "writer dead; `shmkeyspace unlink NAME` (or --unlink-on-exit) removes them.")
-    w.add_argument("--endpoints", default=_env("ENDPOINTS", "127.0.0.1:2379"), metavar="HOST:PORT[,...]",
-                   help="etcd endpoints [SHMKEYSPACE_ENDPOINTS, default 127.0.0.1:2379]")
-    w.add_argument("--prefix", default=_env("PREFIX"), help="key prefix to mirror, clean form "
-                   "(e.g. /services) [SHMKEYSPACE_PREFIX, required]")
-    w.add_argument("--name", default=_env("NAME"), help="snapshot name readers attach to "
-                   "[SHMKEYSPACE_NAME, required]")
-    w.add_argument("--decoder", default=_env("DECODER", "raw"), metavar="raw|utf8|json|msgpack|MODULE:FUNCTION",
-                   help="how values are decoded before publishing [SHMKEYSPACE_DECODER, default raw]")
-    w.add_argument("--apply-delay", type=_non_negative_float, default=_env("APPLY_DELAY", "30"), metavar="MS",
-                   help="batch watch events for this long before publishing [SHMKEYSPACE_APPLY_DELAY, default 30]")
-    w.add_argument("--group", default=_env("GROUP"), metavar="GROUP|GID",
-                   help="group owning the segments; makes them 0640 unless --mode [SHMKEYSPACE_GROUP]")
-    w.add_argument("--mode", type=_octal, default=_env("MODE"), metavar="OCTAL",
-                   help="segment permissions [SHMKEYSPACE_MODE, default 0600, or 0640 with --group]")
+        "writer dead; `shmkeyspace unlink NAME` (or --unlink-on-exit) removes them.",
+    )
+    w.add_argument(
+        "--endpoints",
+        default=_env("ENDPOINTS", "127.0.0.1:2379"),
+        metavar="HOST:PORT[,...]",
+        help="etcd endpoints [SHMKEYSPACE_ENDPOINTS, default 127.0.0.1:2379]",
+    )
+    w.add_argument(
+        "--prefix",
+        default=_env("PREFIX"),
+        help="key prefix to mirror, clean form (e.g. /services) [SHMKEYSPACE_PREFIX, required]",
+    )
+    w.add_argument(
+        "--name", default=_env("NAME"), help="snapshot name readers attach to [SHMKEYSPACE_NAME, required]"
+    )
+    w.add_argument(
+        "--decoder",
+        default=_env("DECODER", "raw"),
+        metavar="raw|utf8|json|msgpack|MODULE:FUNCTION",
+        help="how values are decoded before publishing [SHMKEYSPACE_DECODER, default raw]",
+    )
+    w.add_argument(
+        "--apply-delay",
+        type=_non_negative_float,
+        default=_env("APPLY_DELAY", "30"),
+        metavar="MS",
+        help="batch watch events for this long before publishing [SHMKEYSPACE_APPLY_DELAY, default 30]",
+    )
+    w.add_argument(
+        "--group",
+        default=_env("GROUP"),
+        metavar="GROUP|GID",
+        help="group owning the segments; makes them 0640 unless --mode [SHMKEYSPACE_GROUP]",
+    )
+    w.add_argument(
+        "--mode",
+        type=_octal,
+        default=_env("MODE"),
+        metavar="OCTAL",
+        help="segment permissions [SHMKEYSPACE_MODE, default 0600, or 0640 with --group]",
+    )
     w.add_argument("--user", default=_env("ETCD_USER"), help="etcd user [SHMKEYSPACE_ETCD_USER]")
-    w.add_argument("--password", default=None,
-                   help="etcd password (prefer the SHMKEYSPACE_ETCD_PASSWORD variable: "
-                   "command lines are visible to every local user)")
-    w.add_argument("--cacert", default=_env("CACERT"), metavar="FILE", help="CA bundle: use TLS [SHMKEYSPACE_CACERT]")
-    w.add_argument("--cert", default=_env("CERT"), metavar="FILE", help="client certificate [SHMKEYSPACE_CERT]")
-    w.add_argument("--key", default=_env("CERT_KEY"), metavar="FILE",
-                   help="client certificate key [SHMKEYSPACE_CERT_KEY]")
-    w.add_argument("--timeout", type=_positive_float, default=_env("TIMEOUT", "10"), metavar="S",
-                   help="etcd request timeout in seconds [SHMKEYSPACE_TIMEOUT, default 10]")
-    w.add_argument("--client", choices=("auto", "pyetcd", "etcd3"), default=_env("CLIENT", "auto"),
-                   help="etcd client library [SHMKEYSPACE_CLIENT, default auto: pyetcd, else etcd3]")
-    w.add_argument("--heartbeat", type=_positive_float, default=_env("HEARTBEAT", "0.5"), metavar="S",
-                   help="heartbeat interval in seconds [SHMKEYSPACE_HEARTBEAT, default 0.5]")
-    w.add_argument("--unlink-on-exit", action="store_true", default=_env("UNLINK_ON_EXIT") == "1",
-                   help="remove the segments when the writer stops [SHMKEYSPACE_UNLINK_ON_EXIT=1]")
-    w.add_argument("--exit-with-parent", action="store_true",
-                   help="exit (cleanly) when the process that started this one dies; used by the "
-                   "gunicorn integration so an orphaned writer never blocks the next one (Linux)")
+    w.add_argument(
+        "--password",
+        default=None,
+        help="etcd password (prefer the SHMKEYSPACE_ETCD_PASSWORD variable: "
+        "command lines are visible to every local user)",
+    )
+    w.add_argument(
+        "--cacert", default=_env("CACERT"), metavar="FILE", help="CA bundle: use TLS [SHMKEYSPACE_CACERT]"
+    )
+    w.add_argument(
+        "--cert", default=_env("CERT"), metavar="FILE", help="client certificate [SHMKEYSPACE_CERT]"
+    )
+    w.add_argument(
+        "--key",
+        default=_env("CERT_KEY"),
+        metavar="FILE",
+        help="client certificate key [SHMKEYSPACE_CERT_KEY]",
+    )
+    w.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=_env("TIMEOUT", "10"),
+        metavar="S",
+        help="etcd request timeout in seconds [SHMKEYSPACE_TIMEOUT, default 10]",
+    )
+    w.add_argument(
+        "--client",
+        choices=("auto", "pyetcd", "etcd3"),
+        default=_env("CLIENT", "auto"),
+        help="etcd client library [SHMKEYSPACE_CLIENT, default auto: pyetcd, else etcd3]",
+    )
+    w.add_argument(
+        "--heartbeat",
+        type=_positive_float,
+        default=_env("HEARTBEAT", "0.5"),
+        metavar="S",
+        help="heartbeat interval in seconds [SHMKEYSPACE_HEARTBEAT, default 0.5]",
+    )
+    w.add_argument(
+        "--unlink-on-exit",
+        action="store_true",
+        default=_env("UNLINK_ON_EXIT") == "1",
+        help="remove the segments when the writer stops [SHMKEYSPACE_UNLINK_ON_EXIT=1]",
+    )
+    w.add_argument(
+        "--exit-with-parent",
+        action="store_true",
+        help="exit (cleanly) when the process that started this one dies; used by the "
+        "gunicorn integration so an orphaned writer never blocks the next one (Linux)",
+    )
     _log_level_arg(w)
     w.set_defaults(func=cmd_writer)
 
-    g = sub.add_parser("get", help="print one key", description="Print one key of snapshot NAME "
-                       "(exit 1 if it is missing).")
+    g = sub.add_parser(
+        "get", help="print one key", description="Print one key of snapshot NAME (exit 1 if it is missing)."
+    )
     g.add_argument("name")
     g.add_argument("key")
     _json_arg(g)
     g.set_defaults(func=cmd_get)
 
-    r = sub.add_parser("range", help="print keys in [FROM, TO)",
-                       description="Print the keys FROM <= key < TO in key order; TO '' means to the end.")
+    r = sub.add_parser(
+        "range",
+        help="print keys in [FROM, TO)",
+        description="Print the keys FROM <= key < TO in key order; TO '' means to the end.",
+    )
     r.add_argument("name")
     r.add_argument("from_key", metavar="FROM")
     r.add_argument("to_key", metavar="TO")
@@ -144,8 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_arg(r)
     r.set_defaults(func=cmd_range)
 
-    x = sub.add_parser("prefixed", help="print keys starting with PREFIX",
-                       description="Print the keys starting with PREFIX in key order.")
+    x = sub.add_parser(
+        "prefixed",
+        help="print keys starting with PREFIX",
+        description="Print the keys starting with PREFIX in key order.",
+    )
     x.add_argument("name")
     x.add_argument("prefix")
     _json_arg(x)
@@ -153,54 +224,80 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_prefixed)
 
     s = sub.add_parser(
-        "stat", help="revision, size, writer health and lag",
+        "stat",
+        help="revision, size, writer health and lag",
         description="Show the published snapshot and its writer. With --endpoints, also ask etcd for "
         "its current revision: the difference to the published revision counts every etcd write, "
         "while the published revision only moves when something under the prefix changes, so an "
-        "idle prefix on a busy etcd shows a lag that is not staleness.")
+        "idle prefix on a busy etcd shows a lag that is not staleness.",
+    )
     s.add_argument("name")
     s.add_argument("--endpoints", default=None, metavar="HOST:PORT[,...]", help="etcd to compare with")
     s.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S", help=argparse.SUPPRESS)
     _json_arg(s)
     s.set_defaults(func=cmd_stat)
 
-    ls = sub.add_parser("list", help="list the snapshots on this host",
-                        description="List the snapshot names that have segments in /dev/shm.")
+    ls = sub.add_parser(
+        "list",
+        help="list the snapshots on this host",
+        description="List the snapshot names that have segments in /dev/shm.",
+    )
     _json_arg(ls)
     ls.set_defaults(func=cmd_list)
 
-    u = sub.add_parser("unlink", help="remove the segments of a stopped snapshot",
-                       description="Remove every shared-memory segment of NAME. Refused while its writer "
-                       "runs. Attached readers keep their mappings until they close them.")
+    u = sub.add_parser(
+        "unlink",
+        help="remove the segments of a stopped snapshot",
+        description="Remove every shared-memory segment of NAME. Refused while its writer "
+        "runs. Attached readers keep their mappings until they close them.",
+    )
     u.add_argument("name")
     u.set_defaults(func=cmd_unlink)
 
     d = sub.add_parser(
-        "demo", help="run a self-contained demo on an embedded etcd",
+        "demo",
+        help="run a self-contained demo on an embedded etcd",
         description="Start an embedded etcd, seed it, run a writer and reader processes, make live "
-        "updates and print throughput, update-to-visible latency and memory. Cleans up everything.")
+        "updates and print throughput, update-to-visible latency and memory. Cleans up everything.",
+    )
     d.add_argument("--keys", type=_positive_int, default=None, help="keys to seed (default 100000)")
     d.add_argument("--readers", type=_positive_int, default=None, help="reader processes (default 4)")
     d.add_argument("--updates", type=_positive_int, default=None, help="live updates (default 20)")
-    d.add_argument("--seconds", type=_positive_float, default=None,
-                   help="seconds readers hammer before the updates (default 3)")
-    d.add_argument("--apply-delay", type=_non_negative_float, default=30.0, metavar="MS",
-                   help="writer's apply delay (default 30)")
-    d.add_argument("--short", action="store_true",
-                   help="a quick run: 5000 keys, 2 readers, 5 updates, 1 s (explicit options win)")
+    d.add_argument(
+        "--seconds",
+        type=_positive_float,
+        default=None,
+        help="seconds readers hammer before the updates (default 3)",
+    )
+    d.add_argument(
+        "--apply-delay",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="MS",
+        help="writer's apply delay (default 30)",
+    )
+    d.add_argument(
+        "--short",
+        action="store_true",
+        help="a quick run: 5000 keys, 2 readers, 5 updates, 1 s (explicit options win)",
+    )
     d.add_argument("--verbose", action="store_true", help="show the writer's log")
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def _log_level_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=_env("LOG_LEVEL", "info"),
-                   choices=("debug", "info", "warning", "error"), type=str.lower,
-                   help="[SHMKEYSPACE_LOG_LEVEL, default info]")
+    p.add_argument(
+        "--log-level",
+        default=_env("LOG_LEVEL", "info"),
+        choices=("debug", "info", "warning", "error"),
+        type=str.lower,
+        help="[SHMKEYSPACE_LOG_LEVEL, default info]",
+    )
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="machine-readable output (bytes as {\"base64\": ...})")
+    p.add_argument("--json", action="store_true", help='machine-readable output (bytes as {"base64": ...})')
 
 
 def _limit_arg(p: argparse.ArgumentParser) -> None:
@@ -246,10 +343,12 @@ def _octal(s: str) -> int:
 
 def _version() -> str:
     from . import __version__
+
     return __version__
 
 
 # -- entry point ------------------------------------------------------------------
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line; returns the exit code (see module doc)."""
@@ -283,9 +382,15 @@ def _fail(message: str, code: int = EXIT_ERROR) -> int:
 
 def _describe(exc: BaseException) -> str:
     from .errors import ShmKeyspaceError
+
     msg = str(exc).strip()
-    if isinstance(exc, (ShmKeyspaceError, ConnectionError, ValueError, FileNotFoundError,
-                        PermissionError, ImportError)) and msg:
+    if (
+        isinstance(
+            exc,
+            (ShmKeyspaceError, ConnectionError, ValueError, FileNotFoundError, PermissionError, ImportError),
+        )
+        and msg
+    ):
         return msg
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
@@ -304,6 +409,7 @@ def _setup_logging(level: str) -> None:
 
 # -- writer -----------------------------------------------------------------------
 
+
 class _Interrupted(Exception):
     """Raised by the signal handler to abandon a long initial load."""
 
@@ -313,28 +419,47 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     missing = [f"--{n} (or {ENV}{n.upper()})" for n in ("prefix", "name") if not getattr(args, n)]
     if missing:
-        raise CliError("the writer needs " + " and ".join(missing) + f" (see '{PROG} writer --help')",
-                       EXIT_USAGE)
+        raise CliError(
+            "the writer needs " + " and ".join(missing) + f" (see '{PROG} writer --help')", EXIT_USAGE
+        )
     name = segment.validate_name(args.name)
     decoder = decoders.resolve(args.decoder)
     gid = _resolve_group(args.group)
     mode = args.mode if args.mode is not None else (0o640 if gid is not None else 0o600)
     password = args.password if args.password is not None else _env("ETCD_PASSWORD")
     if (args.user is None) != (password is None):
-        raise CliError("etcd authentication needs both --user and a password "
-                       "(--password or SHMKEYSPACE_ETCD_PASSWORD)")
+        raise CliError(
+            "etcd authentication needs both --user and a password (--password or SHMKEYSPACE_ETCD_PASSWORD)"
+        )
     if args.exit_with_parent:
         _exit_with_parent()
 
     from .etcd import parse_endpoints
     from .writer import Writer
+
     parse_endpoints(args.endpoints)  # a bad address is a usage error before any side effect
-    connect_args = dict(client=args.client, timeout=args.timeout, user=args.user, password=password,
-                        ca_cert=args.cacert, cert_cert=args.cert, cert_key=args.key)
+    connect_args = dict(
+        client=args.client,
+        timeout=args.timeout,
+        user=args.user,
+        password=password,
+        ca_cert=args.cacert,
+        cert_cert=args.cert,
+        cert_key=args.key,
+    )
     fresh = not os.path.exists(segment.shm_path(segment.ctrl_name(name)))
-    writer = Writer(name, args.prefix, endpoints=args.endpoints, connect_args=connect_args,
-                    decoder=decoder, apply_delay=args.apply_delay / 1000.0, mode=mode, gid=gid,
-                    heartbeat_interval=args.heartbeat, unlink_on_exit=args.unlink_on_exit)
+    writer = Writer(
+        name,
+        args.prefix,
+        endpoints=args.endpoints,
+        connect_args=connect_args,
+        decoder=decoder,
+        apply_delay=args.apply_delay / 1000.0,
+        mode=mode,
+        gid=gid,
+        heartbeat_interval=args.heartbeat,
+        unlink_on_exit=args.unlink_on_exit,
+    )
     stop = threading.Event()
     state = {"loading": True, "started": False}
 
@@ -353,9 +478,17 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         try:
             writer.connect()  # fails fast, and quietly, on a wrong address
             state["started"] = True
-            log.info("writer %r (pid %d): mirroring %r from %s, decoder %s, apply delay %g ms, "
-                     "segments %04o%s", name, os.getpid(), args.prefix, args.endpoints, args.decoder,
-                     args.apply_delay, mode, f" group {gid}" if gid is not None else "")
+            log.info(
+                "writer %r (pid %d): mirroring %r from %s, decoder %s, apply delay %g ms, segments %04o%s",
+                name,
+                os.getpid(),
+                args.prefix,
+                args.endpoints,
+                args.decoder,
+                args.apply_delay,
+                mode,
+                f" group {gid}" if gid is not None else "",
+            )
             writer.load()
         except BaseException as exc:
             if fresh:
@@ -394,8 +527,11 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         for s, h in old.items():
             signal.signal(s, h)
         if state["started"]:
-            log.info("writer %r stopped; segments %s", name,
-                     "removed" if writer.unlink_on_exit else "kept (readers keep the last snapshot)")
+            log.info(
+                "writer %r stopped; segments %s",
+                name,
+                "removed" if writer.unlink_on_exit else "kept (readers keep the last snapshot)",
+            )
 
 
 def _resolve_group(group: Optional[str]) -> Optional[int]:
@@ -404,6 +540,7 @@ def _resolve_group(group: Optional[str]) -> Optional[int]:
     if group.isdigit():
         return int(group)
     import grp
+
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
@@ -415,6 +552,7 @@ def _exit_with_parent() -> None:
     ppid = os.getppid()
     try:
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(1, signal.SIGTERM, 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
             raise OSError(ctypes.get_errno(), "prctl")
@@ -427,8 +565,10 @@ def _exit_with_parent() -> None:
 
 # -- read-side commands -----------------------------------------------------------
 
+
 def _open_reader(name: str) -> Any:
     from .reader import Reader
+
     return Reader(name)
 
 
@@ -463,7 +603,7 @@ def cmd_prefixed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 def _print_entries(entries: List[Any], args: argparse.Namespace) -> int:
     total = len(entries)
     if args.limit is not None:
-        entries = entries[:args.limit]
+        entries = entries[: args.limit]
     if args.json:
         _print_json([_entry_json(e) for e in entries])
     else:
@@ -477,6 +617,7 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     info: Dict[str, Any] = dict(h._asdict())
     if args.endpoints:
         from .etcd import connect
+
         c = connect(args.endpoints, timeout=args.timeout)
         try:
             # Any read returns the current revision in its header.
@@ -489,8 +630,11 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         _print_json(info)
         return EXIT_OK
     hb = "never" if h.heartbeat_age is None else f"{h.heartbeat_age:.1f} s ago"
-    writer = (f"alive (pid {h.writer_pid}, heartbeat {hb})" if h.writer_alive
-              else f"NOT RUNNING (last pid {h.writer_pid or '-'}, heartbeat {hb}); serving the last snapshot")
+    writer = (
+        f"alive (pid {h.writer_pid}, heartbeat {hb})"
+        if h.writer_alive
+        else f"NOT RUNNING (last pid {h.writer_pid or '-'}, heartbeat {hb}); serving the last snapshot"
+    )
     age = time.time() - h.published_at
     published = datetime.datetime.fromtimestamp(h.published_at).isoformat(sep=" ", timespec="seconds")
     rows = [
@@ -500,8 +644,13 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("etcd revision", f"{h.etcd_revision}  (last heard by the writer; lag {h.lag})"),
     ]
     if "etcd_current_revision" in info:
-        rows.append(("etcd now", f"{info['etcd_current_revision']}  (lag behind etcd "
-                     f"{info['lag_behind_etcd']}: counts writes outside the prefix too)"))
+        rows.append(
+            (
+                "etcd now",
+                f"{info['etcd_current_revision']}  (lag behind etcd "
+                f"{info['lag_behind_etcd']}: counts writes outside the prefix too)",
+            )
+        )
     rows += [
         ("keys", str(h.keys)),
         ("bytes", f"{h.bytes}  ({_human_bytes(h.bytes)}, generation {h.generation})"),
@@ -516,11 +665,12 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import segment
+
     names = []
     if os.path.isdir("/dev/shm"):
         for fn in sorted(os.listdir("/dev/shm")):
             if fn.startswith("shmks.") and not fn.rsplit(".", 1)[-1].isdigit():
-                names.append(fn[len("shmks."):])
+                names.append(fn[len("shmks.") :])
     rows = []
     for n in names:
         row: Dict[str, Any] = {"name": n, "writer_running": segment.writer_is_running(n)}
@@ -539,9 +689,15 @@ def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return EXIT_OK
     table = [("NAME", "WRITER", "REVISION", "KEYS", "BYTES")]
     for row in rows:
-        table.append((row["name"], "running" if row["writer_running"] else "stopped",
-                      str(row.get("revision", "-")), str(row.get("keys", "-")),
-                      _human_bytes(row["bytes"]) if "bytes" in row else row.get("error", "-")))
+        table.append(
+            (
+                row["name"],
+                "running" if row["writer_running"] else "stopped",
+                str(row.get("revision", "-")),
+                str(row.get("keys", "-")),
+                _human_bytes(row["bytes"]) if "bytes" in row else row.get("error", "-"),
+            )
+        )
     _print_rows(table, right={2, 3})
     return EXIT_OK
 
@@ -549,6 +705,7 @@ def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def cmd_unlink(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import segment
     from .errors import WriterExistsError
+
     name = segment.validate_name(args.name)
     try:
         removed = segment.unlink_all(name)
@@ -562,11 +719,20 @@ def cmd_unlink(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .demo import run_demo
-    return run_demo(keys=args.keys, readers=args.readers, updates=args.updates, seconds=args.seconds,
-                    apply_delay_ms=args.apply_delay, short=args.short, verbose=args.verbose)
+
+    return run_demo(
+        keys=args.keys,
+        readers=args.readers,
+        updates=args.updates,
+        seconds=args.seconds,
+        apply_delay_ms=args.apply_delay,
+        short=args.short,
+        verbose=args.verbose,
+    )
 
 
 # -- output helpers ---------------------------------------------------------------
+
 
 def _jsonable(v: Any) -> Any:
     if isinstance(v, (bytes, bytearray, memoryview)):
@@ -581,8 +747,14 @@ def _jsonable(v: Any) -> Any:
 
 
 def _entry_json(e: Any) -> Dict[str, Any]:
-    return {"key": _jsonable(e.key), "value": _jsonable(e.decoded), "create_revision": e.create_revision,
-            "mod_revision": e.mod_revision, "version": e.version, "lease": e.lease}
+    return {
+        "key": _jsonable(e.key),
+        "value": _jsonable(e.decoded),
+        "create_revision": e.create_revision,
+        "mod_revision": e.mod_revision,
+        "version": e.version,
+        "lease": e.lease,
+    }
 
 
 def _print_json(obj: Any) -> None:
@@ -605,7 +777,7 @@ def summarize(value: Any, width: int = 60) -> str:
             s = json.dumps(_jsonable(value), separators=(",", ":"), ensure_ascii=False)
         except (TypeError, ValueError):
             s = repr(value)
-    return s if len(s) <= width else s[:width - 1] + "…"
+    return s if len(s) <= width else s[: width - 1] + "…"
 
 
 def _key_text(k: Any) -> str:
@@ -619,18 +791,20 @@ def _print_table(entries: List[Any], total: Optional[int]) -> None:
     _print_rows(rows, right={1, 2})
     if total is not None:
         more = total - len(entries)
-        print(f"({total} entr{'y' if total == 1 else 'ies'}"
-              + (f", {more} not shown" if more else "") + ")", file=sys.stderr)
+        print(
+            f"({total} entr{'y' if total == 1 else 'ies'}" + (f", {more} not shown" if more else "") + ")",
+            file=sys.stderr,
+        )
 
 
-def _print_rows(rows: List[Sequence[str]], right: set = frozenset()) -> None:
+def _print_rows(rows: Sequence[Sequence[str]], right: AbstractSet[int] = frozenset()) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         cells = [(c.rjust(widths[i]) if i in right else c.ljust(widths[i])) for i, c in enumerate(r)]
         sys.stdout.write("  ".join(cells).rstrip() + "\n")
 
 
-def _human_bytes(n: int) -> str:
+def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -4,6 +4,7 @@ A decoder raises to reject a value (the key is then logged and left out); what i
 returns must be msgpack-serializable, since readers receive it through shared memory.
 ``resolve("json")`` or ``resolve("package.module:function")`` gives one by name.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -28,6 +28,7 @@ The reader and mirror children are started as ``python -c`` processes that
 import only what they need (readers never import grpc), so their memory
 figures are those of a lean worker.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,11 +50,12 @@ DEMO_PREFIX = "/demo/services"
 PER_SERVICE = 20
 ZONES = ("eu-west-1a", "eu-west-1b", "eu-west-1c", "us-east-1a", "us-east-1b", "ap-south-1a")
 TAGS = ("http", "grpc", "canary", "stable", "internal", "public", "v2")
-SAMPLE_KEYS = 20_000   # distinct keys each reader cycles through (random order)
-BURST = 128            # lookups between checks of the reader's inbox
+SAMPLE_KEYS = 20_000  # distinct keys each reader cycles through (random order)
+BURST = 128  # lookups between checks of the reader's inbox
 
 
 # -- the data set ---------------------------------------------------------------------
+
 
 def instance_key(i: int, prefix: str = DEMO_PREFIX) -> str:
     """The key of record ``i`` (computable in any process without a key list)."""
@@ -73,8 +75,15 @@ def instance_record(i: int, weight: int = 100) -> Dict[str, Any]:
     }
 
 
-def seed(client: Any, n: int, *, prefix: str = DEMO_PREFIX, threads: int = 4, batch: int = 100,
-         progress: Optional["Progress"] = None) -> int:
+def seed(
+    client: Any,
+    n: int,
+    *,
+    prefix: str = DEMO_PREFIX,
+    threads: int = 4,
+    batch: int = 100,
+    progress: Optional["Progress"] = None,
+) -> int:
     """Put records 0..n-1 under ``prefix`` in transactions of ``batch`` puts (etcd's
     default limit is 128 operations per transaction); return etcd's revision after."""
     from concurrent.futures import ThreadPoolExecutor
@@ -83,9 +92,12 @@ def seed(client: Any, n: int, *, prefix: str = DEMO_PREFIX, threads: int = 4, ba
     lock = threading.Lock()
 
     def put_batch(start: int) -> None:
-        ops = [client.transactions.put(instance_key(i, prefix),
-                                       json.dumps(instance_record(i), separators=(",", ":")))
-               for i in range(start, min(n, start + batch))]
+        ops = [
+            client.transactions.put(
+                instance_key(i, prefix), json.dumps(instance_record(i), separators=(",", ":"))
+            )
+            for i in range(start, min(n, start + batch))
+        ]
         client.transaction(compare=[], success=ops, failure=[])
         with lock:
             done[0] += len(ops)
@@ -105,6 +117,7 @@ def etcd_revision(client: Any) -> int:
 
 # -- small utilities --------------------------------------------------------------------
 
+
 def memory(pid: Any = "self") -> Dict[str, int]:
     """rss, pss and uss of a process in bytes (from /proc/PID/smaps_rollup; {} if absent)."""
     out: Dict[str, int] = {}
@@ -116,8 +129,12 @@ def memory(pid: Any = "self") -> Dict[str, int]:
                     out[parts[0][:-1]] = int(parts[1]) * 1024
     except OSError:
         return {}
-    return {"rss": out.get("Rss", 0), "pss": out.get("Pss", 0),
-            "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0), "anon": out.get("Anonymous", 0)}
+    return {
+        "rss": out.get("Rss", 0),
+        "pss": out.get("Pss", 0),
+        "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0),
+        "anon": out.get("Anonymous", 0),
+    }
 
 
 def mib(n: float) -> str:
@@ -168,6 +185,7 @@ class DemoError(Exception):
 
 # -- children ---------------------------------------------------------------------------
 
+
 class _Child:
     """A child python process speaking JSON lines on stdout, commands on stdin."""
 
@@ -175,9 +193,16 @@ class _Child:
         code = "import sys; from shmkeyspace.demo import child_main; sys.exit(child_main(sys.argv[1:]))"
         self.role = role
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, role, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=None, text=True, bufsize=1, cwd=cwd, start_new_session=True,
-            env=_child_env())
+            [sys.executable, "-c", code, role, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            text=True,
+            bufsize=1,
+            cwd=cwd,
+            start_new_session=True,
+            env=_child_env(),
+        )
         self.messages: "queue.Queue[Dict[str, Any]]" = queue.Queue()
         t = threading.Thread(target=self._pump, daemon=True, name=f"demo-{role}-stdout")
         t.start()
@@ -212,8 +237,10 @@ class _Child:
             except queue.Empty:
                 continue
             if m.get("eof"):
-                raise DemoError(f"{self.role} (pid {self.proc.pid}) exited with {self.proc.wait()} "
-                                f"before sending {kind!r}")
+                raise DemoError(
+                    f"{self.role} (pid {self.proc.pid}) exited with {self.proc.wait()} "
+                    f"before sending {kind!r}"
+                )
             if m.get("error"):
                 raise DemoError(f"{self.role} (pid {self.proc.pid}) failed: {m['error']}")
             if m.get("kind") == kind:
@@ -286,7 +313,7 @@ def _reader_child(name: str, idx: int, nkeys: int, seed_: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
     rng = random.Random(seed_ * 1000 + idx)
     sample = [instance_key(rng.randrange(nkeys)) for _ in range(min(nkeys, SAMPLE_KEYS))]
-    chunks = [sample[j:j + BURST] for j in range(0, len(sample), BURST)]
+    chunks = [sample[j : j + BURST] for j in range(0, len(sample), BURST)]
     inbox: "collections.deque[List[str]]" = collections.deque()
 
     def read_stdin() -> None:
@@ -338,8 +365,15 @@ def _reader_child(name: str, idx: int, nkeys: int, seed_: int) -> int:
                 _emit(kind="mark", idx=idx, lookups=n, seconds=mark[1], misses=misses)
             elif cmd[0] in ("stop", "eof"):
                 elapsed = time.monotonic() - t_go
-                _emit(kind="done", idx=idx, lookups=n, seconds=elapsed, misses=misses,
-                      mem=memory(), retries=r.retries)
+                _emit(
+                    kind="done",
+                    idx=idx,
+                    lookups=n,
+                    seconds=elapsed,
+                    misses=misses,
+                    mem=memory(),
+                    retries=r.retries,
+                )
                 r.close()
                 return 0
     return 0
@@ -377,9 +411,16 @@ def _mirror_child(endpoint: str, prefix: str) -> int:
 
 # -- the demo ------------------------------------------------------------------------------
 
-def run_demo(keys: Optional[int] = None, readers: Optional[int] = None, updates: Optional[int] = None,
-             seconds: Optional[float] = None, apply_delay_ms: float = 30.0, short: bool = False,
-             verbose: bool = False) -> int:
+
+def run_demo(
+    keys: Optional[int] = None,
+    readers: Optional[int] = None,
+    updates: Optional[int] = None,
+    seconds: Optional[float] = None,
+    apply_delay_ms: float = 30.0,
+    short: bool = False,
+    verbose: bool = False,
+) -> int:
     """Run the demo (see module doc); returns an exit code. Cleans up on every path."""
     keys = keys or (5_000 if short else 100_000)
     readers = readers or (2 if short else 4)
@@ -410,8 +451,9 @@ def run_demo(keys: Optional[int] = None, readers: Optional[int] = None, updates:
 
 
 class _Demo:
-    def __init__(self, keys: int, readers: int, updates: int, seconds: float, apply_delay_ms: float,
-                 verbose: bool) -> None:
+    def __init__(
+        self, keys: int, readers: int, updates: int, seconds: float, apply_delay_ms: float, verbose: bool
+    ) -> None:
         self.keys, self.nreaders, self.nupdates, self.seconds = keys, readers, updates, seconds
         self.apply_delay_ms, self.verbose = apply_delay_ms, verbose
         self.name = f"demo-{os.getpid()}"
@@ -428,8 +470,10 @@ class _Demo:
         t_all = time.monotonic()
         from .etcd import EtcdServer, connect
 
-        say(f"shmkeyspace demo: {self.keys} keys, {self.nreaders} readers, {self.nupdates} updates "
-            f"(temporary files in {self.tmp})")
+        say(
+            f"shmkeyspace demo: {self.keys} keys, {self.nreaders} readers, {self.nupdates} updates "
+            f"(temporary files in {self.tmp})"
+        )
         t = time.monotonic()
         os.makedirs(os.path.join(self.tmp, "etcd"))
         self.etcd = EtcdServer(data_dir=os.path.join(self.tmp, "etcd"))
@@ -449,6 +493,7 @@ class _Demo:
         stats = self.run_readers()
 
         from .reader import Reader
+
         with Reader(self.name) as r:
             h = r.health()
         lat = [x for u in stats["latencies"] for x in u]
@@ -462,12 +507,17 @@ class _Demo:
             ("seeding", f"{t_seed:.1f} s ({self.keys / max(t_seed, 1e-9):,.0f} keys/s)"),
             ("writer first snapshot", f"{t_pub:.1f} s after spawn"),
             ("snapshot size", f"{mib(h.bytes)} (shared: one copy per host)"),
-            ("shm segment", f"{mib(self.segment_bytes(h.generation))} in /dev/shm (two buffers, room to grow)"),
+            (
+                "shm segment",
+                f"{mib(self.segment_bytes(h.generation))} in /dev/shm (two buffers, room to grow)",
+            ),
             ("writer publications", f"{h.seq // 2}"),
         ]
         wmem = memory(self.writer.pid) if self.writer is not None else {}
         if wmem:
-            rows.append(("writer heap", f"{mib(wmem['anon'])} (anonymous memory: its mirror, the image, grpc)"))
+            rows.append(
+                ("writer heap", f"{mib(wmem['anon'])} (anonymous memory: its mirror, the image, grpc)")
+            )
         total_rate = 0.0
         for d in sorted(rd, key=lambda d: d["idx"]):
             m = stats["marks"][d["idx"]]
@@ -475,8 +525,12 @@ class _Demo:
             total_rate += rate
             rows.append((f"reader {d['idx'] + 1} lookups/s", f"{rate:,.0f}"))
         rows.append(("all readers lookups/s", f"{total_rate:,.0f}"))
-        rows.append(("update->visible p50/p99/max",
-                     f"{percentile(lat, 50) * 1e3:.1f} / {percentile(lat, 99) * 1e3:.1f} / {max(lat) * 1e3:.1f} ms"))
+        rows.append(
+            (
+                "update->visible p50/p99/max",
+                f"{percentile(lat, 50) * 1e3:.1f} / {percentile(lat, 99) * 1e3:.1f} / {max(lat) * 1e3:.1f} ms",
+            )
+        )
         if all(d["mem"] and mem0[d["idx"]] for d in rd):
             pss = statistics.mean(d["mem"]["pss"] - mem0[d["idx"]]["pss"] for d in rd)
             uss = statistics.mean(d["mem"]["uss"] - mem0[d["idx"]]["uss"] for d in rd)
@@ -505,16 +559,40 @@ class _Demo:
         self.print_table(rows, notes)
 
     def start_writer(self, seeded_rev: int) -> float:
-        from .reader import Reader
         from .errors import SegmentNotFoundError
-        cmd = [sys.executable, "-m", "shmkeyspace", "writer", "--endpoints", self.etcd.endpoint,
-               "--prefix", DEMO_PREFIX, "--name", self.name, "--decoder", "json",
-               "--apply-delay", f"{self.apply_delay_ms:g}", "--unlink-on-exit", "--log-level", "info"]
+        from .reader import Reader
+
+        cmd = [
+            sys.executable,
+            "-m",
+            "shmkeyspace",
+            "writer",
+            "--endpoints",
+            self.etcd.endpoint,
+            "--prefix",
+            DEMO_PREFIX,
+            "--name",
+            self.name,
+            "--decoder",
+            "json",
+            "--apply-delay",
+            f"{self.apply_delay_ms:g}",
+            "--unlink-on-exit",
+            "--log-level",
+            "info",
+        ]
         say("starting the writer: " + " ".join(cmd[1:]))
         logf = None if self.verbose else open(self.writer_log, "wb")
         t = time.monotonic()
-        self.writer = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                       start_new_session=True, env=_child_env(), cwd=self.tmp)
+        self.writer = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+            env=_child_env(),
+            cwd=self.tmp,
+        )
         if logf is not None:
             logf.close()
         deadline = t + 300
@@ -547,8 +625,10 @@ class _Demo:
     def run_readers(self) -> Dict[str, Any]:
         seed_ = random.randrange(1 << 30)
         say(f"starting {self.nreaders} reader processes ...")
-        rs = [_Child("reader", [self.name, str(i), str(self.keys), str(seed_)], self.tmp)
-              for i in range(self.nreaders)]
+        rs = [
+            _Child("reader", [self.name, str(i), str(self.keys), str(seed_)], self.tmp)
+            for i in range(self.nreaders)
+        ]
         self.children.extend(rs)
         mem0 = {}
         for i, c in enumerate(rs):
@@ -562,7 +642,9 @@ class _Demo:
         marks = {i: c.expect("mark", 60) for i, c in enumerate(rs)}
         for i in sorted(marks):
             m = marks[i]
-            say(f"  reader {i + 1} (pid {rs[i].proc.pid}): {m['lookups'] / max(m['seconds'], 1e-9):,.0f} lookups/s")
+            say(
+                f"  reader {i + 1} (pid {rs[i].proc.pid}): {m['lookups'] / max(m['seconds'], 1e-9):,.0f} lookups/s"
+            )
 
         rng = random.Random(seed_)
         latencies: List[List[float]] = []
@@ -581,9 +663,12 @@ class _Demo:
                 raise DemoError(f"update {u}: a reader reported another update")
             lat = [s["t"] - t0 for s in seen]
             latencies.append(lat)
-            say(f"  update {u + 1:>2}/{self.nupdates}: put {key} weight={weight} -> revision {rev}; "
+            say(
+                f"  update {u + 1:>2}/{self.nupdates}: put {key} weight={weight} -> revision {rev}; "
                 f"seen by {len(seen)}/{len(rs)} readers after "
-                + " ".join(f"{x * 1e3:.1f}" for x in lat) + " ms")
+                + " ".join(f"{x * 1e3:.1f}" for x in lat)
+                + " ms"
+            )
             time.sleep(0.05)
         for c in rs:
             c.send("stop")
@@ -596,6 +681,7 @@ class _Demo:
     # -- output and cleanup ----------------------------------------------------------------
     def print_table(self, rows: List[Tuple[str, str]], notes: List[str]) -> None:
         import textwrap
+
         width = max(len(k) for k, _ in rows)
         line = "-" * (width + 2 + max(len(v) for _, v in rows))
         out = ["", "shmkeyspace demo results", line]
@@ -608,6 +694,7 @@ class _Demo:
 
     def segment_bytes(self, gen: int) -> int:
         from . import segment
+
         try:
             return os.stat(segment.shm_path(segment.data_name(self.name, gen))).st_size
         except OSError:
@@ -625,6 +712,7 @@ class _Demo:
     def cleanup(self) -> None:
         """Stop everything this demo started. Safe to call at any point, more than once."""
         from . import segment
+
         for c in self.children:
             try:
                 c.stop(timeout=5)

@@ -4,6 +4,7 @@ Every failure that comes from the contents of shared memory, or from the rules o
 the multiprocess contract, is raised as a subclass of :class:`ShmKeyspaceError`,
 so a caller can tell "the mirror is unusable" from a bug in its own code.
 """
+
 from __future__ import annotations
 
 

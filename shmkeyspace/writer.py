@@ -18,6 +18,7 @@ kept in step with it, and the :class:`Publisher` of the name. It promises:
 On exit the segments stay (readers keep the last snapshot and see the writer as
 dead; a restarted writer takes over in place) unless ``unlink_on_exit``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,12 +42,21 @@ class Writer:
     of :func:`shmkeyspace.etcd.connect` in ``connect_args``).
     """
 
-    def __init__(self, name: str, prefix: str, *, client: Any = None,
-                 endpoints: Optional[str] = None, connect_args: Optional[Dict[str, Any]] = None,
-                 decoder: Optional[Callable[[KeyValue], Any]] = None,
-                 apply_delay: float = DEFAULT_APPLY_DELAY, mode: int = 0o600,
-                 gid: Optional[int] = None, heartbeat_interval: float = 0.5,
-                 unlink_on_exit: bool = False) -> None:
+    def __init__(
+        self,
+        name: str,
+        prefix: str,
+        *,
+        client: Any = None,
+        endpoints: Optional[str] = None,
+        connect_args: Optional[Dict[str, Any]] = None,
+        decoder: Optional[Callable[[KeyValue], Any]] = None,
+        apply_delay: float = DEFAULT_APPLY_DELAY,
+        mode: int = 0o600,
+        gid: Optional[int] = None,
+        heartbeat_interval: float = 0.5,
+        unlink_on_exit: bool = False,
+    ) -> None:
         if client is None and endpoints is None:
             raise ValueError("Writer needs an etcd client or endpoints")
         self.keyspace = KeySpace(prefix, self._decode)  # validates prefix before any side effect
@@ -121,14 +131,21 @@ class Writer:
             return
         self.publications += 1
         self.last_publish_seconds = time.perf_counter() - t0
-        log.debug("published %r revision %d: %d keys, %d bytes in %.2f ms", self.name, rev,
-                  len(self.builder), total, self.last_publish_seconds * 1e3)
+        log.debug(
+            "published %r revision %d: %d keys, %d bytes in %.2f ms",
+            self.name,
+            rev,
+            len(self.builder),
+            total,
+            self.last_publish_seconds * 1e3,
+        )
 
     # -- running --------------------------------------------------------------------
     def connect(self) -> Any:
         if self._client is None:
             from .etcd import connect
-            self._client = connect(self._endpoints, **self._connect_args)
+
+            self._client = connect(self._endpoints or "", **self._connect_args)
         return self._client
 
     def load(self) -> None:
@@ -144,8 +161,14 @@ class Writer:
                 log.info("loading %r: %d keys so far", self.keyspace.root, n)
 
         self.keyspace.load(client, progress=progress)
-        log.info("loaded %r at revision %d: %d keys in %.2fs; published as %r", self.keyspace.root,
-                 self.keyspace.header.revision, len(self.keyspace.key_values), time.monotonic() - t0, self.name)
+        log.info(
+            "loaded %r at revision %d: %d keys in %.2fs; published as %r",
+            self.keyspace.root,
+            self.keyspace.header.revision,
+            len(self.keyspace.key_values),
+            time.monotonic() - t0,
+            self.name,
+        )
         self.loaded.set()
 
     def run(self) -> None:

@@ -5,6 +5,7 @@ shmkeyspace.etcd.find_etcd_binary). One server serves the whole session; tests
 isolate themselves by prefix. Tests that kill, restart or compact etcd take the
 function-scoped ``own_etcd`` instead.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,6 +56,7 @@ def shm_name():
     except Exception:
         # A writer left running by a failed test: remove what we can.
         import posix_ipc
+
         for fn in os.listdir("/dev/shm"):
             if fn.startswith(f"shmks.{name}"):
                 try:

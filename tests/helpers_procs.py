@@ -10,6 +10,7 @@ Children are plain ``subprocess.Popen`` objects so a test can SIGKILL, SIGSTOP
 or SIGCONT them by pid; every spawn should be paired with :func:`stop` in a
 ``finally``.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,11 +57,19 @@ def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def spawn(code: str, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-          prefix: Sequence[str] = (), **kw) -> subprocess.Popen:
+def spawn(
+    code: str, *args: str, stdout=subprocess.PIPE, stderr=subprocess.PIPE, prefix: Sequence[str] = (), **kw
+) -> subprocess.Popen:
     """Run ``python -c code args...`` (optionally behind ``prefix``, e.g. unshare)."""
-    return subprocess.Popen([*prefix, PYTHON, "-c", code, *args], env=child_env(kw.pop("env", None)),
-                            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, text=True, **kw)
+    return subprocess.Popen(
+        [*prefix, PYTHON, "-c", code, *args],
+        env=child_env(kw.pop("env", None)),
+        stdout=stdout,
+        stderr=stderr,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        **kw,
+    )
 
 
 def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:

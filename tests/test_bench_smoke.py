@@ -5,6 +5,7 @@ readers, peers. Checks the outputs' shape and that every number is sane (finite,
 non-negative where it must be) and consistent (p99 >= p50, the right rows); never
 timing thresholds, and never whether a target is met.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,13 +14,19 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import PYTHON, ROOT
 
 RUN = os.path.join(ROOT, "bench", "run.py")
 TARGET_IDS = {"get_cold", "get_repeated", "range100", "pss_extra_reader", "visibility_p50", "publish_1key"}
-READ_SYSTEMS = ["shmkeyspace", "shmkeyspace snapshot/batch", "lmdb txn/op", "lmdb txn/batch", "dict",
-                "etcd (pyetcd)", "shared-memory-dict"]
+READ_SYSTEMS = [
+    "shmkeyspace",
+    "shmkeyspace snapshot/batch",
+    "lmdb txn/op",
+    "lmdb txn/batch",
+    "dict",
+    "etcd (pyetcd)",
+    "shared-memory-dict",
+]
 ORDERED = {"range100", "prefix100"}
 BATCHED = {"shmkeyspace snapshot/batch", "lmdb txn/batch"}
 
@@ -39,8 +46,14 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     before = _shm_bench_files()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([PYTHON, RUN, "--smoke", "--out", str(out)], capture_output=True, text=True,
-                          timeout=240, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [PYTHON, RUN, "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "results.json") as f:
         res = json.load(f)
@@ -83,8 +96,9 @@ def test_reads_rows(smoke):
 def test_scaling_memory_visibility_writer(smoke):
     res = smoke["res"]
     sc = res["scaling"]
-    assert {(r["system"], r["procs"]) for r in sc} == {(s, p) for s in ("shmkeyspace", "lmdb txn/op")
-                                                      for p in (1, 2, 4, 8)}
+    assert {(r["system"], r["procs"]) for r in sc} == {
+        (s, p) for s in ("shmkeyspace", "lmdb txn/op") for p in (1, 2, 4, 8)
+    }
     for r in sc:
         _num(r["ops_per_s"], positive=True)
         assert r["per_proc"] == pytest.approx(r["ops_per_s"] / r["procs"])
@@ -92,16 +106,28 @@ def test_scaling_memory_visibility_writer(smoke):
     mem = res["memory"]
     assert sorted(m["reader_cache"] for m in mem) == [0, 256, 4096]
     for m in mem:
-        for k in ("reader_pss_mb", "reader_uss_mb", "mirror_pss_mb", "mirror_uss_mb", "idle_pss_mb",
-                  "idle_uss_mb", "image_mb", "mirror_mb"):
+        for k in (
+            "reader_pss_mb",
+            "reader_uss_mb",
+            "mirror_pss_mb",
+            "mirror_uss_mb",
+            "idle_pss_mb",
+            "idle_uss_mb",
+            "image_mb",
+            "mirror_mb",
+        ):
             _num(m[k], positive=True)
         assert math.isfinite(m["extra_reader_mb"]) and math.isfinite(m["pct_of_mirror"])
         # A mirror holds every decoded value; an idle process holds none.
         assert m["mirror_uss_mb"] > m["idle_uss_mb"]
 
     vis = res["visibility"]
-    assert {(v["apply_delay_ms"], v["load"]) for v in vis} == {(30.0, "idle"), (30.0, "loaded"),
-                                                                (0.0, "idle"), (0.0, "loaded")}
+    assert {(v["apply_delay_ms"], v["load"]) for v in vis} == {
+        (30.0, "idle"),
+        (30.0, "loaded"),
+        (0.0, "idle"),
+        (0.0, "loaded"),
+    }
     for v in vis:
         assert v["samples"] > 0
         _num(v["p50_ms"], positive=True)

@@ -6,6 +6,7 @@ SIGTERM/SIGINT with exit 0 leaving the segments (or removing them with
 --unlink-on-exit), and that every user error is ONE line on stderr with a
 non-zero exit.
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,16 +17,17 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import PYTHON
+
 from shmkeyspace import segment
 from shmkeyspace.cli import main, summarize
 from shmkeyspace.etcd import free_port
 
 
 def cli(args, env, timeout=60):
-    return subprocess.run([PYTHON, "-m", "shmkeyspace", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "shmkeyspace", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def one_error_line(res):
@@ -48,12 +50,28 @@ class WriterProc:
         self.log_path = tmp_path / f"writer-{name}-{time.monotonic_ns()}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "shmkeyspace", "writer", "--endpoints", endpoint, "--prefix", prefix,
-             "--name", name, *extra], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                PYTHON,
+                "-m",
+                "shmkeyspace",
+                "writer",
+                "--endpoints",
+                endpoint,
+                "--prefix",
+                prefix,
+                "--name",
+                name,
+                *extra,
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         self.name = name
 
     def wait_published(self, revision=1, timeout=60):
         from shmkeyspace import Reader
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"writer exited early: {self.output()}"
@@ -103,8 +121,12 @@ def start_writer(writers, python_env, tmp_path, etcd_server, prefix, name, *extr
 
 
 def test_read_commands_tables_and_json(etcd_server, client, prefix, shm_name, python_env, tmp_path, writers):
-    values = {f"{prefix}/a": b"hello", f"{prefix}/b": b"\xff\x00binary", f"{prefix}/c": b'{"x": 1}',
-              f"{prefix}/d": b"x" * 500}
+    values = {
+        f"{prefix}/a": b"hello",
+        f"{prefix}/b": b"\xff\x00binary",
+        f"{prefix}/c": b'{"x": 1}',
+        f"{prefix}/d": b"x" * 500,
+    }
     rev = 0
     for k, v in values.items():
         rev = client.put(k, v).header.revision
@@ -169,15 +191,20 @@ def test_read_commands_tables_and_json(etcd_server, client, prefix, shm_name, py
 
 def test_json_decoder_and_stat(etcd_server, client, prefix, shm_name, python_env, tmp_path, writers):
     client.put(f"{prefix}/svc/1", json.dumps({"host": "10.0.0.1", "port": 80, "tags": ["a"]}))
-    rev = client.put(f"{prefix}/svc/2", json.dumps({"host": "10.0.0.2", "port": 81, "tags": []})).header.revision
+    rev = client.put(
+        f"{prefix}/svc/2", json.dumps({"host": "10.0.0.2", "port": 81, "tags": []})
+    ).header.revision
     client.put(f"{prefix}/svc/bad", b"not json")  # logged by the writer and left out
     rev = client.get_response(b"\0").header.revision
-    w = start_writer(writers, python_env, tmp_path, etcd_server, prefix, shm_name, "--decoder", "json",
-                     revision=rev)
+    w = start_writer(
+        writers, python_env, tmp_path, etcd_server, prefix, shm_name, "--decoder", "json", revision=rev
+    )
     res = cli(["prefixed", shm_name, f"{prefix}/svc/", "--json"], python_env)
     assert res.returncode == 0, res.stderr
     assert [e["value"] for e in json.loads(res.stdout)] == [
-        {"host": "10.0.0.1", "port": 80, "tags": ["a"]}, {"host": "10.0.0.2", "port": 81, "tags": []}]
+        {"host": "10.0.0.1", "port": 80, "tags": ["a"]},
+        {"host": "10.0.0.2", "port": 81, "tags": []},
+    ]
     assert "decode of key" in w.output() and "/svc/bad" in w.output()
 
     res = cli(["stat", shm_name, "--json"], python_env)
@@ -203,8 +230,9 @@ def test_json_decoder_and_stat(etcd_server, client, prefix, shm_name, python_env
     assert any(ln.split()[:2] == ["keys", "2"] for ln in text.splitlines())
 
 
-def test_sigterm_exits_0_and_keeps_segments(etcd_server, client, prefix, shm_name, python_env, tmp_path,
-                                            writers):
+def test_sigterm_exits_0_and_keeps_segments(
+    etcd_server, client, prefix, shm_name, python_env, tmp_path, writers
+):
     rev = client.put(f"{prefix}/k", b"v1").header.revision
     w = start_writer(writers, python_env, tmp_path, etcd_server, prefix, shm_name, revision=rev)
 
@@ -234,8 +262,9 @@ def test_sigterm_exits_0_and_keeps_segments(etcd_server, client, prefix, shm_nam
 
 def test_sigint_with_unlink_on_exit(etcd_server, client, prefix, shm_name, python_env, tmp_path, writers):
     rev = client.put(f"{prefix}/k", b"v").header.revision
-    w = start_writer(writers, python_env, tmp_path, etcd_server, prefix, shm_name, "--unlink-on-exit",
-                     revision=rev)
+    w = start_writer(
+        writers, python_env, tmp_path, etcd_server, prefix, shm_name, "--unlink-on-exit", revision=rev
+    )
     assert shm_files(shm_name)
     assert w.stop(signal.SIGINT) == 0, w.output()
     assert shm_files(shm_name) == []
@@ -244,15 +273,37 @@ def test_sigint_with_unlink_on_exit(etcd_server, client, prefix, shm_name, pytho
 def test_exit_with_parent(etcd_server, client, prefix, shm_name, python_env, tmp_path):
     """--exit-with-parent (used by the gunicorn master): a SIGKILLed parent leaves no orphan writer."""
     rev = client.put(f"{prefix}/k", b"v").header.revision
-    code = ("import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); "
-            "time.sleep(300)")
+    code = (
+        "import subprocess, sys, time; p = subprocess.Popen(sys.argv[1:]); print(p.pid, flush=True); "
+        "time.sleep(300)"
+    )
     parent = subprocess.Popen(
-        [PYTHON, "-c", code, PYTHON, "-m", "shmkeyspace", "writer", "--endpoints", etcd_server.endpoint,
-         "--prefix", prefix, "--name", shm_name, "--exit-with-parent", "--log-level", "warning"],
-        env=python_env, stdout=subprocess.PIPE, text=True)
+        [
+            PYTHON,
+            "-c",
+            code,
+            PYTHON,
+            "-m",
+            "shmkeyspace",
+            "writer",
+            "--endpoints",
+            etcd_server.endpoint,
+            "--prefix",
+            prefix,
+            "--name",
+            shm_name,
+            "--exit-with-parent",
+            "--log-level",
+            "warning",
+        ],
+        env=python_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         writer_pid = int(parent.stdout.readline())
         from shmkeyspace import Reader
+
         with Reader(shm_name, wait=60) as r:
             assert r.wait_for_revision(rev, 30)
             deadline = time.monotonic() + 30
@@ -282,11 +333,15 @@ def _alive(pid):
         return False
 
 
-def test_module_function_decoder_and_env_settings(etcd_server, client, prefix, shm_name, python_env, tmp_path,
-                                                  writers):
+def test_module_function_decoder_and_env_settings(
+    etcd_server, client, prefix, shm_name, python_env, tmp_path, writers
+):
     (tmp_path / "my_decoders.py").write_text("def upper(kv):\n    return kv.value.decode().upper()\n")
-    env = dict(python_env, PYTHONPATH=f"{tmp_path}{os.pathsep}{python_env['PYTHONPATH']}",
-               SHMKEYSPACE_DECODER="my_decoders:upper")
+    env = dict(
+        python_env,
+        PYTHONPATH=f"{tmp_path}{os.pathsep}{python_env['PYTHONPATH']}",
+        SHMKEYSPACE_DECODER="my_decoders:upper",
+    )
     rev = client.put(f"{prefix}/k", b"shout").header.revision
     w = WriterProc(env, tmp_path, etcd_server.endpoint, prefix, shm_name)
     writers.append(w)
@@ -298,7 +353,9 @@ def test_module_function_decoder_and_env_settings(etcd_server, client, prefix, s
 def test_second_writer_is_refused(etcd_server, client, prefix, shm_name, python_env, tmp_path, writers):
     rev = client.put(f"{prefix}/k", b"v").header.revision
     w = start_writer(writers, python_env, tmp_path, etcd_server, prefix, shm_name, revision=rev)
-    res = cli(["writer", "--endpoints", etcd_server.endpoint, "--prefix", prefix, "--name", shm_name], python_env)
+    res = cli(
+        ["writer", "--endpoints", etcd_server.endpoint, "--prefix", prefix, "--name", shm_name], python_env
+    )
     assert res.returncode == 1
     line = one_error_line(res)
     assert "already has a live writer" in line and str(w.proc.pid) in line
@@ -307,26 +364,57 @@ def test_second_writer_is_refused(etcd_server, client, prefix, shm_name, python_
     assert st["writer_alive"] and st["writer_pid"] == w.proc.pid
 
 
-@pytest.mark.parametrize("case", [
-    "bad-argument", "missing-required", "unreachable-etcd", "missing-segment", "bad-decoder",
-    "invalid-name-writer", "invalid-name-get", "unclean-prefix", "bad-endpoint", "unknown-command",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "bad-argument",
+        "missing-required",
+        "unreachable-etcd",
+        "missing-segment",
+        "bad-decoder",
+        "invalid-name-writer",
+        "invalid-name-get",
+        "unclean-prefix",
+        "bad-endpoint",
+        "unknown-command",
+    ],
+)
 def test_errors_are_one_line(case, shm_name, python_env):
     free = free_port()
     args, code, expect = {
-        "bad-argument": (["writer", "--prefix", "/p", "--name", shm_name, "--apply-delay", "soon"], 2, "--apply-delay"),
+        "bad-argument": (
+            ["writer", "--prefix", "/p", "--name", shm_name, "--apply-delay", "soon"],
+            2,
+            "--apply-delay",
+        ),
         "missing-required": (["writer", "--name", shm_name], 2, "--prefix"),
-        "unreachable-etcd": (["writer", "--endpoints", f"127.0.0.1:{free}", "--prefix", "/p", "--name", shm_name],
-                             1, f"cannot reach etcd at 127.0.0.1:{free}"),
+        "unreachable-etcd": (
+            ["writer", "--endpoints", f"127.0.0.1:{free}", "--prefix", "/p", "--name", shm_name],
+            1,
+            f"cannot reach etcd at 127.0.0.1:{free}",
+        ),
         "missing-segment": (["get", shm_name, "/k"], 1, "no shared memory segment"),
-        "bad-decoder": (["writer", "--prefix", "/p", "--name", shm_name, "--decoder", "no_such_module_x:fn"],
-                        1, "cannot import module 'no_such_module_x'"),
-        "invalid-name-writer": (["writer", "--prefix", "/p", "--name", "../etc/passwd"], 1, "invalid snapshot name"),
+        "bad-decoder": (
+            ["writer", "--prefix", "/p", "--name", shm_name, "--decoder", "no_such_module_x:fn"],
+            1,
+            "cannot import module 'no_such_module_x'",
+        ),
+        "invalid-name-writer": (
+            ["writer", "--prefix", "/p", "--name", "../etc/passwd"],
+            1,
+            "invalid snapshot name",
+        ),
         "invalid-name-get": (["get", "a/b", "/k"], 1, "invalid snapshot name"),
-        "unclean-prefix": (["writer", "--prefix", "/p/", "--name", shm_name, "--endpoints", f"127.0.0.1:{free}"],
-                           1, "not clean"),
-        "bad-endpoint": (["writer", "--prefix", "/p", "--name", shm_name, "--endpoints", "nohost"], 1,
-                         "bad etcd endpoint"),
+        "unclean-prefix": (
+            ["writer", "--prefix", "/p/", "--name", shm_name, "--endpoints", f"127.0.0.1:{free}"],
+            1,
+            "not clean",
+        ),
+        "bad-endpoint": (
+            ["writer", "--prefix", "/p", "--name", shm_name, "--endpoints", "nohost"],
+            1,
+            "bad etcd endpoint",
+        ),
         "unknown-command": (["frobnicate"], 2, "invalid choice"),
     }[case]
     env = {k: v for k, v in python_env.items() if not k.startswith("SHMKEYSPACE_")}

@@ -4,6 +4,7 @@ Both a complete ``--short`` run and one interrupted with Ctrl-C (SIGINT) must
 stop every process they started (etcd, writer, readers, the mirror child),
 unlink their shared memory and remove their temporary directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,12 +13,25 @@ import subprocess
 import time
 
 import psutil
-
 from conftest import PYTHON
 
-ROWS = ["keys", "revision", "seeding", "writer first snapshot", "snapshot size", "shm segment",
-        "writer publications", "writer heap", "reader 1 lookups/s", "reader 2 lookups/s", "all readers lookups/s", "update->visible p50/p99/max",
-        "reader memory PSS/USS", "in-process mirror RSS", "total time"]
+ROWS = [
+    "keys",
+    "revision",
+    "seeding",
+    "writer first snapshot",
+    "snapshot size",
+    "shm segment",
+    "writer publications",
+    "writer heap",
+    "reader 1 lookups/s",
+    "reader 2 lookups/s",
+    "all readers lookups/s",
+    "update->visible p50/p99/max",
+    "reader memory PSS/USS",
+    "in-process mirror RSS",
+    "total time",
+]
 
 
 def table(stdout):
@@ -26,7 +40,7 @@ def table(stdout):
     for line in stdout.splitlines():
         for label in ROWS:
             if line.startswith(label + "  "):
-                rows[label] = line[len(label):].strip()
+                rows[label] = line[len(label) :].strip()
     return rows
 
 
@@ -60,8 +74,13 @@ def demo_env(python_env, tmp_path):
 def test_demo_short_runs_and_cleans_up(python_env, tmp_path):
     env, tmpdir = demo_env(python_env, tmp_path)
     before = children()
-    proc = subprocess.Popen([PYTHON, "-m", "shmkeyspace", "demo", "--short"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "shmkeyspace", "demo", "--short"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=240)
     finally:
@@ -91,8 +110,13 @@ def test_demo_short_runs_and_cleans_up(python_env, tmp_path):
 def test_demo_interrupted_cleans_up(python_env, tmp_path):
     env, tmpdir = demo_env(python_env, tmp_path)
     before = children()
-    proc = subprocess.Popen([PYTHON, "-m", "shmkeyspace", "demo", "--short", "--seconds", "120"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "shmkeyspace", "demo", "--short", "--seconds", "120"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         seen = []

@@ -5,29 +5,33 @@ The etcd3 (python-etcd3 0.12) checks run in child processes: that client only
 imports under protobuf's pure-Python backend, which must be chosen before
 protobuf is first imported, and this test process already holds the upb one.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 import textwrap
 
+import conftest
 import pytest
 
-import conftest
 from shmkeyspace.etcd import connect, free_port, parse_endpoints
 
 
-@pytest.mark.parametrize("endpoints, fragment", [
-    ("localhost", "'localhost'"),
-    ("127.0.0.1:abc", "'127.0.0.1:abc'"),
-    ("127.0.0.1:0", "'127.0.0.1:0'"),
-    ("127.0.0.1:70000", "'127.0.0.1:70000'"),
-    (":2379", "':2379'"),
-    ("127.0.0.1:2379,nohost", "'nohost'"),
-    ("", "no etcd endpoint"),
-    (" , ", "no etcd endpoint"),
-    ([], "no etcd endpoint"),
-])
+@pytest.mark.parametrize(
+    "endpoints, fragment",
+    [
+        ("localhost", "'localhost'"),
+        ("127.0.0.1:abc", "'127.0.0.1:abc'"),
+        ("127.0.0.1:0", "'127.0.0.1:0'"),
+        ("127.0.0.1:70000", "'127.0.0.1:70000'"),
+        (":2379", "':2379'"),
+        ("127.0.0.1:2379,nohost", "'nohost'"),
+        ("", "no etcd endpoint"),
+        (" , ", "no etcd endpoint"),
+        ([], "no etcd endpoint"),
+    ],
+)
 def test_bad_endpoints_raise_valueerror_naming_them(endpoints, fragment):
     with pytest.raises(ValueError) as ei:
         connect(endpoints, timeout=1)
@@ -100,8 +104,13 @@ ETCD3_CHILD = textwrap.dedent("""
 def test_etcd3_client_load_and_watch(etcd_server, prefix, python_env):
     env = dict(python_env)
     env.pop("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", None)  # connect() must choose it
-    p = subprocess.run([conftest.PYTHON, "-c", ETCD3_CHILD, etcd_server.endpoint, prefix + "/e3"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [conftest.PYTHON, "-c", ETCD3_CHILD, etcd_server.endpoint, prefix + "/e3"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert out["client"].startswith("etcd3")
@@ -127,8 +136,13 @@ def test_etcd3_after_upb_protobuf_fails_clearly(etcd_server, python_env):
     """)
     env = dict(python_env)
     env.pop("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", None)
-    p = subprocess.run([conftest.PYTHON, "-c", code, etcd_server.endpoint], env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [conftest.PYTHON, "-c", code, etcd_server.endpoint],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith("IMPORTERROR"), p.stdout
     assert "etcd3" in p.stdout and "shmkeyspace[writer]" in p.stdout
@@ -144,7 +158,8 @@ def test_reader_import_pulls_no_grpc_or_protobuf(python_env):
                                 if m.split(".")[0] in ("grpc", "google", "pyetcd", "etcd3")
                                 or m == "shmkeyspace.etcd")))
     """)
-    p = subprocess.run([conftest.PYTHON, "-c", code], env=python_env, capture_output=True,
-                       text=True, timeout=60)
+    p = subprocess.run(
+        [conftest.PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout) == []

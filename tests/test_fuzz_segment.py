@@ -25,6 +25,7 @@ counted as ``answered_diff``.
 
 Run standalone for a long fuzz:  python tests/test_fuzz_segment.py NAME SEED CASES PROGRESS_FILE
 """
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,10 @@ import subprocess
 import sys
 import time
 import traceback
-import uuid
-
-import pytest
 
 import helpers_procs as hp
+import pytest
+
 from shmkeyspace import Reader, segment
 from shmkeyspace.errors import CorruptSegmentError, ShmKeyspaceError
 from shmkeyspace.snapshot import HEADER, ImageBuilder, pack_entry
@@ -53,6 +53,7 @@ class Hang(BaseException):
 
 
 # -- the pristine snapshot ------------------------------------------------------------
+
 
 def _value(i: int):
     kind = i % 7
@@ -68,13 +69,13 @@ def _value(i: int):
         return bytes(range(i % 256))
     if kind == 5:
         return None
-    return -(2 ** 63) + i
+    return -(2**63) + i
 
 
 def _keys() -> list:
     keys = [b"/f/%04d" % i for i in range(300)]
-    keys += [b"/f/\xff\xfe%d" % i for i in range(5)]       # not UTF-8
-    keys += ["/f/é-ü-%d" % i for i in range(5)]            # UTF-8, not ASCII
+    keys += [b"/f/\xff\xfe%d" % i for i in range(5)]  # not UTF-8
+    keys += ["/f/é-ü-%d" % i for i in range(5)]  # UTF-8, not ASCII
     keys = [k if isinstance(k, bytes) else k.encode() for k in keys]
     return sorted(keys)
 
@@ -103,8 +104,18 @@ def build_pristine(name: str) -> segment.Publisher:
     return pub
 
 
-QUERY_KEYS = [b"/f/0000", b"/f/0011", b"/f/0037", b"/f/0150", b"/f/0299", b"/f/\xff\xfe3",
-              "/f/é-ü-2", b"/f/nope", b"", b"/f/0299\x00"]
+QUERY_KEYS = [
+    b"/f/0000",
+    b"/f/0011",
+    b"/f/0037",
+    b"/f/0150",
+    b"/f/0299",
+    b"/f/\xff\xfe3",
+    "/f/é-ü-2",
+    b"/f/nope",
+    b"",
+    b"/f/0299\x00",
+]
 
 
 def run_ops(r: Reader, with_health: bool = True) -> list:
@@ -129,8 +140,15 @@ def run_ops(r: Reader, with_health: bool = True) -> list:
 
     def snap(copy):
         with r.snapshot(copy=copy) as s:
-            return (s.revision, len(s), s.get(b"/f/0011"), s.get("/f/é-ü-1"), s.range(b"/f/0290", None),
-                    s.prefixed(b"/f/01"), None if copy else list(s))
+            return (
+                s.revision,
+                len(s),
+                s.get(b"/f/0011"),
+                s.get("/f/é-ü-1"),
+                s.range(b"/f/0290", None),
+                s.prefixed(b"/f/01"),
+                None if copy else list(s),
+            )
 
     op("snapshot", lambda: snap(False))
     op("snapshot copy", lambda: snap(True))
@@ -141,8 +159,7 @@ def run_ops(r: Reader, with_health: bool = True) -> list:
 
 # -- mutations ------------------------------------------------------------------------
 
-SPECIAL = [0, 1, 7, 8, 127, 128, 255, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1, 2 ** 32, 2 ** 63 - 1, 2 ** 63,
-           2 ** 64 - 1]
+SPECIAL = [0, 1, 7, 8, 127, 128, 255, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
 
 
 def mutate(mm: mmap.mmap, start: int, end: int, rnd: random.Random) -> str:
@@ -159,7 +176,7 @@ def mutate(mm: mmap.mmap, start: int, end: int, rnd: random.Random) -> str:
         ln = min(n, rnd.randint(1, 64))
         pos = start + rnd.randrange(n - ln + 1)
         data = os.urandom(ln) if kind == "rand" else (b"\0" if kind == "zero" else b"\xff") * ln
-        mm[pos:pos + ln] = data
+        mm[pos : pos + ln] = data
         return f"{kind}@{pos - start}+{ln}"
     if kind == "field":
         width = rnd.choice([4, 8]) if n >= 8 else 4
@@ -167,12 +184,14 @@ def mutate(mm: mmap.mmap, start: int, end: int, rnd: random.Random) -> str:
             mm[start] ^= 0xFF
             return "field-byte"
         pos = start + rnd.randrange((n - width) // width + 1) * width
-        cur = int.from_bytes(mm[pos:pos + width], "little")
+        cur = int.from_bytes(mm[pos : pos + width], "little")
         # Extreme values, random ones, and plausible ones (the current value nudged:
         # seq +-2 names the other record, offsets move by an entry or a slot).
-        v = rnd.choice(SPECIAL + [rnd.getrandbits(64)] + [cur + rnd.choice([-16, -8, -2, -1, 1, 2, 8, 16])] * 4)
+        v = rnd.choice(
+            SPECIAL + [rnd.getrandbits(64)] + [cur + rnd.choice([-16, -8, -2, -1, 1, 2, 8, 16])] * 4
+        )
         v %= 1 << (8 * width)
-        mm[pos:pos + width] = v.to_bytes(width, "little")
+        mm[pos : pos + width] = v.to_bytes(width, "little")
         return f"field{width}@{pos - start}={v}"
     # whole: zero it, fill it with garbage, or (for headers) break magic/version
     how = rnd.choice(["zero", "rand", "magic", "version"])
@@ -182,11 +201,11 @@ def mutate(mm: mmap.mmap, start: int, end: int, rnd: random.Random) -> str:
         mm[start:end] = os.urandom(n)
     elif how == "magic":
         ln = min(8, n)
-        mm[start:start + ln] = b"BADMAGIC"[:ln]
+        mm[start : start + ln] = b"BADMAGIC"[:ln]
     else:
         if n >= 12:
-            v = int.from_bytes(mm[start + 8:start + 12], "little") + rnd.choice([1, 2, -1, 255])
-            mm[start + 8:start + 12] = (v % 2 ** 32).to_bytes(4, "little")
+            v = int.from_bytes(mm[start + 8 : start + 12], "little") + rnd.choice([1, 2, -1, 255])
+            mm[start + 8 : start + 12] = (v % 2**32).to_bytes(4, "little")
         else:
             mm[start] ^= 0x01
     return f"whole-{how}"
@@ -198,24 +217,48 @@ def regions(name: str, pub: segment.Publisher) -> dict:
     data_file = segment.shm_path(segment.data_name(name, pub.gen))
     seq = pub.seq
     active = (seq >> 1) & 1
-    recs = [segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + i * segment.RECORD.size) for i in (0, 1)]
+    recs = [
+        segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + i * segment.RECORD.size) for i in (0, 1)
+    ]
     out = {
         "ctrl.head": (ctrl_file, 0, 16, True),
         "ctrl.seq": (ctrl_file, segment.OFF_SEQ, segment.OFF_SEQ + 8, True),
         # pid, heartbeat, started, interval, etcd revision: health() only, never an answer
         "ctrl.writer": (ctrl_file, segment.OFF_PID, segment.OFF_RECORDS, False),
-        "ctrl.record.active": (ctrl_file, segment.OFF_RECORDS + active * segment.RECORD.size,
-                               segment.OFF_RECORDS + (active + 1) * segment.RECORD.size, True),
-        "ctrl.record.other": (ctrl_file, segment.OFF_RECORDS + (1 - active) * segment.RECORD.size,
-                              segment.OFF_RECORDS + (2 - active) * segment.RECORD.size, False),
+        "ctrl.record.active": (
+            ctrl_file,
+            segment.OFF_RECORDS + active * segment.RECORD.size,
+            segment.OFF_RECORDS + (active + 1) * segment.RECORD.size,
+            True,
+        ),
+        "ctrl.record.other": (
+            ctrl_file,
+            segment.OFF_RECORDS + (1 - active) * segment.RECORD.size,
+            segment.OFF_RECORDS + (2 - active) * segment.RECORD.size,
+            False,
+        ),
         "data.head": (data_file, 0, segment._DATA_HEAD.size, True),
     }
     with open(data_file, "rb") as f:
         data = f.read()
     for which, slot in (("active", active), ("other", 1 - active)):
         _, _, off, length, _, _, _, _ = recs[slot]
-        (_, _, _, _, _, arena_off, arena_len, table_off, slots, order_off, order_len, fence_off, fence_len,
-         total) = HEADER.unpack_from(data, off)[:14]
+        (
+            _,
+            _,
+            _,
+            _,
+            _,
+            arena_off,
+            arena_len,
+            table_off,
+            slots,
+            order_off,
+            order_len,
+            fence_off,
+            fence_len,
+            total,
+        ) = HEADER.unpack_from(data, off)[:14]
         if which == "active":
             out["image.header"] = (data_file, off, off + 128, True)
             out["image.arena"] = (data_file, off + arena_off, off + arena_off + arena_len, True)
@@ -230,6 +273,7 @@ def regions(name: str, pub: segment.Publisher) -> dict:
 
 # -- the fuzz loop (runs in a child process) ------------------------------------------------
 
+
 def _on_alarm(signum, frame):
     raise Hang()
 
@@ -242,8 +286,15 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
     # whose gen is nudged by one maps a real segment and readers switch generations.
     with open(segment.shm_path(segment.data_name(name, pub.gen)), "rb") as f:
         decoy = bytearray(f.read())
-    segment._DATA_HEAD.pack_into(decoy, 0, segment.DATA_MAGIC, segment.LAYOUT_VERSION, 0, pub.gen + 1,
-                                 *segment._DATA_HEAD.unpack_from(decoy, 0)[4:])
+    segment._DATA_HEAD.pack_into(
+        decoy,
+        0,
+        segment.DATA_MAGIC,
+        segment.LAYOUT_VERSION,
+        0,
+        pub.gen + 1,
+        *segment._DATA_HEAD.unpack_from(decoy, 0)[4:],
+    )
     with open(segment.shm_path(segment.data_name(name, pub.gen + 1)), "wb") as f:
         f.write(decoy)
     files = sorted({v[0] for v in regs.values()})
@@ -254,7 +305,9 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
     maps = {}
     for fn in files:
         fd = os.open(fn, os.O_RDWR)
-        maps[fn] = mmap.mmap(fd, len(pristine[fn]), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        maps[fn] = mmap.mmap(
+            fd, len(pristine[fn]), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
         os.close(fd)
     with Reader(name) as r0:
         expected = run_ops(r0, with_health=False)
@@ -262,13 +315,22 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
     assert all(res[1] == "ok" for res in expected_h), expected_h
     longlived = Reader(name)
     signal.signal(signal.SIGALRM, _on_alarm)
-    stats = {"cases": 0, "queries": 0, "rejected": 0, "answered_same": 0, "answered_diff": 0,
-             "by_region": {}, "truncations": 0}
+    stats = {
+        "cases": 0,
+        "queries": 0,
+        "rejected": 0,
+        "answered_same": 0,
+        "answered_diff": 0,
+        "by_region": {},
+        "truncations": 0,
+    }
     failures = []
     names = sorted(regs) + ["truncate.data", "truncate.ctrl"]
 
     def check(case, got, must_equal):
-        for (label, status, value), (_, est, eval_) in zip(got, expected_h if len(got) == len(expected_h) else expected):
+        for (label, status, value), (_, _est, eval_) in zip(
+            got, expected_h if len(got) == len(expected_h) else expected
+        ):
             stats["queries"] += 1
             if status == "err":
                 stats["rejected"] += 1
@@ -277,8 +339,14 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
             else:
                 stats["answered_diff"] += 1
                 if must_equal:
-                    failures.append({"case": case, "query": label, "error": "answer changed by a corruption "
-                                     f"of bytes readers must ignore: {str(value)[:200]} != {str(eval_)[:200]}"})
+                    failures.append(
+                        {
+                            "case": case,
+                            "query": label,
+                            "error": "answer changed by a corruption "
+                            f"of bytes readers must ignore: {str(value)[:200]} != {str(eval_)[:200]}",
+                        }
+                    )
 
     for i in range(cases):
         region = rnd.choice(names)
@@ -288,8 +356,10 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
                 fn = files[0] if region == "truncate.ctrl" else files[1]
                 assert ("." in os.path.basename(fn)[6:]) == (region == "truncate.data")
                 size = len(pristine[fn])
-                new = min(size - 1, rnd.choice([0, 1, 55, 56, 4095, 4096, 4097, size // 2, size - 1,
-                                                rnd.randrange(size)]))
+                new = min(
+                    size - 1,
+                    rnd.choice([0, 1, 55, 56, 4095, 4096, 4097, size // 2, size - 1, rnd.randrange(size)]),
+                )
                 case["mutation"] = f"truncate to {new}"
                 _progress(progress_path, case)
                 maps[fn].close()
@@ -300,8 +370,9 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
                     try:
                         with Reader(name) as r:
                             got = run_ops(r)
-                        failures.append({"case": case, "error": "a truncated segment was attached: "
-                                         + str(got)[:300]})
+                        failures.append(
+                            {"case": case, "error": "a truncated segment was attached: " + str(got)[:300]}
+                        )
                     except CorruptSegmentError:
                         stats["rejected"] += 1
                 finally:
@@ -346,7 +417,9 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             if after != expected:
                 bad = [(a, e) for a, e in zip(after, expected) if a != e][:3]
-                failures.append({"case": case, "error": f"reader did not recover after restore: {str(bad)[:400]}"})
+                failures.append(
+                    {"case": case, "error": f"reader did not recover after restore: {str(bad)[:400]}"}
+                )
                 longlived.close()
                 longlived = Reader(name)
         except Hang:
@@ -356,8 +429,13 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
             longlived.close()
             longlived = Reader(name)
         except Exception as exc:
-            failures.append({"case": case, "error": f"{type(exc).__name__}: {exc}",
-                             "traceback": traceback.format_exc()[-1500:]})
+            failures.append(
+                {
+                    "case": case,
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc()[-1500:],
+                }
+            )
             for fn in files:
                 _restore_file(fn, pristine[fn], maps)
             longlived.close()
@@ -400,8 +478,13 @@ def _progress(path: str, case: dict) -> None:
 
 def _run_child(name: str, seed: int, cases: int, tmp_path, watchdog: float) -> dict:
     progress = str(tmp_path / f"fuzz-progress-{seed}.json")
-    proc = subprocess.Popen([hp.PYTHON, os.path.abspath(__file__), name, str(seed), str(cases), progress],
-                            env=hp.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [hp.PYTHON, os.path.abspath(__file__), name, str(seed), str(cases), progress],
+        env=hp.child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out, err = proc.communicate(timeout=watchdog)
     except subprocess.TimeoutExpired:
@@ -411,24 +494,35 @@ def _run_child(name: str, seed: int, cases: int, tmp_path, watchdog: float) -> d
         pytest.fail(f"fuzz child hung for {watchdog}s; last case: {last}\n{err[-2000:]}")
     if proc.returncode != 0:
         last = open(progress).read() if os.path.exists(progress) else "?"
-        how = (f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit code {proc.returncode}")
+        how = (
+            f"killed by {signal.Signals(-proc.returncode).name}"
+            if proc.returncode < 0
+            else f"exit code {proc.returncode}"
+        )
         pytest.fail(f"fuzz child {how}; last case: {last}\nstderr: {err[-3000:]}")
     return hp.last_json(out)
 
 
 # -- tests ------------------------------------------------------------------------------
 
+
 def test_fuzzed_segments_raise_only_own_errors(shm_name, tmp_path):
     cases = hp.scaled(2000, 100_000, "SHMKEYSPACE_FUZZ_CASES")
-    seed = int(os.environ.get("SHMKEYSPACE_FUZZ_SEED", "0")) or random.randrange(1, 2 ** 31)
+    seed = int(os.environ.get("SHMKEYSPACE_FUZZ_SEED", "0")) or random.randrange(1, 2**31)
     t0 = time.monotonic()
     res = _run_child(shm_name, seed, cases, tmp_path, watchdog=120 + cases * 0.05)
     stats, failures = res["stats"], res["failures"]
-    hp.report_counts("fuzzed segments", faults=stats["cases"], answers=stats["queries"],
-                     inconsistencies=len(failures), seed=seed, seconds=round(time.monotonic() - t0, 1),
-                     rejected=stats["rejected"], answered_same=stats["answered_same"],
-                     answered_diff=stats["answered_diff"])
+    hp.report_counts(
+        "fuzzed segments",
+        faults=stats["cases"],
+        answers=stats["queries"],
+        inconsistencies=len(failures),
+        seed=seed,
+        seconds=round(time.monotonic() - t0, 1),
+        rejected=stats["rejected"],
+        answered_same=stats["answered_same"],
+        answered_diff=stats["answered_diff"],
+    )
     assert failures == [], f"seed {seed}: " + json.dumps(failures[:5], indent=1, default=str)
     assert stats["cases"] == cases
     # The fuzzer really reached every region and really broke things.
@@ -453,8 +547,9 @@ def test_truncated_segment_is_rejected_at_attach(shm_name):
     pub = build_pristine(shm_name)
     try:
         for which in ("data", "ctrl"):
-            fn = segment.shm_path(segment.data_name(shm_name, pub.gen) if which == "data"
-                                  else segment.ctrl_name(shm_name))
+            fn = segment.shm_path(
+                segment.data_name(shm_name, pub.gen) if which == "data" else segment.ctrl_name(shm_name)
+            )
             size = os.stat(fn).st_size
             with open(fn, "rb") as f:
                 saved = f.read()
@@ -541,16 +636,24 @@ def test_segment_truncated_after_mapping(shm_name):
     pub = build_pristine(shm_name)
     proc = None
     try:
-        proc = subprocess.Popen([hp.PYTHON, "-c", TRUNCATE_AFTER_MAP, shm_name, ""], env=hp.child_env(),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [hp.PYTHON, "-c", TRUNCATE_AFTER_MAP, shm_name, ""],
+            env=hp.child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         assert proc.stdout.readline().strip() == "mapped"
         os.truncate(segment.shm_path(segment.data_name(shm_name, pub.gen)), 4096)
         proc.stdin.write("go\n")
         proc.stdin.flush()
         out, err = proc.communicate(timeout=30)
         if proc.returncode == -signal.SIGBUS:
-            pytest.xfail("a segment truncated after mapping kills the reader with SIGBUS "
-                         "(only its owner can truncate it; documented limitation)")
+            pytest.xfail(
+                "a segment truncated after mapping kills the reader with SIGBUS "
+                "(only its owner can truncate it; documented limitation)"
+            )
         assert proc.returncode == 0, err
         res = hp.last_json(out)
         assert all(v.startswith("error ") for v in res.values()), res

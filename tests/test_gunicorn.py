@@ -11,6 +11,7 @@ Proves, with workers/gunicorn.conf.py and examples/wsgi_app.py unchanged:
   already running when gunicorn starts is stood by for and taken over from when
   it exits; an unreachable etcd makes gunicorn fail at start with a clear message.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-
 from conftest import PYTHON, ROOT
+
 from shmkeyspace import Reader, Writer
 from shmkeyspace.etcd import connect, free_port
 
@@ -45,13 +46,34 @@ class Gunicorn:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
-        args = [PYTHON, "-m", "gunicorn", "-c", CONF, "--bind", f"127.0.0.1:{self.port}", "--workers",
-                str(workers), "--pythonpath", EXAMPLES, "--timeout", "120", "--graceful-timeout", "10"]
+        args = [
+            PYTHON,
+            "-m",
+            "gunicorn",
+            "-c",
+            CONF,
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(workers),
+            "--pythonpath",
+            EXAMPLES,
+            "--timeout",
+            "120",
+            "--graceful-timeout",
+            "10",
+        ]
         if _gunicorn_supports("--no-control-socket"):
             args.append("--no-control-socket")  # gunicorn >= 24: no shared ~/.gunicorn socket between tests
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(args + ["wsgi_app:application"], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=str(tmp_path))
+            self.proc = subprocess.Popen(
+                args + ["wsgi_app:application"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=str(tmp_path),
+            )
         self.master = psutil.Process(self.proc.pid)
 
     def log(self):
@@ -96,8 +118,9 @@ class Gunicorn:
             if len(workers) == n_workers and not workers & set(exclude) and len(writers) == n_writers:
                 return workers, next(iter(writers), None)
             time.sleep(0.1)
-        raise AssertionError(f"expected {n_workers} workers and {n_writers} writer, have {self.children()}:"
-                             f"\n{self.log()}")
+        raise AssertionError(
+            f"expected {n_workers} workers and {n_writers} writer, have {self.children()}:\n{self.log()}"
+        )
 
     def poll_all(self, path, pids, accept, timeout=60):
         """Request ``path`` concurrently until every pid in ``pids`` has answered with ``accept(status, body)``."""
@@ -113,8 +136,9 @@ class Gunicorn:
 
         with ThreadPoolExecutor(8) as ex:
             while todo:
-                assert time.monotonic() < deadline, f"workers {sorted(todo)} never answered {path} as " \
-                                                    f"expected; last bad answers {bad[-3:]}"
+                assert time.monotonic() < deadline, (
+                    f"workers {sorted(todo)} never answered {path} as expected; last bad answers {bad[-3:]}"
+                )
                 for status, body in ex.map(one, range(16)):
                     if status is None:
                         continue
@@ -174,8 +198,13 @@ def wait_metrics(etcd, expect, timeout=30):
 
 def fleet_env(python_env, etcd, prefix, name, **extra):
     env = {k: v for k, v in python_env.items() if not k.startswith(("SHMKEYSPACE_", "GUNICORN_"))}
-    env.update(SHMKEYSPACE_NAME=name, SHMKEYSPACE_PREFIX=prefix, SHMKEYSPACE_ENDPOINTS=etcd.endpoint,
-               SHMKEYSPACE_DECODER="json", **extra)
+    env.update(
+        SHMKEYSPACE_NAME=name,
+        SHMKEYSPACE_PREFIX=prefix,
+        SHMKEYSPACE_ENDPOINTS=etcd.endpoint,
+        SHMKEYSPACE_DECODER="json",
+        **extra,
+    )
     return env
 
 
@@ -249,7 +278,9 @@ def test_fleet_one_watch_worker_and_writer_crashes(own_etcd, prefix, shm_name, p
 
         # SIGTERM the master: it stops its writer too.
         assert gu.stop() == 0, gu.log()
-        assert not psutil.pid_exists(new_writer) or psutil.Process(new_writer).status() == psutil.STATUS_ZOMBIE
+        assert (
+            not psutil.pid_exists(new_writer) or psutil.Process(new_writer).status() == psutil.STATUS_ZOMBIE
+        )
         assert "stopped writer" in gu.log()
         with Reader(shm_name) as r:  # segments stay: the last snapshot remains readable
             assert r.get(key).decoded == {"v": 3} and not r.health().writer_alive
@@ -265,8 +296,11 @@ def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_
     w = Writer(shm_name, prefix, client=client, decoder=lambda kv: json.loads(kv.value)).start()
     gu = None
     try:
-        gu = Gunicorn(fleet_env(python_env, etcd_server, prefix, shm_name, SHMKEYSPACE_EXTERNAL_WRITER="1"),
-                      tmp_path, workers=2)
+        gu = Gunicorn(
+            fleet_env(python_env, etcd_server, prefix, shm_name, SHMKEYSPACE_EXTERNAL_WRITER="1"),
+            tmp_path,
+            workers=2,
+        )
         gu.wait_up()
         workers, writer = gu.wait_children(2, n_writers=0)  # with an external writer the master starts none
         time.sleep(0.5)
@@ -283,8 +317,9 @@ def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_
         w.stop()
 
 
-def test_stands_by_for_a_running_writer_then_takes_over(etcd_server, client, prefix, shm_name, python_env,
-                                                       tmp_path):
+def test_stands_by_for_a_running_writer_then_takes_over(
+    etcd_server, client, prefix, shm_name, python_env, tmp_path
+):
     key = f"{prefix}/k"
     client.put(key, json.dumps({"v": 1}))
     w = Writer(shm_name, prefix, client=client, decoder=lambda kv: json.loads(kv.value)).start()

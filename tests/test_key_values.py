@@ -5,6 +5,7 @@ with the same query answered by the simplest possible implementation, over keys
 drawn from a tiny byte alphabet (so collisions, shared prefixes, 0x00 and 0xff
 bytes are common). Also pins prefix_end's edge cases.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -19,8 +20,9 @@ ALPHABET = [0x00, 0x01, ord("a"), ord("b"), 0xFE, 0xFF]
 
 keys = st.lists(st.sampled_from(ALPHABET), max_size=4).map(bytes)
 revs = st.integers(min_value=1, max_value=50)
-slices = st.tuples(st.none() | st.integers(-8, 8), st.none() | st.integers(-8, 8),
-                   st.none() | st.integers(1, 3))
+slices = st.tuples(
+    st.none() | st.integers(-8, 8), st.none() | st.integers(-8, 8), st.none() | st.integers(1, 3)
+)
 
 settings.register_profile("kv", max_examples=150, deadline=None)
 settings.load_profile("kv")
@@ -97,8 +99,22 @@ def test_prefixed_empty_and_ff(c):
 
 
 def test_prefixed_ff_fixed_cases():
-    kvs = KeyValues([kv(k) for k in (b"", b"a", b"a\xff", b"a\xff\x00", b"a\xff\xff", b"b",
-                                      b"\xff", b"\xff\xff", b"\xff\xff\x00")])
+    kvs = KeyValues(
+        [
+            kv(k)
+            for k in (
+                b"",
+                b"a",
+                b"a\xff",
+                b"a\xff\x00",
+                b"a\xff\xff",
+                b"b",
+                b"\xff",
+                b"\xff\xff",
+                b"\xff\xff\x00",
+            )
+        ]
+    )
     assert [x.key for x in kvs.prefixed(b"a\xff")] == [b"a\xff", b"a\xff\x00", b"a\xff\xff"]
     assert [x.key for x in kvs.prefixed(b"\xff")] == [b"\xff", b"\xff\xff", b"\xff\xff\x00"]
     assert [x.key for x in kvs.prefixed(b"\xff\xff")] == [b"\xff\xff", b"\xff\xff\x00"]
@@ -192,18 +208,21 @@ def test_to_key_rejects_other_types():
         KeyValues().get(None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("prefix, end", [
-    (b"", None),
-    (b"\xff", None),
-    (b"\xff\xff\xff", None),
-    (b"a", b"b"),
-    (b"/a", b"/b"),
-    (b"a\xff", b"b"),
-    (b"a\xff\xff", b"b"),
-    (b"\x00", b"\x01"),
-    (b"ab\xfe", b"ab\xff"),
-    (b"\xfe\xff", b"\xff"),
-])
+@pytest.mark.parametrize(
+    "prefix, end",
+    [
+        (b"", None),
+        (b"\xff", None),
+        (b"\xff\xff\xff", None),
+        (b"a", b"b"),
+        (b"/a", b"/b"),
+        (b"a\xff", b"b"),
+        (b"a\xff\xff", b"b"),
+        (b"\x00", b"\x01"),
+        (b"ab\xfe", b"ab\xff"),
+        (b"\xfe\xff", b"\xff"),
+    ],
+)
 def test_prefix_end_cases(prefix, end):
     assert prefix_end(prefix) == end
 

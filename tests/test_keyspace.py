@@ -5,10 +5,10 @@ that kill, restart or compact it). The mirror is always checked key by key —
 value, create/mod revision, version and lease — against etcd's own Range at the
 mirror's revision, so "converged" means "equal to etcd at the revision it claims".
 """
+
 from __future__ import annotations
 
 import logging
-import math
 import random
 import threading
 import time
@@ -27,9 +27,19 @@ KS_LOG = "shmkeyspace.keyspace"
 
 # -- helpers ----------------------------------------------------------------------
 
+
 def rows(kvs) -> List[tuple]:
-    return [(bytes(kv.key), bytes(kv.value), int(kv.create_revision), int(kv.mod_revision),
-             int(kv.version), int(kv.lease)) for kv in kvs]
+    return [
+        (
+            bytes(kv.key),
+            bytes(kv.value),
+            int(kv.create_revision),
+            int(kv.mod_revision),
+            int(kv.version),
+            int(kv.lease),
+        )
+        for kv in kvs
+    ]
 
 
 def etcd_rows(client, root_key: bytes, revision: Optional[int] = None) -> List[tuple]:
@@ -91,6 +101,7 @@ def stopper():
 
 # -- randomized model test ------------------------------------------------------------
 
+
 class Model:
     """What etcd must hold: key -> (value, create_revision, mod_revision, version, lease)."""
 
@@ -111,23 +122,37 @@ def test_randomized_model(client, prefix, seed, stopper):
     rng = random.Random(seed)
     root = f"{prefix}/ks"
     rk = root.encode()
-    inside = [rk, rk + b"/a", rk + b"/b", rk + b"/c/d", rk + b"x", rk + b"\xff",
-              rk + b"/\x00", rk + b"/e\xff\xfe", rk + b"/f"]
+    inside = [
+        rk,
+        rk + b"/a",
+        rk + b"/b",
+        rk + b"/c/d",
+        rk + b"x",
+        rk + b"\xff",
+        rk + b"/\x00",
+        rk + b"/e\xff\xfe",
+        rk + b"/f",
+    ]
     # Keys sharing root's string without being under it, on both sides of its range.
-    outside = [rk[:-1], rk[:-1] + b"r/z", prefix_end(rk), prefix_end(rk) + b"/a",
-               rk[:-1] + b"\xff", f"{prefix}/j".encode()]
+    outside = [
+        rk[:-1],
+        rk[:-1] + b"r/z",
+        prefix_end(rk),
+        prefix_end(rk) + b"/a",
+        rk[:-1] + b"\xff",
+        f"{prefix}/j".encode(),
+    ]
     for k in outside:
         assert not k.startswith(rk)
     assert len(set(inside + outside)) == len(inside + outside)
     every = inside + outside
     model = Model()
     lease = client.lease(600)
-    lease_keys: Dict[bytes, int] = {}
 
     def value() -> bytes:
         if rng.random() < 0.1:
             return b"\xff\xfebad-utf8-%d" % rng.randrange(1000)  # the decoder rejects these
-        return ("v%d" % rng.randrange(10 ** 6)).encode()
+        return ("v%d" % rng.randrange(10**6)).encode()
 
     def put(key: bytes) -> int:
         lid = lease.id if rng.random() < 0.2 else 0
@@ -207,8 +232,7 @@ def test_randomized_model(client, prefix, seed, stopper):
         with ks.lock:
             assert rows(ks.key_values) == model.rows_under(rk), f"batch {batch}"
         assert_mirror_equals_etcd(ks, client, utf8_ok)
-        assert etcd_rows(client, rk) == [(k, *v) for k, v in sorted(model.kv.items())
-                                         if k.startswith(rk)]
+        assert etcd_rows(client, rk) == [(k, *v) for k, v in sorted(model.kv.items()) if k.startswith(rk)]
 
     # A fresh load at the watched mirror's revision agrees with it exactly.
     fresh = KeySpace(root, decoders.utf8)
@@ -219,6 +243,7 @@ def test_randomized_model(client, prefix, seed, stopper):
 
 
 # -- revision semantics -----------------------------------------------------------------
+
 
 def test_revision_ignores_outside_writes_and_progress(prefix, stopper):
     with EtcdServer(extra_args=["--experimental-watch-progress-notify-interval=200ms"]) as srv:
@@ -239,11 +264,16 @@ def test_revision_ignores_outside_writes_and_progress(prefix, stopper):
 
         # A raw watch of the parent prefix captures real responses for the outside writes.
         import queue
+
         raw_q: "queue.Queue" = queue.Queue()
-        wid = c.add_watch_prefix_callback(prefix, raw_q.put, start_revision=r1 + 1,
-                                          progress_notify=True)
-        outside = [prefix, f"{prefix}/q", f"{prefix}/q/x", prefix_end(root.encode()).decode() + "/x",
-                   prefix_end(root.encode()).decode()]
+        wid = c.add_watch_prefix_callback(prefix, raw_q.put, start_revision=r1 + 1, progress_notify=True)
+        outside = [
+            prefix,
+            f"{prefix}/q",
+            f"{prefix}/q/x",
+            prefix_end(root.encode()).decode() + "/x",
+            prefix_end(root.encode()).decode(),
+        ]
         for k in outside:
             r2 = int(c.put(k, "o").header.revision)
         # etcd tells the mirror about r2 only through progress notifications.
@@ -349,6 +379,7 @@ def test_two_mirrors_equal_revision_iff_equal_contents(client, prefix, stopper):
 
 # -- decoding -------------------------------------------------------------------------
 
+
 def test_decode_failure_excludes_logs_and_recovers(client, prefix, stopper, caplog):
     caplog.set_level(logging.WARNING, logger=KS_LOG)
     root = f"{prefix}/d"
@@ -370,9 +401,8 @@ def test_decode_failure_excludes_logs_and_recovers(client, prefix, stopper, capl
     r = int(client.put(f"{root}/good", "{broken").header.revision)
     assert ks.wait_for_revision(r, 10)
     assert ks.key_values.get(f"{root}/good") is None
-    assert any(f"{root}/good" in r_.getMessage() and r_.levelno >= logging.WARNING
-               for r_ in caplog.records)
-    assert_mirror_equals_etcd(ks, client, lambda v: v.startswith(b"{\""))
+    assert any(f"{root}/good" in r_.getMessage() and r_.levelno >= logging.WARNING for r_ in caplog.records)
+    assert_mirror_equals_etcd(ks, client, lambda v: v.startswith(b'{"'))
 
     # An excluded new key still moves the revision (the mirror is exact there),
     # and its delete is consistent (no "unknown key" error).
@@ -391,6 +421,7 @@ def test_decode_failure_excludes_logs_and_recovers(client, prefix, stopper, capl
 
 
 # -- batching -------------------------------------------------------------------------
+
 
 def test_burst_within_apply_delay_is_one_update(client, prefix, stopper):
     root = f"{prefix}/b"
@@ -415,13 +446,15 @@ def test_burst_within_apply_delay_is_one_update(client, prefix, stopper):
 
     # A transaction of many puts is one response, hence one update too.
     calls.clear()
-    ok, resps = client.transaction(compare=[], success=[client.transactions.put(k, "w") for k in keys],
-                                   failure=[])
+    ok, resps = client.transaction(
+        compare=[], success=[client.transactions.put(k, "w") for k in keys], failure=[]
+    )
     assert ks.wait_for_revision(txn_revision(resps), 15)
     assert calls == [set(keys)]
 
 
 # -- compaction -----------------------------------------------------------------------
+
 
 def test_compaction_while_behind_reloads(own_etcd, prefix, stopper, caplog):
     caplog.set_level(logging.WARNING, logger=KS_LOG)
@@ -469,6 +502,7 @@ def test_compaction_while_behind_reloads(own_etcd, prefix, stopper, caplog):
 
 
 # -- etcd outage ------------------------------------------------------------------------
+
 
 def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
     root = f"{prefix}/o"
@@ -554,8 +588,10 @@ def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
 
 # -- root validation ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("root, clean", [("/a/", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"),
-                                         ("/a/../b", "/b"), ("/a/b/", "/a/b")])
+
+@pytest.mark.parametrize(
+    "root, clean", [("/a/", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/a/b/", "/a/b")]
+)
 def test_unclean_root_names_the_clean_form(root, clean):
     with pytest.raises(ValueError) as ei:
         KeySpace(root)
@@ -575,6 +611,7 @@ def test_clean_roots_are_accepted():
 
 
 # -- loading --------------------------------------------------------------------------------
+
 
 def test_load_paginates(client, prefix):
     root = f"{prefix}/p"
@@ -611,8 +648,13 @@ def test_load_pages_beyond_grpc_receive_limit(own_etcd, prefix, caplog):
     try:
         blob = "x" * 4096
         for start in range(0, 3000, 100):
-            c.transaction(compare=[], failure=[], success=[
-                c.transactions.put(f"{root}/k{i:05d}", f"{i}:{blob}") for i in range(start, start + 100)])
+            c.transaction(
+                compare=[],
+                failure=[],
+                success=[
+                    c.transactions.put(f"{root}/k{i:05d}", f"{i}:{blob}") for i in range(start, start + 100)
+                ],
+            )
         caplog.set_level(logging.INFO, logger=KS_LOG)
 
         # Default limit: the 2000-key page is refused, halved, and the load completes.
@@ -635,6 +677,7 @@ def test_load_pages_beyond_grpc_receive_limit(own_etcd, prefix, caplog):
 
 
 # -- unrecoverable apply errors ------------------------------------------------------------------
+
 
 def test_unrecoverable_apply_errors_leave_keyspace_unchanged(client, prefix):
     import queue

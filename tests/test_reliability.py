@@ -15,6 +15,7 @@ and every test counts its faults and checked answers; CI runs small counts,
 ``SHMKEYSPACE_SOAK=1`` (or ``bench/soak.py``) runs large ones and collects the
 counts into a table (docs/reliability.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,17 @@ import subprocess
 import threading
 import time
 
+import helpers_procs as hp
 import pytest
 
-import helpers_procs as hp
-from shmkeyspace import Reader, Writer, segment
+from shmkeyspace import Reader, Writer
 from shmkeyspace.errors import NotSerializableError
 from shmkeyspace.etcd import connect, free_port
 from shmkeyspace.key_values import prefix_end
 
-SOAK_ONLY = pytest.mark.skipif(not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/soak.py)")
+SOAK_ONLY = pytest.mark.skipif(
+    not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/soak.py)"
+)
 
 
 # -- child scripts ----------------------------------------------------------------------
@@ -317,6 +320,7 @@ def _readline(proc: subprocess.Popen, timeout: float) -> str:
 
 # -- writer SIGKILL at random points, successors take over -----------------------------------------
 
+
 def test_writer_sigkill_takeover_readers_follow(shm_name, tmp_path):
     """A publisher is SIGKILLed at random points of continuous publishing, again and
     again; each time a new one takes the name over (the kernel dropped the flock).
@@ -331,8 +335,10 @@ def test_writer_sigkill_takeover_readers_follow(shm_name, tmp_path):
     try:
         writer = hp.spawn(hp.SCHEDULE_PUBLISHER, shm_name, str(big))
         parent = Reader(shm_name, wait=30, cache_size=0)
-        readers = [hp.spawn(SCHEDULE_READER, shm_name, str(big), str(rnd.randrange(1 << 30)), progress[i])
-                   for i in range(2)]
+        readers = [
+            hp.spawn(SCHEDULE_READER, shm_name, str(big), str(rnd.randrange(1 << 30)), progress[i])
+            for i in range(2)
+        ]
         assert hp.wait_until(lambda: all(hp.read_progress(p).get("maxrev", 0) > 0 for p in progress), 30)
         for k in range(kills + 1):
             # Every fourth life or so ends at once: during the successor's first
@@ -341,15 +347,16 @@ def test_writer_sigkill_takeover_readers_follow(shm_name, tmp_path):
             if k > 0:
                 before = parent.revision
                 writer = hp.spawn(hp.SCHEDULE_PUBLISHER, shm_name, str(big))
-                assert hp.wait_until(lambda: parent.health(stale_after=1e9).writer_pid == writer.pid, 30), \
+                assert hp.wait_until(lambda: parent.health(stale_after=1e9).writer_pid == writer.pid, 30), (
                     writer.stderr.read() if writer.poll() is not None else "successor did not take over"
+                )
                 if not quick:
                     # It publishes, and the readers follow it without being restarted.
                     assert hp.wait_until(lambda: parent.revision > before + 3, 30)
                     target = parent.revision
-                    assert hp.wait_until(lambda: all(hp.read_progress(p).get("maxrev", 0) >= target
-                                                     for p in progress), 30), \
-                        [hp.read_progress(p) for p in progress]
+                    assert hp.wait_until(
+                        lambda: all(hp.read_progress(p).get("maxrev", 0) >= target for p in progress), 30
+                    ), [hp.read_progress(p) for p in progress]
             if k == kills:
                 break
             if quick:
@@ -379,10 +386,14 @@ def test_writer_sigkill_takeover_readers_follow(shm_name, tmp_path):
     checked = sum(r["checked"] for r in results)
     bad = [b for r in results for b in r["bad"]]
     errors = [e for r in results for e in r["errors"]]
-    hp.report_counts("writer SIGKILL + takeover", faults=stats["kills"], answers=checked,
-                     inconsistencies=len(bad) + len(errors),
-                     killed_in_first_publication=stats["mid_first_publication"],
-                     reader_retries=sum(r["retries"] for r in results))
+    hp.report_counts(
+        "writer SIGKILL + takeover",
+        faults=stats["kills"],
+        answers=checked,
+        inconsistencies=len(bad) + len(errors),
+        killed_in_first_publication=stats["mid_first_publication"],
+        reader_retries=sum(r["retries"] for r in results),
+    )
     assert bad == [] and errors == [], (bad, errors)
     assert stats["kills"] == kills
     assert all(r["checked"] > 50 for r in results), results
@@ -402,7 +413,9 @@ def test_writer_process_sigkill_with_etcd(etcd_server, client, prefix, shm_name,
     def commit():
         state["n"] += 1
         v = json.dumps(state["n"])
-        client.transaction(compare=[], success=[tx.put(f"{prefix}/k{i:02d}", v) for i in range(nkeys)], failure=[])
+        client.transaction(
+            compare=[], success=[tx.put(f"{prefix}/k{i:02d}", v) for i in range(nkeys)], failure=[]
+        )
 
     def feed():
         while not state["stop"]:
@@ -453,9 +466,13 @@ def test_writer_process_sigkill_with_etcd(etcd_server, client, prefix, shm_name,
         hp.stop(writer, signal.SIGKILL)
         if parent is not None:
             parent.close()
-    hp.report_counts("Writer process SIGKILL (etcd)", faults=kills, answers=res["checked"],
-                     inconsistencies=len(res["bad"]) + len(res["errors"]) + len(state["errors"]),
-                     transactions=state["n"])
+    hp.report_counts(
+        "Writer process SIGKILL (etcd)",
+        faults=kills,
+        answers=res["checked"],
+        inconsistencies=len(res["bad"]) + len(res["errors"]) + len(state["errors"]),
+        transactions=state["n"],
+    )
     assert res["bad"] == [] and res["errors"] == [] and state["errors"] == [], res
     assert res["checked"] > 20, res
 
@@ -467,15 +484,26 @@ def _assert_mirror_equals_etcd(reader: Reader, client, prefix: str, revision: in
         mine = s.prefixed(prefix)
     p = prefix.encode()
     resp = client.get_range_response(p, prefix_end(p), revision=revision)
-    theirs = [(bytes(kv.key), json.loads(kv.value), kv.create_revision, kv.mod_revision, kv.version)
-              for kv in resp.kvs]
-    got = [(e.key.encode() if isinstance(e.key, str) else e.key, e.decoded, e.create_revision, e.mod_revision,
-            e.version) for e in mine]
+    theirs = [
+        (bytes(kv.key), json.loads(kv.value), kv.create_revision, kv.mod_revision, kv.version)
+        for kv in resp.kvs
+    ]
+    got = [
+        (
+            e.key.encode() if isinstance(e.key, str) else e.key,
+            e.decoded,
+            e.create_revision,
+            e.mod_revision,
+            e.version,
+        )
+        for e in mine
+    ]
     assert got == theirs
     return len(got)
 
 
 # -- etcd killed, restarted, compacted during an outage ----------------------------------------------
+
 
 def test_etcd_kill_restart_and_compaction_during_outage(own_etcd, prefix, shm_name, caplog):
     caplog.set_level(logging.INFO, logger="shmkeyspace")
@@ -502,8 +530,13 @@ def test_etcd_kill_restart_and_compaction_during_outage(own_etcd, prefix, shm_na
                 time.sleep(0.1)
             time.sleep(0.002)
 
-    w = Writer(shm_name, prefix, endpoints=own_etcd.endpoint, decoder=lambda kv: json.loads(kv.value),
-               apply_delay=0.005)
+    w = Writer(
+        shm_name,
+        prefix,
+        endpoints=own_etcd.endpoint,
+        decoder=lambda kv: json.loads(kv.value),
+        apply_delay=0.005,
+    )
     checks = 0
     try:
         w.start()
@@ -554,8 +587,13 @@ def test_etcd_kill_restart_and_compaction_during_outage(own_etcd, prefix, shm_na
         state["stop"] = True
         w.stop()
         feeder_client.close()
-    hp.report_counts("etcd kill/restart + compaction in outage", faults=3 * rounds, answers=checks,
-                     inconsistencies=0, publications=w.publications)
+    hp.report_counts(
+        "etcd kill/restart + compaction in outage",
+        faults=3 * rounds,
+        answers=checks,
+        inconsistencies=0,
+        publications=w.publications,
+    )
 
 
 def _newest_revision(client, prefix: str) -> int:
@@ -570,6 +608,7 @@ def _count(caplog, text: str) -> int:
 
 # -- a reader stopped in the middle of a read -------------------------------------------------------
 
+
 def test_reader_sigstopped_mid_read_resumes_correctly(shm_name, tmp_path):
     stops = hp.scaled(2, 20, "SHMKEYSPACE_SOAK_STOPS")
     n = 20000
@@ -581,8 +620,9 @@ def test_reader_sigstopped_mid_read_resumes_correctly(shm_name, tmp_path):
         writer = hp.spawn(WIDE_PUBLISHER, shm_name, str(n))
         parent = Reader(shm_name, wait=30, cache_size=0)
         reader = hp.spawn(WIDE_READER, shm_name, str(n), progress)
-        assert hp.wait_until(lambda: hp.read_progress(progress).get("checked", 0) >= 3, 60), \
-            hp.read_progress(progress)
+        assert hp.wait_until(lambda: hp.read_progress(progress).get("checked", 0) >= 3, 60), hp.read_progress(
+            progress
+        )
         for _ in range(stops):
             # Stop it inside range(): try random moments until one lands mid-read.
             for _attempt in range(200):
@@ -603,7 +643,9 @@ def test_reader_sigstopped_mid_read_resumes_correctly(shm_name, tmp_path):
             advanced.append(rev_b - rev_a)
             assert rev_b > rev_a + 2, "the writer must keep publishing while a reader is stopped"
             os.kill(reader.pid, signal.SIGCONT)
-            assert hp.wait_until(lambda: hp.read_progress(progress).get("checked", 0) >= before["checked"] + 3, 60)
+            assert hp.wait_until(
+                lambda: hp.read_progress(progress).get("checked", 0) >= before["checked"] + 3, 60
+            )
             after = hp.read_progress(progress)
             assert after["bad"] == 0, after
             assert after["maxrev"] > rev_b - 1  # it answers from publications made after the stop
@@ -614,15 +656,21 @@ def test_reader_sigstopped_mid_read_resumes_correctly(shm_name, tmp_path):
     finally:
         hp.stop(reader, signal.SIGKILL)
         hp.stop(writer, signal.SIGKILL)
-    hp.report_counts("reader SIGSTOP mid-read", faults=mid_read, answers=res["checked"],
-                     inconsistencies=len(res["bad"]), reader_retries=res["retries"],
-                     min_publications_during_stop=min(advanced))
+    hp.report_counts(
+        "reader SIGSTOP mid-read",
+        faults=mid_read,
+        answers=res["checked"],
+        inconsistencies=len(res["bad"]),
+        reader_retries=res["retries"],
+        min_publications_during_stop=min(advanced),
+    )
     assert res["bad"] == [], res
     # The interrupted read noticed the writer had moved on and was redone.
     assert retry_growth >= 1 and res["retries"] > 0, (retry_growth, res)
 
 
 # -- long-lived readers do not leak ------------------------------------------------------------------
+
 
 def test_reader_through_10k_publications_and_generations_does_not_leak(shm_name, tmp_path):
     count = hp.scaled(10_000, 100_000, "SHMKEYSPACE_SOAK_PUBLICATIONS")
@@ -640,14 +688,19 @@ def test_reader_through_10k_publications_and_generations_does_not_leak(shm_name,
         hp.stop(writer, signal.SIGKILL)
     res = hp.last_json(out)
     start, end = res["start"], res["end"]
-    hp.report_counts("reader through publications + generations", faults=len(res["gens"]) - 1,
-                     answers=res["checked"], inconsistencies=len(res["bad"]), publications=count,
-                     rss_growth_kib=(end["rss"] - start["rss"]) // 1024)
+    hp.report_counts(
+        "reader through publications + generations",
+        faults=len(res["gens"]) - 1,
+        answers=res["checked"],
+        inconsistencies=len(res["bad"]),
+        publications=count,
+        rss_growth_kib=(end["rss"] - start["rss"]) // 1024,
+    )
     assert res["bad"] == [], res["bad"]
-    assert len(res["gens"]) >= 4, res["gens"]       # >= 3 generation changes, all followed
+    assert len(res["gens"]) >= 4, res["gens"]  # >= 3 generation changes, all followed
     assert end["rev"] == count
     assert end["fds"] == start["fds"], res
-    assert end["maps"] == start["maps"] == 2, res   # control + current generation: old ones unmapped
+    assert end["maps"] == start["maps"] == 2, res  # control + current generation: old ones unmapped
     assert end["rss"] - start["rss"] < 5 << 20, res  # private memory, not time
     assert res["checked"] > 1000, res
 
@@ -713,15 +766,28 @@ print(json.dumps(out, default=str), flush=True)
 """
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
-                    reason="needs root and unshare(1) to mount a small private /dev/shm")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/unshare"),
+    reason="needs root and unshare(1) to mount a small private /dev/shm",
+)
 def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
     """In a private mount namespace with a 5 MiB /dev/shm: a snapshot that does not
     fit raises SegmentFullError (no SIGBUS, nothing half-created), the writer counts
     and logs it, readers keep the last snapshot, and the next change recovers."""
-    proc = hp.spawn(SHM_FULL_CHILD, etcd_server.endpoint, prefix,
-                    prefix=["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            'mount -t tmpfs -o size=5m tmpfs /dev/shm && exec "$0" "$@"'])
+    proc = hp.spawn(
+        SHM_FULL_CHILD,
+        etcd_server.endpoint,
+        prefix,
+        prefix=[
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'mount -t tmpfs -o size=5m tmpfs /dev/shm && exec "$0" "$@"',
+        ],
+    )
     try:
         out, err = proc.communicate(timeout=120)
     finally:
@@ -745,6 +811,7 @@ def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
 
 # -- bad input -----------------------------------------------------------------------------------------
 
+
 def _bad_decoder(kv):
     v = kv.value
     if v == b"raise":
@@ -760,8 +827,14 @@ def _bad_decoder(kv):
 
 def test_decoder_errors_and_unserializable_values(client, prefix, shm_name, caplog):
     caplog.set_level(logging.WARNING, logger="shmkeyspace")
-    for k, v in [("good1", "one"), ("raise", "raise"), ("set", "set"), ("object", "object"),
-                 ("intkeys", "intkeys"), ("good2", "two")]:
+    for k, v in [
+        ("good1", "one"),
+        ("raise", "raise"),
+        ("set", "set"),
+        ("object", "object"),
+        ("intkeys", "intkeys"),
+        ("good2", "two"),
+    ]:
         client.put(f"{prefix}/{k}", v)
     with Writer(shm_name, prefix, client=client, decoder=_bad_decoder, apply_delay=0.005) as w:
         w.start()
@@ -773,8 +846,13 @@ def test_decoder_errors_and_unserializable_values(client, prefix, shm_name, capl
             msgs = [rec.getMessage() for rec in caplog.records]
             assert any("this decoder refuses 'raise'" in m for m in msgs), msgs
             for k in ("set", "object", "intkeys"):
-                hits = [m for m in msgs if f"{prefix}/{k}" in m and "cannot be stored in shared memory" in m
-                        and "msgpack-serializable" in m]
+                hits = [
+                    m
+                    for m in msgs
+                    if f"{prefix}/{k}" in m
+                    and "cannot be stored in shared memory" in m
+                    and "msgpack-serializable" in m
+                ]
                 assert hits, (k, msgs)
             # Recoverable: a later good value brings the key in; a bad one takes it out.
             rev = client.put(f"{prefix}/set", "now fine").header.revision
@@ -787,6 +865,7 @@ def test_decoder_errors_and_unserializable_values(client, prefix, shm_name, capl
         assert w.publish_failures == 0
     # The error type the writer uses, for callers packing by hand.
     from shmkeyspace.snapshot import pack_entry
+
     with pytest.raises(NotSerializableError, match="cannot be stored in shared memory"):
         pack_entry(b"/k", {1, 2}, 1, 1, 1, 0)
 
@@ -837,14 +916,27 @@ def test_prefix_of_a_million_keys(prefix, shm_name):
     from shmkeyspace.etcd import EtcdServer
 
     n = hp.scaled(1_000_000, 1_000_000, "SHMKEYSPACE_SOAK_KEYS")
-    args = ["--max-txn-ops", "2048", "--max-request-bytes", str(8 << 20), "--quota-backend-bytes", str(8 << 30)]
+    args = [
+        "--max-txn-ops",
+        "2048",
+        "--max-request-bytes",
+        str(8 << 20),
+        "--quota-backend-bytes",
+        str(8 << 30),
+    ]
     with EtcdServer(extra_args=args) as srv:
         c = connect(srv.endpoint)
         tx = c.transactions
         t0 = time.monotonic()
         for s in range(0, n, 2000):
-            c.transaction(compare=[], success=[tx.put(f"{prefix}/{i:08d}", json.dumps({"i": i, "v": "x" * 40}))
-                                               for i in range(s, min(n, s + 2000))], failure=[])
+            c.transaction(
+                compare=[],
+                success=[
+                    tx.put(f"{prefix}/{i:08d}", json.dumps({"i": i, "v": "x" * 40}))
+                    for i in range(s, min(n, s + 2000))
+                ],
+                failure=[],
+            )
         seed_s = time.monotonic() - t0
         w = Writer(shm_name, prefix, client=c, decoder=lambda kv: json.loads(kv.value))
         try:
@@ -867,6 +959,14 @@ def test_prefix_of_a_million_keys(prefix, shm_name):
         finally:
             w.stop()
             c.close()
-    hp.report_counts("prefix of 1M keys", faults=0, answers=1002, inconsistencies=0, keys=n,
-                     seed_seconds=round(seed_s, 1), load_publish_seconds=round(load_publish_s, 2),
-                     image_mib=round(h.bytes / 2 ** 20, 1), incremental_publish_ms=round(incremental_s * 1e3, 1))
+    hp.report_counts(
+        "prefix of 1M keys",
+        faults=0,
+        answers=1002,
+        inconsistencies=0,
+        keys=n,
+        seed_seconds=round(seed_s, 1),
+        load_publish_seconds=round(load_publish_s, 2),
+        image_mib=round(h.bytes / 2**20, 1),
+        incremental_publish_ms=round(incremental_s * 1e3, 1),
+    )

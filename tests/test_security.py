@@ -4,24 +4,37 @@ say what is wrong, and read-only mappings in readers.
 Permission checks run a child that drops root for uid/gid 65534 (nobody/nogroup)
 after importing, so the child itself is real and unprivileged.
 """
+
 from __future__ import annotations
 
-import ctypes
 import grp
 import os
 import signal
 import stat
-import subprocess
-
-import pytest
 
 import helpers_procs as hp
+import pytest
+
 from shmkeyspace import Reader, Writer, segment
 from shmkeyspace.errors import InvalidNameError
 from shmkeyspace.snapshot import ImageBuilder, pack_entry
 
-BAD_NAMES = ["a/b", "/abs", "..", "a..b", "../etc/passwd", "a\0b", "", "x" * 201, ".hidden", "-dash",
-             "sp ace", "new\nline", "é", "a*b"]
+BAD_NAMES = [
+    "a/b",
+    "/abs",
+    "..",
+    "a..b",
+    "../etc/passwd",
+    "a\0b",
+    "",
+    "x" * 201,
+    ".hidden",
+    "-dash",
+    "sp ace",
+    "new\nline",
+    "é",
+    "a*b",
+]
 
 
 def _publish_small(name: str, **kw) -> segment.Publisher:
@@ -35,10 +48,14 @@ def _publish_small(name: str, **kw) -> segment.Publisher:
 
 @pytest.mark.parametrize("bad", BAD_NAMES, ids=lambda n: repr(n)[:20])
 def test_invalid_names_are_refused_everywhere(bad):
-    for make in (lambda: Reader(bad), lambda: segment.Publisher(bad),
-                 lambda: Writer(bad, "/p", endpoints="127.0.0.1:1"),  # refused before any etcd I/O
-                 lambda: segment.validate_name(bad), lambda: segment.unlink_all(bad),
-                 lambda: segment.writer_is_running(bad)):
+    for make in (
+        lambda: Reader(bad),
+        lambda: segment.Publisher(bad),
+        lambda: Writer(bad, "/p", endpoints="127.0.0.1:1"),  # refused before any etcd I/O
+        lambda: segment.validate_name(bad),
+        lambda: segment.unlink_all(bad),
+        lambda: segment.writer_is_running(bad),
+    ):
         with pytest.raises(InvalidNameError) as ei:
             make()
         msg = str(ei.value)

@@ -1,5 +1,6 @@
 """Segments, publication and Reader behaviour: exclusivity, crashes, corruption, fork,
 snapshot views, and a Writer publishing a real etcd prefix."""
+
 from __future__ import annotations
 
 import json
@@ -11,13 +12,18 @@ import time
 
 import pytest
 import torture
+from conftest import PYTHON
 
 from shmkeyspace import Reader, Writer, segment
-from shmkeyspace.errors import (CorruptSegmentError, InvalidNameError, SegmentNotFoundError,
-                                ShmKeyspaceError, SnapshotExpiredError, WriterExistsError)
+from shmkeyspace.errors import (
+    CorruptSegmentError,
+    InvalidNameError,
+    SegmentNotFoundError,
+    ShmKeyspaceError,
+    SnapshotExpiredError,
+    WriterExistsError,
+)
 from shmkeyspace.snapshot import ImageBuilder, pack_entry
-
-from conftest import PYTHON
 
 
 def _publish_small(pub: segment.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:
@@ -32,8 +38,10 @@ def test_second_writer_is_refused_naming_the_first(shm_name, python_env):
         with pytest.raises(WriterExistsError, match=rf"pid {os.getpid()}"):
             segment.Publisher(shm_name)
         # ... also from another process
-        code = (f"from shmkeyspace import segment\ntry:\n segment.Publisher({shm_name!r})\n"
-                f"except Exception as e:\n print(type(e).__name__, e)")
+        code = (
+            f"from shmkeyspace import segment\ntry:\n segment.Publisher({shm_name!r})\n"
+            f"except Exception as e:\n print(type(e).__name__, e)"
+        )
         out = subprocess.run([PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60)
         assert out.stdout.startswith("WriterExistsError") and f"pid {os.getpid()}" in out.stdout, out
         assert segment.writer_is_running(shm_name)
@@ -77,7 +85,7 @@ def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
     last complete publication, health() says the writer is dead, a new writer takes over."""
     ctx = mp.get_context("spawn")
     killed_mid = 0
-    for attempt in range(3):
+    for _attempt in range(3):
         p = ctx.Process(target=_kill_mid_publish, args=(shm_name,))
         p.start()
         try:
@@ -86,7 +94,9 @@ def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
             start = r.revision
             deadline = time.monotonic() + 60
             # Let it publish a few revisions, then strike while seq is odd.
-            while time.monotonic() < deadline and (r.revision < start + 2 or words[segment.OFF_SEQ // 8] % 2 == 0):
+            while time.monotonic() < deadline and (
+                r.revision < start + 2 or words[segment.OFF_SEQ // 8] % 2 == 0
+            ):
                 pass
         finally:
             os.kill(p.pid, signal.SIGKILL)
@@ -122,13 +132,26 @@ def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
         r.close()
 
 
-@pytest.mark.parametrize("damage", ["ctrl-magic", "ctrl-version", "data-magic", "image-magic",
-                                    "image-version", "truncated-data", "random-image", "zero-table"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "ctrl-magic",
+        "ctrl-version",
+        "data-magic",
+        "image-magic",
+        "image-version",
+        "truncated-data",
+        "random-image",
+        "zero-table",
+    ],
+)
 def test_corrupt_segments_raise_clear_errors(shm_name, damage):
     pub = segment.Publisher(shm_name)
     b = ImageBuilder()
     _publish_small(pub, b, 7, n=200)
-    rec = segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + ((pub.seq >> 1) & 1) * segment.RECORD.size)
+    rec = segment.RECORD.unpack_from(
+        pub.ctrl, segment.OFF_RECORDS + ((pub.seq >> 1) & 1) * segment.RECORD.size
+    )
     gen, seg_size, off, length = rec[:4]
     pub.close()
     ctrl_path = segment.shm_path(segment.ctrl_name(shm_name))
@@ -154,7 +177,7 @@ def test_corrupt_segments_raise_clear_errors(shm_name, damage):
     elif damage == "random-image":
         poke(data_path, off + 128, os.urandom(length - 128))
     elif damage == "zero-table":
-        table_off = int.from_bytes(open(data_path, "rb").read()[off + 48:off + 56], "little")
+        table_off = int.from_bytes(open(data_path, "rb").read()[off + 48 : off + 56], "little")
         poke(data_path, off + table_off, bytes(1024))
     with pytest.raises((CorruptSegmentError, SegmentNotFoundError)) as ei:
         with Reader(shm_name, cache_size=0) as r:
@@ -241,6 +264,7 @@ def test_writer_mirrors_etcd_prefix(client, prefix, shm_name):
         client.put(f"{prefix}/k{i:03d}", json.dumps({"i": i}))
     client.put(prefix + "x/outside", "1")  # shares the string prefix: Gazette semantics include it
     from shmkeyspace.decoders import json as jdec
+
     w = Writer(shm_name, prefix, client=client, decoder=jdec, apply_delay=0.01).start()
     try:
         r = Reader(shm_name)

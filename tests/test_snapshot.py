@@ -3,6 +3,7 @@
 Images are built by ImageBuilder (full reset and incremental apply), published
 into real shared memory by a Publisher, and read back by a Reader.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,10 +20,17 @@ from shmkeyspace.snapshot import ImageBuilder, ImageView, entry_key, pack_entry
 
 # Keys: short, from a small alphabet so prefixes and ranges overlap, with
 # 0xff and non-UTF-8 bytes in the mix.
-key_bytes = st.binary(min_size=0, max_size=6).map(lambda b: b"/k" + bytes(x % 5 + 0x61 if x < 200 else x for x in b))
-values = st.one_of(st.none(), st.integers(-2**63, 2**64 - 1), st.text(max_size=20), st.binary(max_size=20),
-                   st.lists(st.integers(-2**63, 2**63 - 1), max_size=3),
-                   st.dictionaries(st.text(max_size=3), st.integers(-2**63, 2**63 - 1), max_size=3))
+key_bytes = st.binary(min_size=0, max_size=6).map(
+    lambda b: b"/k" + bytes(x % 5 + 0x61 if x < 200 else x for x in b)
+)
+values = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.text(max_size=20),
+    st.binary(max_size=20),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=3),
+)
 
 
 def _kv(key: bytes, value, rev: int) -> KeyValue:
@@ -55,7 +63,7 @@ def _publish(pub: segment.Publisher, b: ImageBuilder) -> None:
     slot = (pub.seq >> 1) & 1
     rec = segment.RECORD.unpack_from(pub.ctrl, segment.OFF_RECORDS + slot * segment.RECORD.size)
     off, length = rec[2], rec[3]
-    assert length == total and pub._data[off:off + total] == b"".join(bytes(p) for p in parts)
+    assert length == total and pub._data[off : off + total] == b"".join(bytes(p) for p in parts)
 
 
 def _check(reader: Reader, ref: KeyValues, probes) -> None:
@@ -65,7 +73,11 @@ def _check(reader: Reader, ref: KeyValues, probes) -> None:
         assert e is not None, kv.key
         assert e.key == entry_key(kv.key) and e.decoded == _norm(kv.decoded)
         assert (e.create_revision, e.mod_revision, e.version, e.lease) == (
-            kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+            kv.create_revision,
+            kv.mod_revision,
+            kv.version,
+            kv.lease,
+        )
     for p in probes:
         got = reader.get(p)
         want = ref.get(p)
@@ -104,9 +116,12 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(st.dictionaries(key_bytes, st.one_of(st.none(), values), max_size=40), min_size=1,
-                      max_size=12),
-       probes=st.lists(key_bytes, max_size=10))
+@given(
+    steps=st.lists(
+        st.dictionaries(key_bytes, st.one_of(st.none(), values), max_size=40), min_size=1, max_size=12
+    ),
+    probes=st.lists(key_bytes, max_size=10),
+)
 def test_incremental_apply_matches_reference(shm_name, steps, probes):
     """Apply random put/delete batches one by one; the reader always equals the reference."""
     ref = KeyValues()
@@ -155,6 +170,7 @@ def test_image_view_rejects_bad_headers():
     img = bytearray(b"".join(bytes(p) for p in parts))
     ImageView(memoryview(bytes(img)), 0, total)  # the valid one parses
     from shmkeyspace.errors import CorruptSegmentError
+
     bad_magic = bytearray(img)
     bad_magic[0:8] = b"NOTSNAP!"
     with pytest.raises(CorruptSegmentError, match="magic"):
@@ -164,7 +180,7 @@ def test_image_view_rejects_bad_headers():
     with pytest.raises(CorruptSegmentError, match="version"):
         ImageView(memoryview(bytes(bad_version)), 0, total)
     with pytest.raises(CorruptSegmentError):
-        ImageView(memoryview(bytes(img[:total - 1])), 0, total)
+        ImageView(memoryview(bytes(img[: total - 1])), 0, total)
 
 
 def test_values_readers_cannot_unpack_are_refused():

@@ -6,6 +6,7 @@ processes run get / range / prefixed / snapshot and check every answer against
 the revision it claims. The test also asserts that the race really happened:
 readers retried because publications landed under them.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -28,8 +29,10 @@ def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
     readers = []
     try:
         Reader(shm_name, wait=20).close()  # first publication is there
-        readers = [ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out, fenced))
-                   for seed in range(3)]
+        readers = [
+            ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out, fenced))
+            for seed in range(3)
+        ]
         for p in readers:
             p.start()
         results = [out.get(timeout=seconds + 60) for _ in readers]
@@ -44,9 +47,14 @@ def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
     assert writer.exitcode == 0
     bad = [b for r in results for b in r["bad"]]
     checked = sum(r["checked"] for r in results)
-    hp.report_counts(f"seqlock torture ({'fenced' if fenced else 'x86'} reader path)", faults=last.value,
-                     answers=checked, inconsistencies=len(bad),
-                     retries=sum(r["retries"] for r in results), seconds=seconds)
+    hp.report_counts(
+        f"seqlock torture ({'fenced' if fenced else 'x86'} reader path)",
+        faults=last.value,
+        answers=checked,
+        inconsistencies=len(bad),
+        retries=sum(r["retries"] for r in results),
+        seconds=seconds,
+    )
     assert bad == [], bad
     assert checked > 300, results
     # The race was real: every reader saw the snapshot move, and reads were retried.
@@ -84,8 +92,9 @@ def test_schedule_is_self_consistent():
 def test_generation_growth_under_live_readers(shm_name):
     """A Reader attached at a small generation follows the writer through several
     larger ones (and a smaller one), and old generations are unlinked."""
-    from shmkeyspace.snapshot import ImageBuilder, pack_entry
     import os
+
+    from shmkeyspace.snapshot import ImageBuilder, pack_entry
 
     pub = segment.Publisher(shm_name)
     b = ImageBuilder()

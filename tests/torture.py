@@ -15,6 +15,7 @@ Most revisions change a handful of keys (the writer's incremental path); every
 7th rewrites all d-keys. ``expected(R)`` gives the full content, ``verify_*``
 check answers against it.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,8 +73,7 @@ def changes(r: int, big_kib: int) -> Dict[bytes, Optional[Tuple[object, int]]]:
     return out
 
 
-def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int = 1,
-                    report=None) -> int:
+def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int = 1, report=None) -> int:
     """Publish revisions start_rev, start_rev+1, ... as fast as possible for ``stop_after`` s.
 
     Runs in a child process. Returns (and ``report.put``s) the last revision published.
@@ -93,7 +93,9 @@ def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int =
             first = False
         else:
             ch = changes(r, big_kib)
-            b.apply({k: None if x is None else pack_entry(k, x[0], x[1], x[1], 1, 0) for k, x in ch.items()}, r)
+            b.apply(
+                {k: None if x is None else pack_entry(k, x[0], x[1], x[1], 1, 0) for k, x in ch.items()}, r
+            )
         parts, total = b.parts()
         pub.publish(parts, total, r, len(b), stable=b.stable_span())
         if report is not None and r % 50 == 0:
@@ -131,7 +133,9 @@ class Checker:
         for e, k in zip(got, keys):
             v, m = exp[k]
             if e.decoded != v or e.mod_revision != m:
-                self.fail(f"rev {r}: {k!r} = ({str(e.decoded)[:40]}, {e.mod_revision}) != ({str(v)[:40]}, {m})")
+                self.fail(
+                    f"rev {r}: {k!r} = ({str(e.decoded)[:40]}, {e.mod_revision}) != ({str(v)[:40]}, {m})"
+                )
                 return
         self.checked += 1
 
@@ -168,8 +172,17 @@ def hammer(name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool
         ops = _hammer_loop(r, c, rnd, seconds)
     except Exception as exc:  # any exception is a failure the parent must see
         c.fail(f"reader raised {exc!r}")
-    out.put({"checked": c.checked, "bad": c.bad, "revisions": len(c.revisions), "retries": r.retries,
-             "expired": c.expired, "ops": ops, "pid": os.getpid()})
+    out.put(
+        {
+            "checked": c.checked,
+            "bad": c.bad,
+            "revisions": len(c.revisions),
+            "retries": r.retries,
+            "expired": c.expired,
+            "ops": ops,
+            "pid": os.getpid(),
+        }
+    )
     r.close()
 
 

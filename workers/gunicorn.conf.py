@@ -11,6 +11,7 @@ GUNICORN_BIND (default 127.0.0.1:8000) and GUNICORN_WORKERS (default 2 x cores +
 Command-line flags (--bind, --workers, ...) override this file as usual.
 To keep your own config, copy the import line below into it.
 """
+
 import multiprocessing
 import os
 

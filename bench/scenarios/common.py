@@ -6,6 +6,7 @@ keys, for the prefix-listing scenario) and its value is a JSON object of about
 ``size`` bytes. Children recompute the keys from (prefix, n) instead of
 receiving them.
 """
+
 from __future__ import annotations
 
 import gc
@@ -17,13 +18,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH_DIR)
 WORKER = os.path.join(BENCH_DIR, "scenarios", "worker.py")
-GROUP = 100          # keys per "g" prefix (prefix listing returns this many)
-RANGE_LEN = 100      # keys per range query
+GROUP = 100  # keys per "g" prefix (prefix listing returns this many)
+RANGE_LEN = 100  # keys per range query
 SEED = 20240601
 
 
@@ -42,8 +43,13 @@ def group_prefix(prefix: str, g: int) -> str:
 def make_value(i: int, size: int, version: int = 0) -> bytes:
     """A JSON object of about ``size`` bytes (never less than the fixed fields)."""
     doc: Dict[str, Any] = {
-        "id": i, "version": version, "host": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
-        "port": 8000 + i % 1000, "weight": i % 7, "zone": f"z{i % 5}", "up": i % 3 != 0,
+        "id": i,
+        "version": version,
+        "host": f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}",
+        "port": 8000 + i % 1000,
+        "weight": i % 7,
+        "zone": f"z{i % 5}",
+        "up": i % 3 != 0,
     }
     base = len(json.dumps(doc, separators=(",", ":"))) + len(',"pad":""')
     doc["pad"] = "x" * max(0, size - base)
@@ -57,10 +63,10 @@ class Config:
     n: int
     value_size: int
     prefix: str
-    name: str                       # shared-memory snapshot name
+    name: str  # shared-memory snapshot name
     endpoint: str = ""
     keys: List[str] = field(default_factory=list)
-    writer: Any = None              # WriterProc
+    writer: Any = None  # WriterProc
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,31 +74,45 @@ class Config:
 class Settings:
     """Iteration counts and durations (``--smoke`` shrinks them)."""
 
-    repeats: int = 7                # interleaved across systems (time_interleaved)
-    cold_keys: int = 20_000         # distinct keys per repeat (capped at n)
+    repeats: int = 7  # interleaved across systems (time_interleaved)
+    cold_keys: int = 20_000  # distinct keys per repeat (capped at n)
     repeated_iters: int = 20_000
     range_iters: int = 2_000
-    etcd_iters: int = 500           # spread over the repeats
+    etcd_iters: int = 500  # spread over the repeats
     etcd_range_iters: int = 150
-    smd_budget_s: float = 2.0       # per shared-memory-dict measurement
+    smd_budget_s: float = 2.0  # per shared-memory-dict measurement
     smd_max_iters: int = 200
     scaling_seconds: float = 2.0
     scaling_procs: Sequence[int] = (1, 2, 4, 8)
     memory_procs: int = 8
     visibility_samples: int = 150
-    load_rate: float = 1000.0       # background puts/s for the visibility-under-load runs
+    load_rate: float = 1000.0  # background puts/s for the visibility-under-load runs
     publish_1key_samples: int = 30
     publish_1k_samples: int = 5
 
 
 def smoke_settings() -> Settings:
-    return Settings(repeats=2, cold_keys=1000, repeated_iters=2000, range_iters=100, etcd_iters=40,
-                    etcd_range_iters=10, smd_budget_s=0.3, smd_max_iters=20, scaling_seconds=0.3,
-                    scaling_procs=(1, 2, 4, 8), memory_procs=8, visibility_samples=12,
-                    load_rate=300.0, publish_1key_samples=4, publish_1k_samples=2)
+    return Settings(
+        repeats=2,
+        cold_keys=1000,
+        repeated_iters=2000,
+        range_iters=100,
+        etcd_iters=40,
+        etcd_range_iters=10,
+        smd_budget_s=0.3,
+        smd_max_iters=20,
+        scaling_seconds=0.3,
+        scaling_procs=(1, 2, 4, 8),
+        memory_procs=8,
+        visibility_samples=12,
+        load_rate=300.0,
+        publish_1key_samples=4,
+        publish_1k_samples=2,
+    )
 
 
 # -- timing -----------------------------------------------------------------------
+
 
 def time_loop(fn: Callable[[Any], Any], args_per_repeat: Sequence[Sequence[Any]]) -> List[float]:
     """ns per call of ``fn(a)`` for each repeat's argument list (gc off while timing, as timeit)."""
@@ -112,12 +132,13 @@ def time_loop(fn: Callable[[Any], Any], args_per_repeat: Sequence[Sequence[Any]]
     return out
 
 
-def time_batches(fn: Callable[[Sequence[Any]], Any], args_per_repeat: Sequence[Sequence[Any]],
-                 batch: int) -> List[float]:
+def time_batches(
+    fn: Callable[[Sequence[Any]], Any], args_per_repeat: Sequence[Sequence[Any]], batch: int
+) -> List[float]:
     """ns per item when ``fn`` is called on consecutive batches of ``batch`` items."""
     out = []
     for args in args_per_repeat:
-        chunks = [args[i:i + batch] for i in range(0, len(args), batch)]
+        chunks = [args[i : i + batch] for i in range(0, len(args), batch)]
         gc.disable()
         try:
             t0 = time.perf_counter_ns()
@@ -130,8 +151,9 @@ def time_batches(fn: Callable[[Sequence[Any]], Any], args_per_repeat: Sequence[S
     return out
 
 
-def time_interleaved(jobs: Dict[str, Tuple[Callable[[Sequence[Sequence[Any]]], List[float]],
-                                             Sequence[Sequence[Any]]]]) -> Dict[str, List[float]]:
+def time_interleaved(
+    jobs: Dict[str, Tuple[Callable[[Sequence[Sequence[Any]]], List[float]], Sequence[Sequence[Any]]]],
+) -> Dict[str, List[float]]:
     """Run repeat r of every job before repeat r+1 of any (round robin).
 
     ``jobs``: {system: (timer, args_per_repeat)} with ``timer`` like
@@ -147,7 +169,9 @@ def time_interleaved(jobs: Dict[str, Tuple[Callable[[Sequence[Sequence[Any]]], L
     return out
 
 
-def time_budget(fn: Callable[[Any], Any], args: Sequence[Any], budget_s: float, min_iters: int = 3) -> Dict[str, Any]:
+def time_budget(
+    fn: Callable[[Any], Any], args: Sequence[Any], budget_s: float, min_iters: int = 3
+) -> Dict[str, Any]:
     """Call ``fn`` on ``args`` until ``budget_s`` passes (at least ``min_iters``); per-call ns."""
     samples = []
     deadline = time.perf_counter() + budget_s
@@ -179,6 +203,7 @@ def rng(tag: str) -> random.Random:
 
 # -- child processes ----------------------------------------------------------------
 
+
 def child_env() -> Dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, BENCH_DIR, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -191,9 +216,15 @@ class Child:
 
     def __init__(self, *args: str) -> None:
         self.args = args
-        self.proc = subprocess.Popen([sys.executable, WORKER, *args], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=None, env=child_env(),
-                                     text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, WORKER, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=child_env(),
+            text=True,
+            bufsize=1,
+        )
 
     @property
     def pid(self) -> int:
@@ -202,6 +233,7 @@ class Child:
     def read(self, timeout: float = 300.0) -> Dict[str, Any]:
         """The next JSON line (the worker prints nothing else on stdout)."""
         import select
+
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -211,8 +243,9 @@ class Child:
             if r:
                 line = self.proc.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"worker {self.args[0]} (pid {self.pid}) exited with "
-                                       f"{self.proc.wait()}")
+                    raise RuntimeError(
+                        f"worker {self.args[0]} (pid {self.pid}) exited with {self.proc.wait()}"
+                    )
                 msg = json.loads(line)
                 if "error" in msg:
                     raise RuntimeError(f"worker {self.args[0]}: {msg['error']}")
@@ -256,18 +289,22 @@ def close_all(children: Sequence[Child]) -> None:
 
 def pss_bytes(pid: int) -> Dict[str, int]:
     import psutil
+
     m = psutil.Process(pid).memory_full_info()
     return {"rss": m.rss, "pss": m.pss, "uss": m.uss}
 
 
 # -- etcd seeding ---------------------------------------------------------------------
 
+
 def seed(client: Any, prefix: str, n: int, value_size: int, batch: int = 1000) -> float:
     """Put ``n`` keys through transactions of ``batch`` puts; returns seconds taken."""
     t0 = time.perf_counter()
     tx = client.transactions
     for start in range(0, n, batch):
-        ops = [tx.put(key_of(prefix, i), make_value(i, value_size)) for i in range(start, min(n, start + batch))]
+        ops = [
+            tx.put(key_of(prefix, i), make_value(i, value_size)) for i in range(start, min(n, start + batch))
+        ]
         client.transaction(compare=[], success=ops, failure=[])
     return time.perf_counter() - t0
 
@@ -278,5 +315,13 @@ def put_batch(client: Any, items: Sequence[tuple]) -> None:
 
 
 #: etcd flags: big transactions for the 1k-key batch and the seeding.
-ETCD_ARGS = ["--max-txn-ops", "2048", "--max-request-bytes", str(8 << 20),
-             "--quota-backend-bytes", str(8 << 30), "--snapshot-count", "1000000"]
+ETCD_ARGS = [
+    "--max-txn-ops",
+    "2048",
+    "--max-request-bytes",
+    str(8 << 20),
+    "--quota-backend-bytes",
+    str(8 << 30),
+    "--snapshot-count",
+    "1000000",
+]

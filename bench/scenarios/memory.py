@@ -16,6 +16,7 @@ compares an extra reader with an extra mirror. The benchmark process closes its
 own Readers first, so the snapshot pages are shared by the Writer and the readers
 only while they are counted.
 """
+
 from __future__ import annotations
 
 import time
@@ -47,26 +48,41 @@ def run(ctx) -> List[Dict[str, Any]]:
     try:
         idle = _group(["idle"], st.memory_procs)
         mirror = _group(["mirror", cfg.name], st.memory_procs)
-        readers = {cache: _group(["hold", cfg.name, str(cache), cfg.prefix, str(cfg.n)], st.memory_procs)
-                   for cache in (256, 4096, 0)}
+        readers = {
+            cache: _group(["hold", cfg.name, str(cache), cfg.prefix, str(cfg.n)], st.memory_procs)
+            for cache in (256, 4096, 0)
+        }
     finally:
         ctx.open_readers()
     mirror_cost = mirror["uss"] - idle["uss"]
     rows = []
     for cache, rd in readers.items():
         extra = rd["uss"] - idle["uss"]
-        rows.append({
-            "keys": cfg.n, "value_size": cfg.value_size, "reader_cache": cache, "procs": st.memory_procs,
-            "reader_pss_mb": rd["pss"] / MB, "reader_uss_mb": rd["uss"] / MB,
-            "mirror_pss_mb": mirror["pss"] / MB, "mirror_uss_mb": mirror["uss"] / MB,
-            "reader_rss_mb": rd["rss"] / MB, "mirror_rss_mb": mirror["rss"] / MB,
-            "idle_pss_mb": idle["pss"] / MB, "idle_uss_mb": idle["uss"] / MB,
-            "extra_reader_mb": extra / MB, "mirror_mb": mirror_cost / MB,
-            "pct_of_mirror": 100.0 * extra / mirror_cost if mirror_cost > 0 else float("nan"),
-            # PSS view: a reader's PSS above an idle process (includes its 1/(readers+1)
-            # share of the snapshot) as % of a mirror's PSS above an idle process.
-            "pss_pct_of_mirror": (100.0 * (rd["pss"] - idle["pss"]) / (mirror["pss"] - idle["pss"])
-                                  if mirror["pss"] > idle["pss"] else float("nan")),
-            "image_mb": ctx.image_bytes / MB,
-        })
+        rows.append(
+            {
+                "keys": cfg.n,
+                "value_size": cfg.value_size,
+                "reader_cache": cache,
+                "procs": st.memory_procs,
+                "reader_pss_mb": rd["pss"] / MB,
+                "reader_uss_mb": rd["uss"] / MB,
+                "mirror_pss_mb": mirror["pss"] / MB,
+                "mirror_uss_mb": mirror["uss"] / MB,
+                "reader_rss_mb": rd["rss"] / MB,
+                "mirror_rss_mb": mirror["rss"] / MB,
+                "idle_pss_mb": idle["pss"] / MB,
+                "idle_uss_mb": idle["uss"] / MB,
+                "extra_reader_mb": extra / MB,
+                "mirror_mb": mirror_cost / MB,
+                "pct_of_mirror": 100.0 * extra / mirror_cost if mirror_cost > 0 else float("nan"),
+                # PSS view: a reader's PSS above an idle process (includes its 1/(readers+1)
+                # share of the snapshot) as % of a mirror's PSS above an idle process.
+                "pss_pct_of_mirror": (
+                    100.0 * (rd["pss"] - idle["pss"]) / (mirror["pss"] - idle["pss"])
+                    if mirror["pss"] > idle["pss"]
+                    else float("nan")
+                ),
+                "image_mb": ctx.image_bytes / MB,
+            }
+        )
     return rows

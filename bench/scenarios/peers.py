@@ -13,6 +13,7 @@
 * :class:`SmdPeer` - ``shared-memory-dict`` from PyPI (pickles the whole dict
   into one shared-memory block; no ordered queries).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -40,11 +41,19 @@ class LmdbPeer:
 
     def __init__(self, path: Optional[str] = None, readonly: bool = False, unpackb: Any = None) -> None:
         import lmdb
+
         self.unpackb = unpackb or READER_UNPACKB
         self.own = path is None
         self.path = path or tempfile.mkdtemp(prefix="shmks-bench-lmdb-")
-        self.env = lmdb.open(self.path, map_size=1 << 36, readonly=readonly, lock=True,
-                             sync=False, metasync=False, max_readers=256)
+        self.env = lmdb.open(
+            self.path,
+            map_size=1 << 36,
+            readonly=readonly,
+            lock=True,
+            sync=False,
+            metasync=False,
+            max_readers=256,
+        )
 
     def fill(self, items: Iterable[Tuple[bytes, bytes]]) -> None:
         """Store (raw key, packed entry) pairs given in key order."""
@@ -152,6 +161,7 @@ class SmdPeer:
 
     def __init__(self, items: Iterable[Tuple[str, Any]]) -> None:
         from shared_memory_dict import SharedMemoryDict
+
         d = dict(items)
         size = len(pickle.dumps(d, pickle.HIGHEST_PROTOCOL)) + (1 << 20)
         self.size = size

@@ -9,6 +9,7 @@ not msgpack's, an extra "lmdb + msgpack.unpackb" row shows the difference.
 Keys are given to each system in its native type: ``str`` to shmkeyspace, the
 dict and etcd, pre-encoded ``bytes`` to lmdb (so lmdb never pays the encode).
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -32,15 +33,32 @@ SCENARIOS = ["get_cold", "get_repeated", "range100", "prefix100"]
 BATCH = 100
 
 
-def _row(cfg, scenario: str, system: str, per_repeat_ns: List[float], iterations: int, note: str = "") -> Dict[str, Any]:
-    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": system,
-            "us": median(per_repeat_ns) / 1e3, "repeats_us": [x / 1e3 for x in per_repeat_ns],
-            "iterations": iterations, "note": note}
+def _row(
+    cfg, scenario: str, system: str, per_repeat_ns: List[float], iterations: int, note: str = ""
+) -> Dict[str, Any]:
+    return {
+        "scenario": scenario,
+        "keys": cfg.n,
+        "value_size": cfg.value_size,
+        "system": system,
+        "us": median(per_repeat_ns) / 1e3,
+        "repeats_us": [x / 1e3 for x in per_repeat_ns],
+        "iterations": iterations,
+        "note": note,
+    }
 
 
 def _na(cfg, scenario: str, system: str, note: str) -> Dict[str, Any]:
-    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": system,
-            "us": None, "repeats_us": [], "iterations": 0, "note": note}
+    return {
+        "scenario": scenario,
+        "keys": cfg.n,
+        "value_size": cfg.value_size,
+        "system": system,
+        "us": None,
+        "repeats_us": [],
+        "iterations": 0,
+        "note": note,
+    }
 
 
 def check(ctx) -> None:
@@ -63,8 +81,9 @@ def check(ctx) -> None:
     if [x[1] for x in ctx.lmdb.range(lo.encode(), common.RANGE_LEN)] != a:
         raise AssertionError("Reader.range and the lmdb cursor disagree")
     p = common.group_prefix(cfg.prefix, 0)
-    if [e.decoded for e in ctx.reader_cold.prefixed(p)] != d.prefixed(p) or \
-            [x[1] for x in ctx.lmdb.prefixed(p.encode())] != d.prefixed(p):
+    if [e.decoded for e in ctx.reader_cold.prefixed(p)] != d.prefixed(p) or [
+        x[1] for x in ctx.lmdb.prefixed(p.encode())
+    ] != d.prefixed(p):
         raise AssertionError("prefix listings disagree")
 
 
@@ -96,41 +115,75 @@ def run(ctx) -> List[Dict[str, Any]]:
     def timed(jobs):  # {system: (timer, args_per_repeat)}: repeats interleaved across systems
         return common.time_interleaved(jobs)
 
-    t = timed({SHM: (partial(T, reader.get), cold),
-               SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), cold),
-               LMDB: (partial(T, lm.get), cold_b),
-               LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), cold_b),
-               **({LMDB_MSGPACK: (partial(T, lm_msgpack.get), cold_b)} if lm_msgpack is not None else {}),
-               DICT: (partial(T, d.get), cold)})
+    t = timed(
+        {
+            SHM: (partial(T, reader.get), cold),
+            SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), cold),
+            LMDB: (partial(T, lm.get), cold_b),
+            LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), cold_b),
+            **({LMDB_MSGPACK: (partial(T, lm_msgpack.get), cold_b)} if lm_msgpack is not None else {}),
+            DICT: (partial(T, d.get), cold),
+        }
+    )
     rows.append(_row(cfg, "get_cold", SHM, t[SHM], m * R, "Reader(cache_size=0)"))
     rows.append(_row(cfg, "get_cold", SHM_BATCH, t[SHM_BATCH], m * R, f"one snapshot() per {BATCH} gets"))
     rows.append(_row(cfg, "get_cold", LMDB, t[LMDB], m * R, "read txn per get"))
     rows.append(_row(cfg, "get_cold", LMDB_BATCH, t[LMDB_BATCH], m * R, f"one read txn per {BATCH} gets"))
     if lm_msgpack is not None:
-        rows.append(_row(cfg, "get_cold", LMDB_MSGPACK, t[LMDB_MSGPACK], m * R,
-                         "read txn per get, unpacked with msgpack instead of the Reader's unpacker"))
+        rows.append(
+            _row(
+                cfg,
+                "get_cold",
+                LMDB_MSGPACK,
+                t[LMDB_MSGPACK],
+                m * R,
+                "read txn per get, unpacked with msgpack instead of the Reader's unpacker",
+            )
+        )
     rows.append(_row(cfg, "get_cold", DICT, t[DICT], m * R))
     ek = max(1, st.etcd_iters // R)
-    rows.append(_row(cfg, "get_cold", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in cold]), ek * R,
-                     "client.get + json.loads"))
+    rows.append(
+        _row(
+            cfg,
+            "get_cold",
+            ETCD,
+            time_loop(ctx.etcd.get, [ks[:ek] for ks in cold]),
+            ek * R,
+            "client.get + json.loads",
+        )
+    )
     rows.append(_smd(ctx, "get_cold", cold[0]))
 
     # -- the same key over and over (the per-reader cache path) --------------------------
     same = [[keys[r.randrange(n)]] * st.repeated_iters for _ in range(R)]
     same_b = [[ks[0].encode()] * len(ks) for ks in same]
     it = st.repeated_iters * R
-    t = timed({SHM: (partial(T, ctx.reader.get), same),
-               SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), same),
-               LMDB: (partial(T, lm.get), same_b),
-               LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), same_b),
-               DICT: (partial(T, d.get), same)})
+    t = timed(
+        {
+            SHM: (partial(T, ctx.reader.get), same),
+            SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), same),
+            LMDB: (partial(T, lm.get), same_b),
+            LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), same_b),
+            DICT: (partial(T, d.get), same),
+        }
+    )
     rows.append(_row(cfg, "get_repeated", SHM, t[SHM], it, "Reader() default cache"))
-    rows.append(_row(cfg, "get_repeated", SHM_BATCH, t[SHM_BATCH], it, f"one snapshot() per {BATCH} gets (no cache)"))
+    rows.append(
+        _row(cfg, "get_repeated", SHM_BATCH, t[SHM_BATCH], it, f"one snapshot() per {BATCH} gets (no cache)")
+    )
     rows.append(_row(cfg, "get_repeated", LMDB, t[LMDB], it))
     rows.append(_row(cfg, "get_repeated", LMDB_BATCH, t[LMDB_BATCH], it))
     rows.append(_row(cfg, "get_repeated", DICT, t[DICT], it))
-    rows.append(_row(cfg, "get_repeated", ETCD, time_loop(ctx.etcd.get, [ks[:ek] for ks in same]), ek * R,
-                     "client.get + json.loads"))
+    rows.append(
+        _row(
+            cfg,
+            "get_repeated",
+            ETCD,
+            time_loop(ctx.etcd.get, [ks[:ek] for ks in same]),
+            ek * R,
+            "client.get + json.loads",
+        )
+    )
     rows.append(_smd(ctx, "get_repeated", same[0]))
 
     # -- ranges of 100 keys ---------------------------------------------------------------------
@@ -139,34 +192,68 @@ def run(ctx) -> List[Dict[str, Any]]:
     bounds = [[(keys[i], keys[i + L] if i + L < n else "\U0010ffff") for i in s] for s in starts]
     lows = [[keys[i].encode() for i in s] for s in starts]
     it = st.range_iters * R
-    t = timed({SHM: (partial(T, lambda b: reader.range(b[0], b[1])), bounds),
-               LMDB: (partial(T, lambda b: lm.range(b, L)), lows),
-               **({LMDB_MSGPACK: (partial(T, lambda b: lm_msgpack.range(b, L)), lows)}
-                  if lm_msgpack is not None else {}),
-               DICT: (partial(T, lambda b: d.range_to(b[0], b[1])), bounds)})
+    t = timed(
+        {
+            SHM: (partial(T, lambda b: reader.range(b[0], b[1])), bounds),
+            LMDB: (partial(T, lambda b: lm.range(b, L)), lows),
+            **(
+                {LMDB_MSGPACK: (partial(T, lambda b: lm_msgpack.range(b, L)), lows)}
+                if lm_msgpack is not None
+                else {}
+            ),
+            DICT: (partial(T, lambda b: d.range_to(b[0], b[1])), bounds),
+        }
+    )
     rows.append(_row(cfg, "range100", SHM, t[SHM], it, "Reader.range(from, to)"))
-    rows.append(_row(cfg, "range100", LMDB, t[LMDB], it, "cursor set_range + 100 next + unpack, txn per range"))
+    rows.append(
+        _row(cfg, "range100", LMDB, t[LMDB], it, "cursor set_range + 100 next + unpack, txn per range")
+    )
     if lm_msgpack is not None:
-        rows.append(_row(cfg, "range100", LMDB_MSGPACK, t[LMDB_MSGPACK], it, "as lmdb txn/op, unpacked with msgpack"))
+        rows.append(
+            _row(cfg, "range100", LMDB_MSGPACK, t[LMDB_MSGPACK], it, "as lmdb txn/op, unpacked with msgpack")
+        )
     rows.append(_row(cfg, "range100", DICT, t[DICT], it, "bisect on sorted keys + dict lookups"))
     er = max(1, st.etcd_range_iters // R)
-    rows.append(_row(cfg, "range100", ETCD, time_loop(lambda b: ctx.etcd.range_to(b[0], b[1]),
-                                                      [bs[:er] for bs in bounds]), er * R,
-                     "client.get_range + json.loads"))
+    rows.append(
+        _row(
+            cfg,
+            "range100",
+            ETCD,
+            time_loop(lambda b: ctx.etcd.range_to(b[0], b[1]), [bs[:er] for bs in bounds]),
+            er * R,
+            "client.get_range + json.loads",
+        )
+    )
     rows.append(_na(cfg, "range100", SMD, "no ordered queries"))
 
     # -- prefix listings (~100 keys) --------------------------------------------------------------
     groups = max(1, n // common.GROUP)
-    prefixes = [[common.group_prefix(cfg.prefix, r.randrange(groups)) for _ in range(st.range_iters)]
-                for _ in range(R)]
-    t = timed({SHM: (partial(T, reader.prefixed), prefixes),
-               LMDB: (partial(T, lm.prefixed), [[p.encode() for p in ps] for ps in prefixes]),
-               DICT: (partial(T, d.prefixed), prefixes)})
+    prefixes = [
+        [common.group_prefix(cfg.prefix, r.randrange(groups)) for _ in range(st.range_iters)]
+        for _ in range(R)
+    ]
+    t = timed(
+        {
+            SHM: (partial(T, reader.prefixed), prefixes),
+            LMDB: (partial(T, lm.prefixed), [[p.encode() for p in ps] for ps in prefixes]),
+            DICT: (partial(T, d.prefixed), prefixes),
+        }
+    )
     rows.append(_row(cfg, "prefix100", SHM, t[SHM], it, "Reader.prefixed(p)"))
-    rows.append(_row(cfg, "prefix100", LMDB, t[LMDB], it, "cursor set_range + next while key < prefix end + unpack"))
+    rows.append(
+        _row(cfg, "prefix100", LMDB, t[LMDB], it, "cursor set_range + next while key < prefix end + unpack")
+    )
     rows.append(_row(cfg, "prefix100", DICT, t[DICT], it, "bisect on sorted keys + dict lookups"))
-    rows.append(_row(cfg, "prefix100", ETCD, time_loop(ctx.etcd.prefixed, [ps[:er] for ps in prefixes]), er * R,
-                     "client.get_prefix + json.loads"))
+    rows.append(
+        _row(
+            cfg,
+            "prefix100",
+            ETCD,
+            time_loop(ctx.etcd.prefixed, [ps[:er] for ps in prefixes]),
+            er * R,
+            "client.get_prefix + json.loads",
+        )
+    )
     rows.append(_na(cfg, "prefix100", SMD, "no ordered queries"))
     return rows
 
@@ -176,7 +263,14 @@ def _smd(ctx, scenario: str, keys: List[str]) -> Dict[str, Any]:
     if ctx.smd is None:
         return _na(cfg, scenario, SMD, ctx.smd_note)
     res = time_budget(ctx.smd.get, keys, st.smd_budget_s)
-    return {"scenario": scenario, "keys": cfg.n, "value_size": cfg.value_size, "system": SMD,
-            "us": res["ns"] / 1e3, "repeats_us": [], "iterations": res["iterations"],
-            "note": f"unpickles the whole {ctx.smd.size / 1e6:.1f} MB dict per get; "
-                    f"{res['iterations']} gets in a {st.smd_budget_s:g} s budget"}
+    return {
+        "scenario": scenario,
+        "keys": cfg.n,
+        "value_size": cfg.value_size,
+        "system": SMD,
+        "us": res["ns"] / 1e3,
+        "repeats_us": [],
+        "iterations": res["iterations"],
+        "note": f"unpickles the whole {ctx.smd.size / 1e6:.1f} MB dict per get; "
+        f"{res['iterations']} gets in a {st.smd_budget_s:g} s budget",
+    }

@@ -2,6 +2,7 @@
 
 Every ratio compares numbers measured in the same run on the same data.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,34 +49,82 @@ def compute_targets(res: Dict[str, Any]) -> List[Dict[str, Any]]:
     out = []
 
     def add(tid, n, vs, variant, value, unit, peer, peer_value, ratio, limit, limit_text):
-        met = None if ratio is None and value is None else (
-            (ratio if ratio is not None else value) <= limit)
-        out.append({"id": tid, "description": dict((t[0], t[1]) for t in TARGETS)[tid], "keys": n,
-                    "value_size": vs, "variant": variant, "value": value, "unit": unit, "peer": peer,
-                    "peer_value": peer_value, "ratio": ratio, "limit": limit, "target": limit_text, "met": met})
+        met = None if ratio is None and value is None else ((ratio if ratio is not None else value) <= limit)
+        out.append(
+            {
+                "id": tid,
+                "description": dict((t[0], t[1]) for t in TARGETS)[tid],
+                "keys": n,
+                "value_size": vs,
+                "variant": variant,
+                "value": value,
+                "unit": unit,
+                "peer": peer,
+                "peer_value": peer_value,
+                "ratio": ratio,
+                "limit": limit,
+                "target": limit_text,
+                "met": met,
+            }
+        )
 
     rr = res.get("reads", [])
     configs = sorted({(r["keys"], r["value_size"]) for r in rr})
     for n, vs in configs:
-        for tid, peer, limit in (("get_cold", reads.LMDB, 1.0), ("get_repeated", reads.DICT, 2.0),
-                                 ("range100", reads.LMDB, 1.0)):
+        for tid, peer, limit in (
+            ("get_cold", reads.LMDB, 1.0),
+            ("get_repeated", reads.DICT, 2.0),
+            ("range100", reads.LMDB, 1.0),
+        ):
             a, b = _read(rr, tid, n, vs, reads.SHM), _read(rr, tid, n, vs, peer)
             ratio = a / b if a is not None and b else None
             add(tid, n, vs, "", a, "µs", peer, b, ratio, limit, f"≤ {limit:g}× {peer}")
     for m in res.get("memory", []):
-        add("pss_extra_reader", m["keys"], m["value_size"], f"reader cache_size={m['reader_cache']}",
-            m["extra_reader_mb"], "MB", "per-process mirror", m["mirror_mb"], None, 5.0, "≤ 5 % of mirror")
+        add(
+            "pss_extra_reader",
+            m["keys"],
+            m["value_size"],
+            f"reader cache_size={m['reader_cache']}",
+            m["extra_reader_mb"],
+            "MB",
+            "per-process mirror",
+            m["mirror_mb"],
+            None,
+            5.0,
+            "≤ 5 % of mirror",
+        )
         out[-1]["ratio_pct"] = m["pct_of_mirror"]
         out[-1]["pss_pct"] = m["pss_pct_of_mirror"]
         out[-1]["met"] = m["pct_of_mirror"] <= 5.0 if not math.isnan(m["pct_of_mirror"]) else None
     for v in res.get("visibility", []):
         limit = v["apply_delay_ms"] + 5.0
-        add("visibility_p50", v["keys"], v["value_size"],
-            f"delay {v['apply_delay_ms']:g} ms, {v['load']}", v["p50_ms"], "ms", None, None, None, limit,
-            f"≤ {limit:g} ms")
+        add(
+            "visibility_p50",
+            v["keys"],
+            v["value_size"],
+            f"delay {v['apply_delay_ms']:g} ms, {v['load']}",
+            v["p50_ms"],
+            "ms",
+            None,
+            None,
+            None,
+            limit,
+            f"≤ {limit:g} ms",
+        )
     for w in res.get("writer", []):
-        add("publish_1key", w["keys"], w["value_size"], "", w["one_key"]["cpu_total_ms"], "ms CPU", None, None,
-            None, 10.0, "≤ 10 ms")
+        add(
+            "publish_1key",
+            w["keys"],
+            w["value_size"],
+            "",
+            w["one_key"]["cpu_total_ms"],
+            "ms CPU",
+            None,
+            None,
+            None,
+            10.0,
+            "≤ 10 ms",
+        )
     return out
 
 
@@ -112,8 +161,7 @@ def markdown(res: Dict[str, Any]) -> str:
             ratio = f"{t['ratio']:.2f}× ({fmt(t['peer_value'])} {t['unit']})"
         elif t["id"] == "pss_extra_reader":
             shown = f"{fmt(t['value'])} MB"
-            ratio = (f"{fmt(t['ratio_pct'])} % of {fmt(t['peer_value'])} MB "
-                     f"(PSS view: {fmt(t['pss_pct'])} %)")
+            ratio = f"{fmt(t['ratio_pct'])} % of {fmt(t['peer_value'])} MB (PSS view: {fmt(t['pss_pct'])} %)"
         else:
             shown = f"{fmt(t['value'])} {t['unit']}"
             ratio = "—"
@@ -136,24 +184,33 @@ def markdown(res: Dict[str, Any]) -> str:
                 row.append(f"{shm / lm:.2f}×" if shm and lm else "—")
                 row.append(f"{shm / d:.1f}×" if shm and d else "—")
                 rows.append(row)
-        parts.append(_table(["scenario", "keys", "value B"] + systems + ["shmks ÷ lmdb", "shmks ÷ dict"], rows))
+        parts.append(
+            _table(["scenario", "keys", "value B"] + systems + ["shmks ÷ lmdb", "shmks ÷ dict"], rows)
+        )
         parts += ["", "How each system answers:", ""]
         for sysname in systems:
             if sysname == reads.SMD:
                 continue
             notes = []
             for scen in reads.SCENARIOS:
-                note = next((r["note"] for r in rr if r["system"] == sysname and r["scenario"] == scen
-                             and r["note"]), None)
+                note = next(
+                    (r["note"] for r in rr if r["system"] == sysname and r["scenario"] == scen and r["note"]),
+                    None,
+                )
                 if note:
                     notes.append(f"{scen}: {note}")
             if notes:
                 parts.append(f"* **{sysname}**: " + "; ".join(notes))
-        smd = [f"{_vs(r['keys'])}×{r['value_size']} B {r['scenario']}: {r['note']}"
-               for r in rr if r["system"] == reads.SMD and r["note"] and r["scenario"].startswith("get")]
+        smd = [
+            f"{_vs(r['keys'])}×{r['value_size']} B {r['scenario']}: {r['note']}"
+            for r in rr
+            if r["system"] == reads.SMD and r["note"] and r["scenario"].startswith("get")
+        ]
         if smd:
-            parts.append(f"* **{reads.SMD}**: pickle serializer, one shared block; range/prefix: — (no ordered "
-                         "queries). " + "; ".join(smd))
+            parts.append(
+                f"* **{reads.SMD}**: pickle serializer, one shared block; range/prefix: — (no ordered "
+                "queries). " + "; ".join(smd)
+            )
 
     sc = res.get("scaling", [])
     if sc:
@@ -161,47 +218,128 @@ def markdown(res: Dict[str, Any]) -> str:
         rows = []
         for n, vs in sorted({(r["keys"], r["value_size"]) for r in sc}):
             for p in sorted({r["procs"] for r in sc}):
-                a = next((r for r in sc if (r["keys"], r["value_size"], r["procs"], r["system"]) ==
-                          (n, vs, p, "shmkeyspace")), None)
-                b = next((r for r in sc if (r["keys"], r["value_size"], r["procs"], r["system"]) ==
-                          (n, vs, p, "lmdb txn/op")), None)
-                rows.append([_vs(n), str(vs), str(p), fmt(a and a["ops_per_s"]), fmt(b and b["ops_per_s"]),
-                             f"{a['ops_per_s'] / b['ops_per_s']:.2f}×" if a and b else "—"])
-        parts.append(_table(["keys", "value B", "processes", "shmkeyspace", "lmdb txn/op", "shmks ÷ lmdb"], rows))
-        parts += ["", "Each process: random gets over all keys with `Reader(cache_size=0)` (lookups, not the cache) "
-                      "or lmdb with a read txn per get, for "
-                      f"{res['meta']['settings']['scaling_seconds']:g} s after a common start. "
-                      f"{res['meta'].get('cpus', '?')} CPUs: beyond that many processes the total cannot grow."]
+                a = next(
+                    (
+                        r
+                        for r in sc
+                        if (r["keys"], r["value_size"], r["procs"], r["system"]) == (n, vs, p, "shmkeyspace")
+                    ),
+                    None,
+                )
+                b = next(
+                    (
+                        r
+                        for r in sc
+                        if (r["keys"], r["value_size"], r["procs"], r["system"]) == (n, vs, p, "lmdb txn/op")
+                    ),
+                    None,
+                )
+                rows.append(
+                    [
+                        _vs(n),
+                        str(vs),
+                        str(p),
+                        fmt(a and a["ops_per_s"]),
+                        fmt(b and b["ops_per_s"]),
+                        f"{a['ops_per_s'] / b['ops_per_s']:.2f}×" if a and b else "—",
+                    ]
+                )
+        parts.append(
+            _table(["keys", "value B", "processes", "shmkeyspace", "lmdb txn/op", "shmks ÷ lmdb"], rows)
+        )
+        parts += [
+            "",
+            "Each process: random gets over all keys with `Reader(cache_size=0)` (lookups, not the cache) "
+            "or lmdb with a read txn per get, for "
+            f"{res['meta']['settings']['scaling_seconds']:g} s after a common start. "
+            f"{res['meta'].get('cpus', '?')} CPUs: beyond that many processes the total cannot grow.",
+        ]
 
     mem = res.get("memory", [])
     if mem:
         parts += ["", "## Memory per process (PSS, psutil `memory_full_info().pss`)", ""]
-        rows = [[_vs(m["keys"]), str(m["value_size"]), str(m["reader_cache"]), fmt(m["reader_pss_mb"]),
-                 fmt(m["mirror_pss_mb"]), fmt(m["idle_pss_mb"]), f"{fmt(m['pss_pct_of_mirror'])} %",
-                 fmt(m["extra_reader_mb"]), fmt(m["mirror_mb"]), f"{fmt(m['pct_of_mirror'])} %",
-                 fmt(m["image_mb"])] for m in mem]
+        rows = [
+            [
+                _vs(m["keys"]),
+                str(m["value_size"]),
+                str(m["reader_cache"]),
+                fmt(m["reader_pss_mb"]),
+                fmt(m["mirror_pss_mb"]),
+                fmt(m["idle_pss_mb"]),
+                f"{fmt(m['pss_pct_of_mirror'])} %",
+                fmt(m["extra_reader_mb"]),
+                fmt(m["mirror_mb"]),
+                f"{fmt(m['pct_of_mirror'])} %",
+                fmt(m["image_mb"]),
+            ]
+            for m in mem
+        ]
         procs = mem[0]["procs"]
-        parts.append(_table(["keys", "value B", "reader cache", f"PSS/reader ({procs} readers)",
-                             f"PSS/mirror ({procs} mirrors)", "PSS/idle proc", "PSS above idle: reader ÷ mirror",
-                             "extra reader (USS)", "extra mirror (USS)", "extra reader ÷ extra mirror",
-                             "snapshot image"], rows))
-        parts += ["", f"MB (10^6 bytes); {procs} processes of each kind at once, medians. PSS splits shared pages "
-                      f"among their mappers, so a reader's PSS holds 1/{procs + 1} of the snapshot (shared with "
-                      "the other readers and the Writer) and a share of the libraries. \"extra\" = USS (pages "
-                      "only that process maps) minus an idle process's USS (same imports, no data): what one more "
-                      "reader or mirror adds to the host. A reader's extra memory is mostly its per-reader cache "
-                      "of decoded entries (compare cache 256 - the default -, 4096 and 0)."]
+        parts.append(
+            _table(
+                [
+                    "keys",
+                    "value B",
+                    "reader cache",
+                    f"PSS/reader ({procs} readers)",
+                    f"PSS/mirror ({procs} mirrors)",
+                    "PSS/idle proc",
+                    "PSS above idle: reader ÷ mirror",
+                    "extra reader (USS)",
+                    "extra mirror (USS)",
+                    "extra reader ÷ extra mirror",
+                    "snapshot image",
+                ],
+                rows,
+            )
+        )
+        parts += [
+            "",
+            f"MB (10^6 bytes); {procs} processes of each kind at once, medians. PSS splits shared pages "
+            f"among their mappers, so a reader's PSS holds 1/{procs + 1} of the snapshot (shared with "
+            'the other readers and the Writer) and a share of the libraries. "extra" = USS (pages '
+            "only that process maps) minus an idle process's USS (same imports, no data): what one more "
+            "reader or mirror adds to the host. A reader's extra memory is mostly its per-reader cache "
+            "of decoded entries (compare cache 256 - the default -, 4096 and 0).",
+        ]
 
     vis = res.get("visibility", [])
     if vis:
         parts += ["", "## Update visibility (etcd put → new revision seen by a Reader)", ""]
-        rows = [[_vs(v["keys"]), str(v["value_size"]), f"{v['apply_delay_ms']:g}",
-                 v["load"] + (f" ({v['achieved_rate']:.0f} puts/s)" if v["load"] == "loaded" else ""),
-                 str(v["samples"]), fmt(v["p50_ms"]), fmt(v["p99_ms"]), fmt(v["put_p50_ms"]),
-                 fmt(v["publish_wall_p50_ms"]), f"≤ {v['apply_delay_ms'] + 5:g}",
-                 _met(v["p50_ms"] <= v["apply_delay_ms"] + 5)] for v in vis]
-        parts.append(_table(["keys", "value B", "apply delay ms", "background", "samples", "p50 ms", "p99 ms",
-                             "put RTT p50 ms", "publish wall p50 ms", "target p50", "met?"], rows))
+        rows = [
+            [
+                _vs(v["keys"]),
+                str(v["value_size"]),
+                f"{v['apply_delay_ms']:g}",
+                v["load"] + (f" ({v['achieved_rate']:.0f} puts/s)" if v["load"] == "loaded" else ""),
+                str(v["samples"]),
+                fmt(v["p50_ms"]),
+                fmt(v["p99_ms"]),
+                fmt(v["put_p50_ms"]),
+                fmt(v["publish_wall_p50_ms"]),
+                f"≤ {v['apply_delay_ms'] + 5:g}",
+                _met(v["p50_ms"] <= v["apply_delay_ms"] + 5),
+            ]
+            for v in vis
+        ]
+        parts.append(
+            _table(
+                [
+                    "keys",
+                    "value B",
+                    "apply delay ms",
+                    "background",
+                    "samples",
+                    "p50 ms",
+                    "p99 ms",
+                    "put RTT p50 ms",
+                    "publish wall p50 ms",
+                    "target p50",
+                    "met?",
+                ],
+                rows,
+            )
+        )
 
     wr = res.get("writer", [])
     if wr:
@@ -209,31 +347,65 @@ def markdown(res: Dict[str, Any]) -> str:
         rows = []
         for w in wr:
             o, b = w["one_key"], w["batch_keys"]
-            rows.append([_vs(w["keys"]), str(w["value_size"]),
-                         f"{fmt(o['cpu_total_ms'])} ({fmt(o['cpu_apply_ms'])} / {fmt(o['cpu_parts_ms'])} / "
-                         f"{fmt(o['cpu_publish_ms'])})", fmt(o["wall_total_ms"]),
-                         f"{fmt(b['cpu_total_ms'])} ({fmt(b['cpu_apply_ms'])} / {fmt(b['cpu_parts_ms'])} / "
-                         f"{fmt(b['cpu_publish_ms'])})", fmt(b["wall_total_ms"]), fmt(b["cpu_ks_apply_ms"]),
-                         fmt(w["load_s"]), fmt(w["writer_start_s"]), fmt(w["writer_rss_mb"]),
-                         fmt(w["writer_anon_mb"]), fmt(w["writer_anon_end_mb"]), fmt(w["image_mb"])])
-        parts.append(_table(["keys", "value B", "1-key publish CPU ms (apply / parts / publish)", "wall ms",
-                             f"{wr[0]['batch']}-key publish CPU ms (apply / parts / publish)", "wall ms",
-                             "incl. decode CPU ms", "KeySpace.load s", "Writer start s", "RSS MB",
-                             "heap MB", "heap end MB", "image MB"], rows))
-        parts += ["", "CPU = thread CPU time of the Writer's watch thread around its KeySpace observer "
-                      "(`builder.apply` + `builder.parts` + `publisher.publish`); \"incl. decode\" adds "
-                      "KeySpace.apply (decode + pack of the changed values). KeySpace.load: a fresh process, "
-                      "pyetcd, paginated, JSON decoder. Writer start = load + first publication. RSS (after "
-                      "start) includes the shared-memory pages the Writer has written; heap = RssAnon (the "
-                      "Writer's private memory: KeySpace, ImageBuilder, ...), after start and at the end.",
-                  "", "A publication copies the header, the index (hash table, key order, fences: ~5 MB at 100k "
-                  "keys) and only the part of the append-only arena that the inactive buffer does not hold "
-                  "yet, so `publish` grows with the key count, not with the value bytes; a compaction "
-                  "(every ~n/4 changed keys) rewrites everything once."]
+            rows.append(
+                [
+                    _vs(w["keys"]),
+                    str(w["value_size"]),
+                    f"{fmt(o['cpu_total_ms'])} ({fmt(o['cpu_apply_ms'])} / {fmt(o['cpu_parts_ms'])} / "
+                    f"{fmt(o['cpu_publish_ms'])})",
+                    fmt(o["wall_total_ms"]),
+                    f"{fmt(b['cpu_total_ms'])} ({fmt(b['cpu_apply_ms'])} / {fmt(b['cpu_parts_ms'])} / "
+                    f"{fmt(b['cpu_publish_ms'])})",
+                    fmt(b["wall_total_ms"]),
+                    fmt(b["cpu_ks_apply_ms"]),
+                    fmt(w["load_s"]),
+                    fmt(w["writer_start_s"]),
+                    fmt(w["writer_rss_mb"]),
+                    fmt(w["writer_anon_mb"]),
+                    fmt(w["writer_anon_end_mb"]),
+                    fmt(w["image_mb"]),
+                ]
+            )
+        parts.append(
+            _table(
+                [
+                    "keys",
+                    "value B",
+                    "1-key publish CPU ms (apply / parts / publish)",
+                    "wall ms",
+                    f"{wr[0]['batch']}-key publish CPU ms (apply / parts / publish)",
+                    "wall ms",
+                    "incl. decode CPU ms",
+                    "KeySpace.load s",
+                    "Writer start s",
+                    "RSS MB",
+                    "heap MB",
+                    "heap end MB",
+                    "image MB",
+                ],
+                rows,
+            )
+        )
+        parts += [
+            "",
+            "CPU = thread CPU time of the Writer's watch thread around its KeySpace observer "
+            '(`builder.apply` + `builder.parts` + `publisher.publish`); "incl. decode" adds '
+            "KeySpace.apply (decode + pack of the changed values). KeySpace.load: a fresh process, "
+            "pyetcd, paginated, JSON decoder. Writer start = load + first publication. RSS (after "
+            "start) includes the shared-memory pages the Writer has written; heap = RssAnon (the "
+            "Writer's private memory: KeySpace, ImageBuilder, ...), after start and at the end.",
+            "",
+            "A publication copies the header, the index (hash table, key order, fences: ~5 MB at 100k "
+            "keys) and only the part of the append-only arena that the inactive buffer does not hold "
+            "yet, so `publish` grows with the key count, not with the value bytes; a compaction "
+            "(every ~n/4 changed keys) rewrites everything once.",
+        ]
     errors = res.get("errors") or []
     if errors:
         parts += ["", "## Failed scenarios", ""]
-        parts += [f"* {_vs(e['keys'])} keys × {e['value_size']} B, {e['scenario']}: {e['error']}" for e in errors]
+        parts += [
+            f"* {_vs(e['keys'])} keys × {e['value_size']} B, {e['scenario']}: {e['error']}" for e in errors
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -256,6 +428,7 @@ def chart(res: Dict[str, Any], path: str) -> Optional[str]:
     """A PNG of the read latencies and reader scaling, if matplotlib is installed."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
@@ -283,8 +456,11 @@ def chart(res: Dict[str, Any], path: str) -> Optional[str]:
         ax = axes[1]
         n, vs = max((r["keys"], r["value_size"]) for r in sc)
         for s in sorted({r["system"] for r in sc}):
-            pts = sorted((r["procs"], r["ops_per_s"]) for r in sc
-                         if r["system"] == s and (r["keys"], r["value_size"]) == (n, vs))
+            pts = sorted(
+                (r["procs"], r["ops_per_s"])
+                for r in sc
+                if r["system"] == s and (r["keys"], r["value_size"]) == (n, vs)
+            )
             ax.plot([p for p, _ in pts], [v for _, v in pts], marker="o", label=s)
         ax.set_xlabel("reader processes")
         ax.set_ylabel("lookups/s (sum)")

@@ -4,6 +4,7 @@ Each process runs random gets (``Reader(cache_size=0)``, or lmdb with a read txn
 per get) for a fixed time after a common "go"; the throughputs are summed. Workers
 are started once per system and reused for every process count.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -29,8 +30,17 @@ def run(ctx) -> List[Dict[str, Any]]:
                     w.send(f"go {st.scaling_seconds}")
                 res = [w.read(st.scaling_seconds + 120) for w in group]
                 total = sum(x["ops"] / x["seconds"] for x in res)
-                rows.append({"keys": cfg.n, "value_size": cfg.value_size, "system": system, "procs": p,
-                             "ops_per_s": total, "per_proc": total / p, "seconds": st.scaling_seconds})
+                rows.append(
+                    {
+                        "keys": cfg.n,
+                        "value_size": cfg.value_size,
+                        "system": system,
+                        "procs": p,
+                        "ops_per_s": total,
+                        "per_proc": total / p,
+                        "seconds": st.scaling_seconds,
+                    }
+                )
         finally:
             close_all(workers)
     return rows

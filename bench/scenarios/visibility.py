@@ -6,6 +6,7 @@ from just before ``put`` to the first poll that sees it, with the Writer's apply
 delay at 30 ms and at 0, idle and under background load: a separate process putting
 to other keys under the prefix at a capped rate (bounded in count and time).
 """
+
 from __future__ import annotations
 
 import time
@@ -53,8 +54,14 @@ def run(ctx) -> List[Dict[str, Any]]:
             try:
                 if load:
                     max_s = MAX_SAMPLE_SECONDS + 30
-                    loader = Child("loader", cfg.endpoint, cfg.prefix, str(st.load_rate), str(max_s),
-                                   str(int(st.load_rate * max_s)))
+                    loader = Child(
+                        "loader",
+                        cfg.endpoint,
+                        cfg.prefix,
+                        str(st.load_rate),
+                        str(max_s),
+                        str(int(st.load_rate * max_s)),
+                    )
                     loader.read(120)
                     loader.send("go")
                     time.sleep(0.5)  # let the load reach its rate
@@ -67,15 +74,23 @@ def run(ctx) -> List[Dict[str, Any]]:
             finally:
                 if loader is not None:
                     loader.close()
-            rows.append({
-                "keys": cfg.n, "value_size": cfg.value_size, "apply_delay_ms": delay * 1e3,
-                "load": "loaded" if load else "idle", "target_rate": st.load_rate if load else 0.0,
-                "achieved_rate": achieved["rate"] if achieved else 0.0,
-                "samples": len(s["vis"]), "p50_ms": median(s["vis"]), "p99_ms": percentile(s["vis"], 99),
-                "max_ms": max(s["vis"]), "put_p50_ms": median(s["put"]),
-                "publications": len(pubs),
-                "publish_wall_p50_ms": median([p["wall_total"] for p in pubs]) / 1e6 if pubs else None,
-                "publish_keys_p50": median([p["changed"] or 0 for p in pubs]) if pubs else None,
-            })
+            rows.append(
+                {
+                    "keys": cfg.n,
+                    "value_size": cfg.value_size,
+                    "apply_delay_ms": delay * 1e3,
+                    "load": "loaded" if load else "idle",
+                    "target_rate": st.load_rate if load else 0.0,
+                    "achieved_rate": achieved["rate"] if achieved else 0.0,
+                    "samples": len(s["vis"]),
+                    "p50_ms": median(s["vis"]),
+                    "p99_ms": percentile(s["vis"], 99),
+                    "max_ms": max(s["vis"]),
+                    "put_p50_ms": median(s["put"]),
+                    "publications": len(pubs),
+                    "publish_wall_p50_ms": median([p["wall_total"] for p in pubs]) / 1e6 if pubs else None,
+                    "publish_keys_p50": median([p["changed"] or 0 for p in pubs]) if pubs else None,
+                }
+            )
     w.ask("delay 0.03")
     return rows

@@ -12,6 +12,7 @@ Modes:
   loader ENDPOINT PREFIX RATE MAX_S MAX_N   background puts after "go" until "stop"/limits
   load ENDPOINT PREFIX                      time KeySpace.load of the prefix, then exit
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ import sys
 import threading
 import time
 
-sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+sys.path[:0] = [
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+]
 
 from scenarios import common  # noqa: E402
 
@@ -43,10 +46,12 @@ def rss() -> dict:
         for line in f:
             k, _, v = line.partition(":")
             if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[{"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}[k]] = \
+                out[{"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}[k]] = (
                     int(v.split()[0]) * 1024
+                )
     try:
         import psutil
+
         m = psutil.Process().memory_full_info()
         out.update(uss=m.uss, pss=m.pss)
     except Exception:  # psutil is a dev dependency; /proc is enough for RSS
@@ -55,6 +60,7 @@ def rss() -> dict:
 
 
 # -- writer ----------------------------------------------------------------------------
+
 
 class Instrumented:
     """Wraps a Writer's publication steps to record thread-CPU and wall time of each."""
@@ -67,8 +73,12 @@ class Instrumented:
         self._cur = None
         self._ks_apply = None
         b, p, ks = w.builder, w.publisher, w.keyspace
-        for obj, attr, phase in ((b, "apply", "apply"), (b, "reset", "reset"), (b, "parts", "parts"),
-                                 (p, "publish", "publish")):
+        for obj, attr, phase in (
+            (b, "apply", "apply"),
+            (b, "reset", "reset"),
+            (b, "parts", "parts"),
+            (p, "publish", "publish"),
+        ):
             setattr(obj, attr, self._phase(getattr(obj, attr), phase))
         # The Writer registered its bound _publish as a KeySpace observer: wrap it there.
         i = ks.observers.index(w._publish)
@@ -90,6 +100,7 @@ class Instrumented:
                 cur["cpu_" + name] = cur.get("cpu_" + name, 0) + time.thread_time_ns() - c0
                 cur["wall_" + name] = cur.get("wall_" + name, 0) + time.perf_counter_ns() - w0
                 cur["_in"] = False
+
         return wrapped
 
     def _observer(self, fn):
@@ -112,6 +123,7 @@ class Instrumented:
                 self.records.append(cur)
                 if self._ks_apply is not None:
                     self._ks_apply["record"] = cur
+
         return wrapped
 
     def _ks_apply_wrap(self, fn):
@@ -128,6 +140,7 @@ class Instrumented:
                     rec["cpu_ks_apply"] = time.thread_time_ns() - c0
                     rec["wall_ks_apply"] = time.perf_counter_ns() - w0
                     rec["responses"] = len(responses)
+
         return wrapped
 
     def _timed_fetch(self, fn):
@@ -137,22 +150,40 @@ class Instrumented:
                 return fn(*a, **kw)
             finally:
                 self.fetch = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0}
+
         return wrapped
 
 
 def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None:
     from shmkeyspace import Writer, decoders
     from shmkeyspace.etcd import connect
+
     client = connect(endpoint, client="pyetcd")
-    w = Writer(name, prefix, client=client, decoder=decoders.json, apply_delay=float(apply_delay),
-               unlink_on_exit=True)
+    w = Writer(
+        name,
+        prefix,
+        client=client,
+        decoder=decoders.json,
+        apply_delay=float(apply_delay),
+        unlink_on_exit=True,
+    )
     ins = Instrumented(w)
     c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
     w.start()
-    load = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0, "fetch": ins.fetch,
-            "publish": ins.records[-1] if ins.records else None}
-    emit(event="ready", pid=os.getpid(), load=load, mem=rss(), keys=len(w.builder),
-         image_bytes=sum(len(p) for p in w.builder.parts()[0]))
+    load = {
+        "cpu": time.thread_time_ns() - c0,
+        "wall": time.perf_counter_ns() - w0,
+        "fetch": ins.fetch,
+        "publish": ins.records[-1] if ins.records else None,
+    }
+    emit(
+        event="ready",
+        pid=os.getpid(),
+        load=load,
+        mem=rss(),
+        keys=len(w.builder),
+        image_bytes=sum(len(p) for p in w.builder.parts()[0]),
+    )
     try:
         for line in sys.stdin:
             cmd = line.split()
@@ -174,17 +205,21 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
 
 # -- readers ---------------------------------------------------------------------------
 
+
 def mode_getloop(kind: str, target: str, prefix: str, n: str, seed: str) -> None:
     import random
+
     n = int(n)
     r = random.Random(seed)
     keys = [common.key_of(prefix, r.randrange(n)) for _ in range(min(50_000, 5 * n))]
     if kind == "reader":
         from shmkeyspace import Reader
+
         reader = Reader(target, cache_size=0)  # random gets: measure lookups, not the cache
         get = reader.get
     elif kind == "lmdb":
         from scenarios.peers import LmdbPeer
+
         peer = LmdbPeer(target, readonly=True)
         get = peer.get
         keys = [k.encode() for k in keys]
@@ -200,7 +235,7 @@ def mode_getloop(kind: str, target: str, prefix: str, n: str, seed: str) -> None
         if not cmd or cmd[0] != "go":
             continue
         seconds = float(cmd[1])
-        chunks = [keys[i:i + 1000] for i in range(0, len(keys), 1000)]
+        chunks = [keys[i : i + 1000] for i in range(0, len(keys), 1000)]
         ops = 0
         t0 = time.perf_counter()
         end = t0 + seconds
@@ -217,6 +252,7 @@ def mode_getloop(kind: str, target: str, prefix: str, n: str, seed: str) -> None
 
 def mode_hold(name: str, cache_size: str, prefix: str, n: str) -> None:
     from shmkeyspace import Reader
+
     reader = Reader(name, cache_size=int(cache_size))
     get = reader.get
     missing = 0
@@ -230,7 +266,9 @@ def mode_hold(name: str, cache_size: str, prefix: str, n: str) -> None:
 
 def mode_mirror(name: str) -> None:
     import gc
+
     from shmkeyspace import Reader
+
     with Reader(name) as reader:
         mirror = {e.key: e.decoded for e in reader.range(b"", None)}
     gc.collect()
@@ -241,14 +279,17 @@ def mode_mirror(name: str) -> None:
 
 def mode_idle() -> None:
     from shmkeyspace import Reader  # noqa: F401 - same imports as hold/mirror
+
     emit(event="ready", pid=os.getpid())
     wait_eof()
 
 
 # -- etcd load ----------------------------------------------------------------------------
 
+
 def mode_loader(endpoint: str, prefix: str, rate: str, max_s: str, max_n: str) -> None:
     from shmkeyspace.etcd import connect
+
     client = connect(endpoint, client="pyetcd")
     rate, max_s, max_n = float(rate), float(max_s), int(max_n)
     stop = threading.Event()
@@ -286,6 +327,7 @@ def mode_loader(endpoint: str, prefix: str, rate: str, max_s: str, max_n: str) -
 def mode_load(endpoint: str, prefix: str) -> None:
     from shmkeyspace import KeySpace, decoders
     from shmkeyspace.etcd import connect
+
     client = connect(endpoint, client="pyetcd")
     ks = KeySpace(prefix, decoders.json)
     c0, w0 = time.process_time(), time.perf_counter()
@@ -294,8 +336,15 @@ def mode_load(endpoint: str, prefix: str) -> None:
     client.close()
 
 
-MODES = {"writer": mode_writer, "getloop": mode_getloop, "hold": mode_hold, "mirror": mode_mirror,
-         "idle": mode_idle, "loader": mode_loader, "load": mode_load}
+MODES = {
+    "writer": mode_writer,
+    "getloop": mode_getloop,
+    "hold": mode_hold,
+    "mirror": mode_mirror,
+    "idle": mode_idle,
+    "loader": mode_loader,
+    "load": mode_load,
+}
 
 if __name__ == "__main__":
     mode = sys.argv[1]
@@ -305,6 +354,7 @@ if __name__ == "__main__":
         pass
     except Exception as exc:
         import traceback
+
         traceback.print_exc()
         try:
             emit(error=f"{type(exc).__name__}: {exc}")

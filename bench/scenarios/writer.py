@@ -6,6 +6,7 @@ observer (thread CPU via ``time.thread_time_ns`` of the watch thread, and wall
 time). A 1k-key batch is one etcd transaction of 1000 puts (one revision, one
 watch response, one publication). Values are rewritten with the same size.
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, List
@@ -19,8 +20,18 @@ MB = 1e6
 def _summary(records: List[Dict[str, Any]], changed: int) -> Dict[str, Any]:
     recs = [r for r in records if r.get("changed") == changed]
     out: Dict[str, Any] = {"publications": len(recs)}
-    for k in ("cpu_total", "wall_total", "cpu_apply", "wall_apply", "cpu_parts", "wall_parts",
-              "cpu_publish", "wall_publish", "cpu_ks_apply", "wall_ks_apply"):
+    for k in (
+        "cpu_total",
+        "wall_total",
+        "cpu_apply",
+        "wall_apply",
+        "cpu_parts",
+        "wall_parts",
+        "cpu_publish",
+        "wall_publish",
+        "cpu_ks_apply",
+        "wall_ks_apply",
+    ):
         vals = [r[k] for r in recs if k in r]
         out[k + "_ms"] = median(vals) / 1e6 if vals else None
     return out
@@ -59,14 +70,19 @@ def run(ctx) -> Dict[str, Any]:
         loader.close()
     ready = ctx.writer_ready
     return {
-        "keys": cfg.n, "value_size": cfg.value_size, "batch": batch_n,
-        "one_key": one, "batch_keys": many,
-        "load_s": load["wall"], "load_cpu_s": load["cpu"], "load_rss_mb": load["mem"]["rss"] / MB,
+        "keys": cfg.n,
+        "value_size": cfg.value_size,
+        "batch": batch_n,
+        "one_key": one,
+        "batch_keys": many,
+        "load_s": load["wall"],
+        "load_cpu_s": load["cpu"],
+        "load_rss_mb": load["mem"]["rss"] / MB,
         "writer_start_s": ready["load"]["wall"] / 1e9,
         "writer_fetch_s": (ready["load"]["fetch"] or {}).get("wall", 0) / 1e9,
         "writer_first_publish_ms": ((ready["load"]["publish"] or {}).get("wall_total", 0)) / 1e6,
         "writer_rss_mb": ready["mem"]["rss"] / MB,
-        "writer_anon_mb": ready["mem"].get("anon", 0) / MB,   # the Writer's heap, without shared memory
+        "writer_anon_mb": ready["mem"].get("anon", 0) / MB,  # the Writer's heap, without shared memory
         "writer_shmem_mb": ready["mem"].get("shmem", 0) / MB,
         "writer_rss_end_mb": stats["mem"]["rss"] / MB,
         "writer_anon_end_mb": stats["mem"].get("anon", 0) / MB,
