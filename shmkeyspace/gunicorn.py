@@ -24,6 +24,14 @@ What the hooks promise:
   answering from the last snapshot. The writer runs in its own session (a
   terminal's Ctrl-C reaches only the master, which then stops it in order) and
   with ``--exit-with-parent``, so a SIGKILLed master cannot leave it orphaned.
+* Workers that drop privileges (gunicorn run as root with ``user``/``group``):
+  ``on_starting`` reads gunicorn's ``uid``/``gid`` and, when they differ from
+  the master's, starts the writer with ``--group GID`` so every segment it
+  creates, in every generation, is root-owned, group GID and 0640. Workers
+  attach in ``post_fork`` while still root and then drop to ``user``; without
+  the group bit the first new generation would be unreadable to them. A group
+  you set yourself (``SHMKEYSPACE_GROUP`` or ``--group`` in the writer args)
+  wins.
 * ``post_fork`` (each worker): attaches a Reader (waiting up to
   ``SHMKEYSPACE_WORKER_WAIT`` seconds, default 10, for an external writer);
   ``reader()`` returns it. The master never holds a Reader across fork.
@@ -136,7 +144,13 @@ def _require_name(s: Settings) -> str:
 class WriterSupervisor:
     """Runs the writer as a child of the gunicorn master and keeps it running."""
 
-    def __init__(self, s: Settings, logger: Any = None, extra_path: Optional[List[str]] = None) -> None:
+    def __init__(
+        self,
+        s: Settings,
+        logger: Any = None,
+        extra_path: Optional[List[str]] = None,
+        group: Optional[int] = None,
+    ) -> None:
         self.settings = s
         self.name = _require_name(s)
         if not s.prefix:
@@ -146,6 +160,8 @@ class WriterSupervisor:
             )
         self.log = logger or log
         self.extra_path = [p for p in (extra_path or []) if p]
+        #: gid the segments get (mode 0640) so workers running as another user can read them.
+        self.group = group
         self.proc: Optional[subprocess.Popen] = None
         self.started_at = 0.0
         self.restarts = 0
@@ -180,6 +196,8 @@ class WriterSupervisor:
             cmd += ["--apply-delay", f"{s.apply_delay_ms:g}"]
         if s.unlink_on_exit:
             cmd.append("--unlink-on-exit")
+        if self.group is not None and not _group_chosen(s):
+            cmd += ["--group", str(self.group)]
         return cmd + list(s.writer_args)
 
     def _spawn(self) -> None:
@@ -323,6 +341,28 @@ class WriterSupervisor:
         self.log.info("shmkeyspace: stopped writer for %r (pid %d)", self.name, p.pid)
 
 
+def _group_chosen(s: Settings) -> bool:
+    """True when the user picked the segments' group (or mode) already."""
+    if os.environ.get("SHMKEYSPACE_GROUP") or os.environ.get("SHMKEYSPACE_MODE"):
+        return True
+    return any(a.split("=", 1)[0] in ("--group", "--mode") for a in s.writer_args)
+
+
+def worker_group(cfg: Any) -> Optional[int]:
+    """The gid gunicorn's workers will run as, if they drop to another user or group.
+
+    gunicorn's ``cfg.uid``/``cfg.gid`` are the master's own ids unless ``user``
+    or ``group`` is set; workers switch to them after ``post_fork``. None when
+    they stay the master's (nothing to share).
+    """
+    uid, gid = getattr(cfg, "uid", None), getattr(cfg, "gid", None)
+    if not isinstance(uid, int) or not isinstance(gid, int):
+        return None
+    if uid == os.geteuid() and gid == os.getegid():
+        return None
+    return gid
+
+
 def _how_it_ended(rc: Optional[int]) -> str:
     if rc is not None and rc < 0:
         try:
@@ -354,7 +394,16 @@ def on_starting(server: Any) -> None:
         extra.extend(
             (getattr(cfg, "pythonpath", None) or "").split(",") if getattr(cfg, "pythonpath", None) else []
         )
-    sup = WriterSupervisor(s, logger, [p.strip() for p in extra])
+    group = worker_group(cfg)
+    if group is not None:
+        logger.info(
+            "shmkeyspace: workers run as uid %s gid %d: segments of %r get group %d, mode 0640",
+            getattr(cfg, "uid", "?"),
+            group,
+            name,
+            group,
+        )
+    sup = WriterSupervisor(s, logger, [p.strip() for p in extra], group=group)
     try:
         sup.start()
     except BaseException:

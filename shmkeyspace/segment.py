@@ -418,6 +418,8 @@ def writer_is_running(name: str) -> bool:
         shm = posix_ipc.SharedMemory(ctrl_name(name), flags=0, read_only=True)
     except posix_ipc.ExistentialError:
         return False
+    except posix_ipc.PermissionsError as exc:
+        raise PermissionError(errno.EACCES, f"no permission to read {ctrl_name(name)}: {exc}") from None
     try:
         fcntl.flock(shm.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:

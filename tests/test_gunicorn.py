@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from conftest import PYTHON, ROOT
+from helpers_procs import shm_files
 
 from shmkeyspace import Reader, Writer
 from shmkeyspace.etcd import connect, free_port
@@ -42,7 +43,7 @@ def _gunicorn_supports(flag: str) -> bool:
 
 
 class Gunicorn:
-    def __init__(self, env, tmp_path, workers=WORKERS):
+    def __init__(self, env, tmp_path, workers=WORKERS, extra_args=(), cwd=None):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp_path / f"gunicorn-{self.port}.log"
@@ -67,12 +68,12 @@ class Gunicorn:
             args.append("--no-control-socket")  # gunicorn >= 24: no shared ~/.gunicorn socket between tests
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                args + ["wsgi_app:application"],
+                args + list(extra_args) + ["wsgi_app:application"],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                cwd=str(tmp_path),
+                cwd=str(cwd or tmp_path),
             )
         self.master = psutil.Process(self.proc.pid)
 
@@ -290,6 +291,91 @@ def test_fleet_one_watch_worker_and_writer_crashes(own_etcd, prefix, shm_name, p
         client.close()
 
 
+def _drop_target():
+    """(user, group) for workers that drop privileges: a real second uid, or a skip reason."""
+    import grp
+    import pwd
+
+    if os.geteuid() != 0:
+        return None, "needs root: gunicorn only drops privileges when its master runs as root"
+    try:
+        user = pwd.getpwnam("nobody")
+    except KeyError:
+        return None, "no 'nobody' user on this host"
+    for group in ("nogroup", "nobody"):
+        try:
+            return (user.pw_name, grp.getgrnam(group).gr_name), ""
+        except KeyError:
+            continue
+    return None, "no 'nogroup'/'nobody' group on this host"
+
+
+def test_workers_that_drop_privileges_survive_generation_changes(
+    etcd_server, client, prefix, shm_name, python_env, tmp_path
+):
+    """gunicorn as root with user/group set: the root writer's segments stay readable by the workers.
+
+    Workers attach in post_fork while still root and then drop to nobody:nogroup;
+    every new generation the writer creates after that must be readable by them.
+    """
+    target, why = _drop_target()
+    if target is None:
+        pytest.skip(why)
+    user, group = target
+    key = f"{prefix}/cfg"
+    client.put(key, json.dumps({"v": 0}))
+    # The workers run as nobody, who cannot read this interpreter's install (e.g. under
+    # /root): --preload imports the app and everything it needs in the root master.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    os.chmod(cwd, 0o755)
+    gu = Gunicorn(
+        fleet_env(python_env, etcd_server, prefix, shm_name),
+        tmp_path,
+        workers=3,
+        extra_args=["--user", user, "--group", group, "--preload"],
+        cwd=cwd,
+    )
+    try:
+        gu.wait_up()
+        workers, writer = gu.wait_children(3)
+        import pwd
+
+        nobody = pwd.getpwnam(user).pw_uid
+        assert {psutil.Process(p).uids().effective for p in workers} == {nobody}
+        assert psutil.Process(writer).uids().effective == 0
+        gu.poll_all(f"/get?key={key}", workers, value_is(0))
+        first_gen = _data_gen(shm_name)
+        blob = "x" * (256 << 10)
+        n = 0
+        with Reader(shm_name) as r:
+            for change in range(1, 4):
+                # Grow the image past the current buffer: the writer moves to a new generation.
+                gen = _data_gen(shm_name)
+                while _data_gen(shm_name) == gen:
+                    rev = client.put(f"{prefix}/big/{n:05d}", json.dumps({"pad": blob})).header.revision
+                    n += 1
+                    assert r.wait_for_revision(rev, 60), f"writer never published revision {rev}"
+                rev = client.put(key, json.dumps({"v": change})).header.revision
+                gu.poll_all(f"/get?key={key}", workers, value_is(change, rev))
+        assert _data_gen(shm_name) >= first_gen + 3
+        for fn in shm_files(shm_name):
+            st = os.stat("/dev/shm/" + fn)
+            assert st.st_uid == 0 and st.st_mode & 0o777 == 0o640, (fn, oct(st.st_mode))
+        workers2, writer2 = gu.wait_children(3)
+        assert (workers2, writer2) == (workers, writer), "no worker may have died on the way"
+        assert "PermissionError" not in gu.log() and "Traceback" not in gu.log(), gu.log()
+        assert gu.stop() == 0, gu.log()
+    finally:
+        gu.stop()
+
+
+def _data_gen(name):
+    """The newest data generation of snapshot ``name`` in /dev/shm (0 if none)."""
+    gens = [int(fn.rsplit(".", 1)[1]) for fn in shm_files(name) if fn != f"shmks.{name}"]
+    return max(gens, default=0)
+
+
 def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_path):
     key = f"{prefix}/k"
     rev = client.put(key, json.dumps({"v": 7})).header.revision
@@ -386,3 +472,16 @@ def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
     s = g.configure(name="x", prefix="/p", apply_delay_ms=5)
     assert (s.name, s.prefix, s.apply_delay_ms) == ("x", "/p", 5)
     assert g.WriterSupervisor(s).command()[-2:] == ["--apply-delay", "5"]
+    # Workers that drop to another user/group: the writer makes its segments group-readable.
+    monkeypatch.delenv("SHMKEYSPACE_GROUP", raising=False)
+    monkeypatch.delenv("SHMKEYSPACE_MODE", raising=False)
+    assert g.WriterSupervisor(s, group=65534).command()[-2:] == ["--group", "65534"]
+    s2 = g.configure(writer_args=["--group", "www-data"])
+    assert g.WriterSupervisor(s2, group=65534).command()[-2:] == ["--group", "www-data"]
+
+    class Cfg:  # gunicorn's Config exposes the workers' ids as .uid/.gid
+        uid, gid = os.geteuid(), os.getegid()
+
+    assert g.worker_group(Cfg) is None
+    Cfg.uid, Cfg.gid = 65534, 65534
+    assert g.worker_group(Cfg) == 65534
