@@ -28,7 +28,6 @@ import platform
 import queue
 import subprocess
 import sys
-import threading
 import time
 from typing import Any, Dict, List
 
@@ -36,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace import decoders  # noqa: E402
+from shmkeyspace._support import put_many  # noqa: E402
 from shmkeyspace.etcd import EtcdServer, connect  # noqa: E402
 from shmkeyspace.keyspace import KeySpace  # noqa: E402
 
@@ -63,31 +63,13 @@ def value_of(i: int, version: int = 0, size: int = 90) -> bytes:
 
 
 def seed(endpoint: str, n: int, threads: int = 2) -> float:
-    """Put n keys in transactions of TXN_OPS puts, from ``threads`` clients."""
+    """Put n keys in transactions of TXN_OPS puts, ``threads`` transactions at a time."""
     t0 = time.perf_counter()
-    chunks = list(range(0, n, TXN_OPS))
-    errors: List[BaseException] = []
-
-    def work(part: List[int]) -> None:
-        c = connect(endpoint)
-        try:
-            for start in part:
-                ops = [
-                    c.transactions.put(key_of(i), value_of(i)) for i in range(start, min(n, start + TXN_OPS))
-                ]
-                c.transaction(compare=[], success=ops, failure=[])
-        except BaseException as exc:  # reported by the caller
-            errors.append(exc)
-        finally:
-            c.close()
-
-    ts = [threading.Thread(target=work, args=(chunks[k::threads],)) for k in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    if errors:
-        raise errors[0]
+    c = connect(endpoint)
+    try:
+        put_many(c, ((key_of(i), value_of(i)) for i in range(n)), batch=TXN_OPS, threads=threads)
+    finally:
+        c.close()
     return time.perf_counter() - t0
 
 

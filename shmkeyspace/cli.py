@@ -666,13 +666,8 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from . import segment
 
-    names = []
-    if os.path.isdir("/dev/shm"):
-        for fn in sorted(os.listdir("/dev/shm")):
-            if fn.startswith("shmks.") and not fn.rsplit(".", 1)[-1].isdigit():
-                names.append(fn[len("shmks.") :])
     rows = []
-    for n in names:
+    for n in segment.snapshot_names():
         row: Dict[str, Any] = {"name": n, "writer_running": segment.writer_is_running(n)}
         try:
             with _open_reader(n) as r:

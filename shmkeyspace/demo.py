@@ -5,10 +5,11 @@ temporary directory; seed service-discovery records
 ``/demo/services/svc-NNNNN/instance-NN`` (JSON: host, port, zone, weight, tags,
 version) with 100-put transactions on several threads; start the standalone
 writer as a real subprocess (``python -m shmkeyspace writer``); measure what a
-private in-process mirror costs (a child that loads every key into a dict of
-``json.loads`` values); start reader processes that hammer random uncached
-``get``s; make live updates with ordinary puts and time, per reader, from the
-put to the moment that reader sees the new value; print a plain-text table.
+private in-process mirror costs (a child that loads every key into a
+:class:`~shmkeyspace.keyspace.KeySpace` with the JSON decoder); start reader
+processes that hammer random uncached ``get``s; make live updates with ordinary
+puts and time, per reader, from the put to the moment that reader sees the new
+value; print a plain-text table.
 
 Promises: progress goes to stderr, the result table to stdout; whatever happens
 (success, error, Ctrl-C, SIGTERM) the child processes are stopped, the
@@ -32,9 +33,7 @@ figures are those of a lean worker.
 from __future__ import annotations
 
 import json
-import math
 import os
-import queue
 import random
 import shutil
 import signal
@@ -45,6 +44,9 @@ import tempfile
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
+
+from ._support import ChildError, JsonChild, child_env, memory, percentile, put_many, reap
+from .errors import ShmKeyspaceError
 
 DEMO_PREFIX = "/demo/services"
 PER_SERVICE = 20
@@ -86,27 +88,10 @@ def seed(
 ) -> int:
     """Put records 0..n-1 under ``prefix`` in transactions of ``batch`` puts (etcd's
     default limit is 128 operations per transaction); return etcd's revision after."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    done = [0]
-    lock = threading.Lock()
-
-    def put_batch(start: int) -> None:
-        ops = [
-            client.transactions.put(
-                instance_key(i, prefix), json.dumps(instance_record(i), separators=(",", ":"))
-            )
-            for i in range(start, min(n, start + batch))
-        ]
-        client.transaction(compare=[], success=ops, failure=[])
-        with lock:
-            done[0] += len(ops)
-            if progress is not None:
-                progress.update(done[0])
-
-    with ThreadPoolExecutor(max_workers=threads) as ex:
-        for f in [ex.submit(put_batch, s) for s in range(0, n, batch)]:
-            f.result()
+    items = (
+        (instance_key(i, prefix), json.dumps(instance_record(i), separators=(",", ":"))) for i in range(n)
+    )
+    put_many(client, items, batch=batch, threads=threads, progress=progress.update if progress else None)
     return etcd_revision(client)
 
 
@@ -116,25 +101,6 @@ def etcd_revision(client: Any) -> int:
 
 
 # -- small utilities --------------------------------------------------------------------
-
-
-def memory(pid: Any = "self") -> Dict[str, int]:
-    """rss, pss and uss of a process in bytes (from /proc/PID/smaps_rollup; {} if absent)."""
-    out: Dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
-                    out[parts[0][:-1]] = int(parts[1]) * 1024
-    except OSError:
-        return {}
-    return {
-        "rss": out.get("Rss", 0),
-        "pss": out.get("Pss", 0),
-        "uss": out.get("Private_Clean", 0) + out.get("Private_Dirty", 0),
-        "anon": out.get("Anonymous", 0),
-    }
 
 
 def mib(n: float) -> str:
@@ -173,112 +139,17 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def percentile(values: List[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
-    s = sorted(values)
-    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
-
-
-class DemoError(Exception):
+class DemoError(ShmKeyspaceError):
     """The demo could not run; the message says which step failed."""
 
 
 # -- children ---------------------------------------------------------------------------
 
 
-class _Child:
-    """A child python process speaking JSON lines on stdout, commands on stdin."""
-
-    def __init__(self, role: str, args: List[str], cwd: str) -> None:
-        code = "import sys; from shmkeyspace.demo import child_main; sys.exit(child_main(sys.argv[1:]))"
-        self.role = role
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, role, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            text=True,
-            bufsize=1,
-            cwd=cwd,
-            start_new_session=True,
-            env=_child_env(),
-        )
-        self.messages: "queue.Queue[Dict[str, Any]]" = queue.Queue()
-        t = threading.Thread(target=self._pump, daemon=True, name=f"demo-{role}-stdout")
-        t.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    self.messages.put(json.loads(line))
-                except ValueError:
-                    pass
-        self.messages.put({"eof": True})
-
-    def send(self, *words: Any) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(" ".join(map(str, words)) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-
-    def expect(self, kind: str, timeout: float) -> Dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise DemoError(f"{self.role} (pid {self.proc.pid}) sent no {kind!r} within {timeout:.0f}s")
-            try:
-                m = self.messages.get(timeout=left)
-            except queue.Empty:
-                continue
-            if m.get("eof"):
-                raise DemoError(
-                    f"{self.role} (pid {self.proc.pid}) exited with {self.proc.wait()} "
-                    f"before sending {kind!r}"
-                )
-            if m.get("error"):
-                raise DemoError(f"{self.role} (pid {self.proc.pid}) failed: {m['error']}")
-            if m.get("kind") == kind:
-                return m
-
-    def stop(self, timeout: float = 5.0) -> None:
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()  # a child stops at EOF
-        except OSError:
-            pass
-        _reap(self.proc, timeout)
-
-
-def _child_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    # Children must import this very shmkeyspace, installed or not.
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _reap(proc: subprocess.Popen, timeout: float) -> None:
-    """Wait for ``proc``; SIGTERM, then SIGKILL, if it does not exit."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        if sig is not None:
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                return
-        try:
-            proc.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _child(role: str, args: List[str], cwd: str) -> JsonChild:
+    """A demo child (``child_main``) in its own session, so a terminal's Ctrl-C reaches only us."""
+    code = "import sys; from shmkeyspace.demo import child_main; sys.exit(child_main(sys.argv[1:]))"
+    return JsonChild([sys.executable, "-c", code, role, *args], role, cwd=cwd, new_session=True)
 
 
 def _emit(**msg: Any) -> None:
@@ -380,31 +251,22 @@ def _reader_child(name: str, idx: int, nkeys: int, seed_: int) -> int:
 
 
 def _mirror_child(endpoint: str, prefix: str) -> int:
-    """Load every key under ``prefix`` into a dict of json.loads values; report RSS growth."""
+    """Load every key under ``prefix`` into an in-process KeySpace (JSON-decoded); report RSS growth."""
     import gc
 
+    from . import decoders
     from .etcd import connect
-    from .key_values import prefix_end
+    from .keyspace import KeySpace
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     c = connect(endpoint)
     gc.collect()
     m0 = memory()
-    mirror: Dict[str, Any] = {}
-    start, end = prefix.encode(), prefix_end(prefix.encode())
-    rev = None
-    while True:
-        resp = c.get_range_response(start, end, limit=2000, revision=rev)
-        rev = rev or int(resp.header.revision)
-        for kv in resp.kvs:
-            mirror[kv.key.decode()] = json.loads(kv.value)
-        if not resp.more or not resp.kvs:
-            break
-        start = bytes(resp.kvs[-1].key) + b"\0"
-    del resp
+    mirror = KeySpace(prefix, decoders.json)
+    mirror.load(c)
     gc.collect()
     m1 = memory()
-    _emit(kind="mirror", keys=len(mirror), mem0=m0, mem1=m1)
+    _emit(kind="mirror", keys=len(mirror.key_values), mem0=m0, mem1=m1)
     c.close()
     return 0
 
@@ -439,7 +301,7 @@ def run_demo(
     except KeyboardInterrupt:
         say("\ninterrupted: cleaning up")
         return 130
-    except DemoError as exc:
+    except (DemoError, ChildError) as exc:
         demo.show_writer_log()
         print(f"shmkeyspace: error: demo failed: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1
@@ -462,8 +324,7 @@ class _Demo:
         self.client: Any = None
         self.writer: Optional[subprocess.Popen] = None
         self.writer_log = os.path.join(self.tmp, "writer.log")
-        self.children: List[_Child] = []
-        self.rows: List[Tuple[str, str]] = []
+        self.children: List[JsonChild] = []
 
     # -- steps ------------------------------------------------------------------------
     def run(self) -> None:
@@ -553,8 +414,8 @@ class _Demo:
             "reader memory: growth from before attaching to after reading; PSS includes the "
             "reader's share of the snapshot pages it touched, USS is private memory. Per host: "
             "one writer and one segment, plus each reader's USS.",
-            f"in-process mirror: a dict of json.loads values of all {mirror.get('keys', '?')} keys, "
-            "what every worker would hold without shmkeyspace.",
+            f"in-process mirror: a KeySpace (raw and json-decoded values) of all "
+            f"{mirror.get('keys', '?')} keys, what every worker would hold without shmkeyspace.",
         ]
         self.print_table(rows, notes)
 
@@ -590,7 +451,7 @@ class _Demo:
             stdout=logf,
             stderr=logf,
             start_new_session=True,
-            env=_child_env(),
+            env=child_env(),
             cwd=self.tmp,
         )
         if logf is not None:
@@ -614,19 +475,19 @@ class _Demo:
 
     def measure_mirror(self) -> Dict[str, Any]:
         say("measuring a private in-process mirror for comparison ...")
-        c = _Child("mirror", [self.etcd.endpoint, DEMO_PREFIX], self.tmp)
+        c = _child("mirror", [self.etcd.endpoint, DEMO_PREFIX], self.tmp)
         self.children.append(c)
         try:
             m = c.expect("mirror", 300)
         finally:
-            c.stop()
+            c.close()
         return m
 
     def run_readers(self) -> Dict[str, Any]:
         seed_ = random.randrange(1 << 30)
         say(f"starting {self.nreaders} reader processes ...")
         rs = [
-            _Child("reader", [self.name, str(i), str(self.keys), str(seed_)], self.tmp)
+            _child("reader", [self.name, str(i), str(self.keys), str(seed_)], self.tmp)
             for i in range(self.nreaders)
         ]
         self.children.extend(rs)
@@ -675,7 +536,7 @@ class _Demo:
         done = [c.expect("done", 60) for c in rs]
         pids = {i: c.proc.pid for i, c in enumerate(rs)}
         for c in rs:
-            c.stop()
+            c.close()
         return {"mem0": mem0, "marks": marks, "latencies": latencies, "done": done, "pids": pids}
 
     # -- output and cleanup ----------------------------------------------------------------
@@ -715,14 +576,12 @@ class _Demo:
 
         for c in self.children:
             try:
-                c.stop(timeout=5)
+                c.close(timeout=5)
             except Exception:
                 pass
         self.children = []
         if self.writer is not None:
-            if self.writer.poll() is None:
-                self.writer.send_signal(signal.SIGTERM)  # clean stop: it unlinks (--unlink-on-exit)
-            _reap(self.writer, 10)
+            reap(self.writer, signal.SIGTERM, timeout=10)  # clean stop: it unlinks (--unlink-on-exit)
             self.writer = None
         try:
             segment.unlink_all(self.name)  # in case the writer could not

@@ -429,6 +429,32 @@ def writer_is_running(name: str) -> bool:
     return False
 
 
+def snapshot_names() -> List[str]:
+    """Names of the snapshots with a control segment on this host, sorted (lists /dev/shm)."""
+    if not os.path.isdir("/dev/shm"):
+        return []
+    out = []
+    for fn in os.listdir("/dev/shm"):
+        name = fn[len("shmks.") :] if fn.startswith("shmks.") else ""
+        if name and not name.rsplit(".", 1)[-1].isdigit() and _NAME_RE.match(name) and ".." not in name:
+            out.append(name)
+    return sorted(out)
+
+
+def segment_files(name: str) -> List[Tuple[str, int]]:
+    """``(shm name, generation)`` of every segment of snapshot ``name`` on this host,
+    the control segment (generation 0) first, then the data generations in order."""
+    prefix = f"shmks.{validate_name(name)}"
+    out = []
+    if os.path.isdir("/dev/shm"):
+        for fn in os.listdir("/dev/shm"):
+            if fn == prefix:
+                out.append(("/" + fn, 0))
+            elif fn.startswith(prefix + ".") and fn[len(prefix) + 1 :].isdigit():
+                out.append(("/" + fn, int(fn[len(prefix) + 1 :])))
+    return sorted(out, key=lambda t: t[1])
+
+
 def unlink_all(name: str) -> int:
     """Remove the control segment and every data generation of ``name``.
 
@@ -437,11 +463,9 @@ def unlink_all(name: str) -> int:
     if writer_is_running(name):
         raise WriterExistsError(f"snapshot {name!r} has a running writer: stop it before unlinking")
     removed = 0
-    prefix = f"shmks.{validate_name(name)}."
-    if os.path.isdir("/dev/shm"):
-        for fn in os.listdir("/dev/shm"):
-            if fn.startswith(prefix) and fn[len(prefix) :].isdigit():
-                removed += _unlink_quiet("/" + fn)
+    for shm_name, gen in segment_files(name):
+        if gen:
+            removed += _unlink_quiet(shm_name)
     removed += _unlink_quiet(ctrl_name(name))
     return removed
 

@@ -15,6 +15,7 @@ import uuid
 import pytest
 
 from shmkeyspace import segment
+from shmkeyspace._support import child_env
 from shmkeyspace.etcd import EtcdServer, connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,21 +58,17 @@ def shm_name():
         # A writer left running by a failed test: remove what we can.
         import posix_ipc
 
-        for fn in os.listdir("/dev/shm"):
-            if fn.startswith(f"shmks.{name}"):
-                try:
-                    posix_ipc.unlink_shared_memory("/" + fn)
-                except posix_ipc.ExistentialError:
-                    pass
+        for shm, _gen in segment.segment_files(name):
+            try:
+                posix_ipc.unlink_shared_memory(shm)
+            except posix_ipc.ExistentialError:
+                pass
 
 
 @pytest.fixture
 def python_env():
     """Environment for child Python processes: the repo importable, unbuffered output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return child_env()
 
 
 PYTHON = sys.executable

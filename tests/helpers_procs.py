@@ -1,9 +1,11 @@
 """Small helpers for tests that run writers and readers as real child processes.
 
-Owns nothing in the library: it spawns Python children (a script given as text,
-run with the repo and ``tests/`` importable), stops them, waits for conditions,
-reads per-process facts from ``/proc`` (fd count, private RSS, shm mappings),
-scales test sizes between CI and the soak, and appends the counts a test wants
+The generic parts (child environment and reaping, /proc probes, waiting) live in
+:mod:`shmkeyspace._support`, shared with the demo and the benchmarks; the names
+here stay for the tests. Owns nothing in the library: it spawns Python children
+(a script given as text, run with the repo and ``tests/`` importable), stops
+them, waits for conditions, reads per-process facts from ``/proc`` (fd count,
+private RSS, shm mappings), scales test sizes between CI and the soak, and appends the counts a test wants
 reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/soak.py``).
 
 Children are plain ``subprocess.Popen`` objects so a test can SIGKILL, SIGSTOP
@@ -18,8 +20,33 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+
+from shmkeyspace import _support, segment
+from shmkeyspace._support import fd_count, shm_mappings, wait_until
+
+__all__ = [
+    "TESTS_DIR",
+    "ROOT",
+    "PYTHON",
+    "soak",
+    "scaled",
+    "report_counts",
+    "child_env",
+    "spawn",
+    "stop",
+    "wait_until",
+    "fd_count",
+    "private_rss",
+    "shm_mappings",
+    "shm_files",
+    "ProgressFile",
+    "read_progress",
+    "proc_state",
+    "last_json",
+    "SCHEDULE_PUBLISHER",
+    "WRITER",
+]
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS_DIR)
@@ -49,12 +76,7 @@ def report_counts(test: str, **counts) -> None:
 
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Environment for a child: repo and tests/ importable, unbuffered output."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
-    env["PYTHONUNBUFFERED"] = "1"
-    if extra:
-        env.update(extra)
-    return env
+    return _support.child_env([TESTS_DIR], extra)
 
 
 def spawn(
@@ -74,58 +96,17 @@ def spawn(
 
 def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
     """Stop ``proc`` (``sig``, then SIGKILL after ``timeout``); returns its exit code."""
-    if proc is None:
-        return None
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGCONT)  # a stopped child cannot act on SIGTERM
-            proc.send_signal(sig)
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        except ProcessLookupError:
-            pass
-    for stream in (proc.stdout, proc.stderr):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
-    return proc.returncode
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until true or ``timeout`` seconds pass; returns the last result."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
-def fd_count(pid="self") -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    return _support.reap(proc, sig, timeout)
 
 
 def private_rss(pid="self") -> int:
-    """Resident bytes not backed by a file or shm (statm: resident - shared)."""
-    with open(f"/proc/{pid}/statm") as f:
-        fields = f.read().split()
-    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
-
-
-def shm_mappings(pid="self", needle: str = "/dev/shm/shmks.") -> List[str]:
-    """Lines of /proc/PID/maps that map shmkeyspace segments."""
-    with open(f"/proc/{pid}/maps") as f:
-        return [line.rstrip("\n") for line in f if needle in line]
+    """Resident bytes not backed by a file or shm (RssAnon)."""
+    return _support.memory(pid, smaps=False)["anon"]
 
 
 def shm_files(name: str) -> List[str]:
-    """The /dev/shm files of snapshot ``name`` (control and data generations)."""
-    return sorted(f for f in os.listdir("/dev/shm") if f == f"shmks.{name}" or f.startswith(f"shmks.{name}."))
+    """The /dev/shm files of snapshot ``name`` (control, then data generations in order)."""
+    return [shm[1:] for shm, _gen in segment.segment_files(name)]
 
 
 class ProgressFile:

@@ -18,6 +18,7 @@ import time
 
 import pytest
 from conftest import PYTHON
+from helpers_procs import shm_files
 
 from shmkeyspace import segment
 from shmkeyspace.cli import main, summarize
@@ -37,10 +38,6 @@ def one_error_line(res):
     assert "error:" in lines[0], lines[0]
     assert "Traceback" not in res.stderr
     return lines[0]
-
-
-def shm_files(name):
-    return sorted(f for f in os.listdir("/dev/shm") if f == f"shmks.{name}" or f.startswith(f"shmks.{name}."))
 
 
 class WriterProc:

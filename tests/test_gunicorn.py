@@ -29,7 +29,7 @@ import pytest
 from conftest import PYTHON, ROOT
 from helpers_procs import shm_files
 
-from shmkeyspace import Reader, Writer
+from shmkeyspace import Reader, Writer, segment
 from shmkeyspace.etcd import connect, free_port
 
 CONF = os.path.join(ROOT, "workers", "gunicorn.conf.py")
@@ -372,8 +372,7 @@ def test_workers_that_drop_privileges_survive_generation_changes(
 
 def _data_gen(name):
     """The newest data generation of snapshot ``name`` in /dev/shm (0 if none)."""
-    gens = [int(fn.rsplit(".", 1)[1]) for fn in shm_files(name) if fn != f"shmks.{name}"]
-    return max(gens, default=0)
+    return max(gen for _shm, gen in segment.segment_files(name))
 
 
 def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_path):

@@ -14,11 +14,14 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+from shmkeyspace._support import JsonChild, child_env, close_all, median, memory, percentile, put_many
+
+__all__ = ["close_all", "median", "percentile"]  # re-exported for the scenarios
 
 BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH_DIR)
@@ -184,19 +187,6 @@ def time_budget(
     return {"ns": statistics.median(samples), "iterations": len(samples)}
 
 
-def median(xs: Sequence[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def percentile(xs: Sequence[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(round(p / 100.0 * len(s) + 0.5)) - 1))
-    return float(s[k])
-
-
 def rng(tag: str) -> random.Random:
     return random.Random(f"{SEED}-{tag}")
 
@@ -204,94 +194,17 @@ def rng(tag: str) -> random.Random:
 # -- child processes ----------------------------------------------------------------
 
 
-def child_env() -> Dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, BENCH_DIR, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-class Child:
-    """A worker process speaking JSON lines: commands on stdin, one reply line each."""
+class Child(JsonChild):
+    """A ``scenarios/worker.py`` process speaking JSON lines: commands on stdin, one reply line each."""
 
     def __init__(self, *args: str) -> None:
-        self.args = args
-        self.proc = subprocess.Popen(
-            [sys.executable, WORKER, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            env=child_env(),
-            text=True,
-            bufsize=1,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def read(self, timeout: float = 300.0) -> Dict[str, Any]:
-        """The next JSON line (the worker prints nothing else on stdout)."""
-        import select
-
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"worker {self.args[0]} (pid {self.pid}) sent nothing in {timeout}s")
-            r, _, _ = select.select([self.proc.stdout], [], [], left)
-            if r:
-                line = self.proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(
-                        f"worker {self.args[0]} (pid {self.pid}) exited with {self.proc.wait()}"
-                    )
-                msg = json.loads(line)
-                if "error" in msg:
-                    raise RuntimeError(f"worker {self.args[0]}: {msg['error']}")
-                return msg
-
-    def send(self, cmd: str) -> None:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-
-    def ask(self, cmd: str, timeout: float = 300.0) -> Dict[str, Any]:
-        self.send(cmd)
-        return self.read(timeout)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Ask it to quit (close stdin), then kill it if it lingers."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        for f in (self.proc.stdout,):
-            try:
-                f.close()
-            except OSError:
-                pass
-
-
-def close_all(children: Sequence[Child]) -> None:
-    for c in children:
-        try:
-            c.close()
-        except Exception:
-            if c.proc.poll() is None:
-                c.proc.kill()
+        super().__init__([sys.executable, WORKER, *args], f"worker {args[0]}", env=child_env([BENCH_DIR]))
 
 
 def pss_bytes(pid: int) -> Dict[str, int]:
-    import psutil
-
-    m = psutil.Process(pid).memory_full_info()
-    return {"rss": m.rss, "pss": m.pss, "uss": m.uss}
+    """rss, pss and uss of a process (bytes)."""
+    m = memory(pid)
+    return {"rss": m.get("rss", 0), "pss": m.get("pss", 0), "uss": m.get("uss", 0)}
 
 
 # -- etcd seeding ---------------------------------------------------------------------
@@ -300,12 +213,7 @@ def pss_bytes(pid: int) -> Dict[str, int]:
 def seed(client: Any, prefix: str, n: int, value_size: int, batch: int = 1000) -> float:
     """Put ``n`` keys through transactions of ``batch`` puts; returns seconds taken."""
     t0 = time.perf_counter()
-    tx = client.transactions
-    for start in range(0, n, batch):
-        ops = [
-            tx.put(key_of(prefix, i), make_value(i, value_size)) for i in range(start, min(n, start + batch))
-        ]
-        client.transaction(compare=[], success=ops, failure=[])
+    put_many(client, ((key_of(prefix, i), make_value(i, value_size)) for i in range(n)), batch=batch)
     return time.perf_counter() - t0
 
 

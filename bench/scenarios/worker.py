@@ -27,6 +27,7 @@ sys.path[:0] = [
 ]
 
 from scenarios import common  # noqa: E402
+from shmkeyspace._support import memory  # noqa: E402
 
 
 def emit(**msg) -> None:
@@ -40,23 +41,8 @@ def wait_eof() -> None:
 
 
 def rss() -> dict:
-    """RSS, and its parts from /proc (RssAnon: the heap; RssShmem: shared memory touched)."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                out[{"VmRSS": "rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}[k]] = (
-                    int(v.split()[0]) * 1024
-                )
-    try:
-        import psutil
-
-        m = psutil.Process().memory_full_info()
-        out.update(uss=m.uss, pss=m.pss)
-    except Exception:  # psutil is a dev dependency; /proc is enough for RSS
-        pass
-    return out
+    """RSS and its parts (anon: the heap; shmem: shared memory touched), PSS and USS."""
+    return memory()
 
 
 # -- writer ----------------------------------------------------------------------------
