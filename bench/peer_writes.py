@@ -71,8 +71,8 @@ def lmdb_put(env: "lmdb.Environment") -> Callable[[int, bytes], None]:
 
 def main() -> None:
     name = "peerwrites-" + uuid.uuid4().hex[:8]
-    builder, pub = ImageBuilder(), segment.Publisher(name)
-    try:
+    builder = ImageBuilder()
+    with segment.Publisher(name, unlink_on_close=True) as pub:
         builder.reset([(KEYS[i], entry(i, 1)) for i in range(N)], 1)
         parts, total = builder.parts()
         pub.publish(parts, total, 1, N, stable=builder.stable_span())
@@ -85,8 +85,6 @@ def main() -> None:
             pub.publish(parts, total, rev[0], len(builder), stable=builder.stable_span())
 
         shm_ms = median_ms(publish, 300, time.process_time_ns)
-    finally:
-        pub.close(unlink=True)
     with tempfile.TemporaryDirectory() as d:
         nosync = lmdb_env(os.path.join(d, "nosync"), sync=False, metasync=False)
         lmdb_ms = median_ms(lmdb_put(nosync), 2000, time.process_time_ns)

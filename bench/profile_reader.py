@@ -57,18 +57,17 @@ def main() -> None:
         kb = k.encode()
         items.append((kb, pack_entry(kb, json.loads(common.make_value(i, vs)), i + 2, i + 2, 1, 0)))
     name = f"prof-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
     lm = LmdbPeer()
     try:
-        b = ImageBuilder()
-        b.reset(items, n + 1)
-        parts, total = b.parts()
-        pub.publish(parts, total, n + 1, n)
-        lm.fill(items)
-        run(name, keys, lm, args.lookups)
+        with segment.Publisher(name, unlink_on_close=True) as pub:
+            b = ImageBuilder()
+            b.reset(items, n + 1)
+            parts, total = b.parts()
+            pub.publish(parts, total, n + 1, n)
+            lm.fill(items)
+            run(name, keys, lm, args.lookups)
     finally:
         lm.close()
-        pub.close(unlink=True)
 
 
 def run(name: str, keys, lm: LmdbPeer, m: int) -> None:

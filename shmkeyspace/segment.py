@@ -201,12 +201,17 @@ class DataView:
 class Publisher:
     """The writer's side of one snapshot name: owns the control and data segments.
 
-    Holds the writer lock from construction to :meth:`close`. Not thread-safe:
+    Holds the writer lock from construction to :meth:`close`; a context manager
+    (leaving the block closes it, unlinking iff ``unlink_on_close``). Not thread-safe:
     one thread publishes (the heartbeat uses its own aligned 8-byte stores).
     """
 
-    def __init__(self, name: str, mode: int = 0o600, gid: Optional[int] = None) -> None:
+    def __init__(
+        self, name: str, mode: int = 0o600, gid: Optional[int] = None, unlink_on_close: bool = False
+    ) -> None:
         self.name = validate_name(name)
+        #: What :meth:`close` (and leaving a ``with`` block) does when not told: remove the segments?
+        self.unlink_on_close = unlink_on_close
         self.mode = mode
         self.gid = gid
         self.shm_name = ctrl_name(name)
@@ -389,14 +394,17 @@ class Publisher:
         fence()
         self.seq = seq
 
-    def close(self, unlink: bool = False) -> None:
+    def close(self, unlink: Optional[bool] = None) -> None:
         """Release the writer lock; with ``unlink``, remove every segment of the name.
 
-        Without ``unlink`` (the default) the last snapshot stays readable and
-        readers see the writer as dead; a new writer takes over in place.
+        ``unlink`` defaults to ``unlink_on_close`` (False unless asked): the last
+        snapshot stays readable and readers see the writer as dead; a new writer
+        takes over in place. Idempotent.
         """
         if self.ctrl is None:
             return
+        if unlink is None:
+            unlink = self.unlink_on_close
         self._words[OFF_PID // 8] = 0
         if unlink:
             _unlink_quiet(self.shm_name)
@@ -410,6 +418,12 @@ class Publisher:
         self.ctrl.close()
         self.ctrl = None
         self._ctrl_shm.close_fd()  # closing the fd drops the flock
+
+    def __enter__(self) -> "Publisher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def writer_is_running(name: str) -> bool:

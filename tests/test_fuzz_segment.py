@@ -577,9 +577,8 @@ def test_failed_generation_switch_then_seq_rewound(shm_name):
     ShmKeyspaceError or answer."""
     import struct
 
-    pub = segment.Publisher(shm_name)
     b = ImageBuilder()
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         b.reset([(b"/a", pack_entry(b"/a", 1, 1, 10, 1, 0))], 10)
         parts, total = b.parts()
         pub.publish(parts, total, 10, 1)
@@ -599,8 +598,6 @@ def test_failed_generation_switch_then_seq_rewound(shm_name):
             except ShmKeyspaceError:
                 pass
         r.close()
-    finally:
-        pub.close(unlink=True)
 
 
 TRUNCATE_AFTER_MAP = r"""

@@ -59,8 +59,7 @@ def test_reader_errors_are_clear(shm_name):
     for bad in ("", "a/b", "..", "a..b", "x" * 201, "a\0b", ".hidden", "-x"):
         with pytest.raises(InvalidNameError, match="invalid snapshot name|must be str"):
             Reader(bad)
-    pub = segment.Publisher(shm_name)
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         # Control segment exists but nothing is published yet.
         with pytest.raises(SegmentNotFoundError, match="no publication yet"):
             Reader(shm_name)
@@ -72,8 +71,6 @@ def test_reader_errors_are_clear(shm_name):
             r.get("/s/0001")
         with pytest.raises(TypeError, match="key must be str or bytes"):
             Reader(shm_name).get(42)
-    finally:
-        pub.close(unlink=True)
 
 
 def _kill_mid_publish(name: str) -> None:
@@ -190,8 +187,7 @@ def test_corrupt_segments_raise_clear_errors(shm_name, damage):
 
 
 def test_reader_survives_fork(shm_name):
-    pub = segment.Publisher(shm_name)
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         b = ImageBuilder()
         _publish_small(pub, b, 3)
         r = Reader(shm_name)
@@ -214,14 +210,11 @@ def test_reader_survives_fork(shm_name):
         assert os.read(rfd, 10) == b"ok"
         os.waitpid(pid, 0)
         assert r.get("/s/0002").decoded == [4, 2]
-    finally:
-        pub.close(unlink=True)
 
 
 def test_snapshot_views_are_consistent_or_expire(shm_name):
-    pub = segment.Publisher(shm_name)
     b = ImageBuilder()
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1)
         r = Reader(shm_name)
         with r.snapshot() as s, r.snapshot(copy=True) as c:
@@ -235,14 +228,11 @@ def test_snapshot_views_are_consistent_or_expire(shm_name):
             assert [e.decoded for e in c.range("/s/", None)] == [[1, i] for i in range(10)]
             assert c.revision == 1 and [e.key for e in c] == [f"/s/{i:04d}" for i in range(10)]
         r.close()
-    finally:
-        pub.close(unlink=True)
 
 
 def test_wait_for_revision_wakes_on_publication(shm_name):
-    pub = segment.Publisher(shm_name)
     b = ImageBuilder()
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1)
         r = Reader(shm_name)
         assert r.wait_for_revision(1, 0) is True
@@ -254,8 +244,6 @@ def test_wait_for_revision_wakes_on_publication(shm_name):
         assert r.wait_for_revision(9, 20) is True
         p.join(10)
         assert r.revision == 9
-    finally:
-        pub.close(unlink=True)
 
 
 def test_writer_mirrors_etcd_prefix(client, prefix, shm_name):
@@ -312,8 +300,8 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
     real = reader_mod._unpackb
     monkeypatch.setattr(reader_mod, "_unpackb", recording_unpackb)
     monkeypatch.setattr(snapshot_mod, "unpackb", recording_unpackb)
-    pub, b = segment.Publisher(shm_name), ImageBuilder()
-    try:
+    b = ImageBuilder()
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1, n=200)
         # An out-of-key-order arena too (the non-contiguous range path).
         b.apply({b"/s/0005": pack_entry(b"/s/0005", "moved", 2, 2, 1, 0)}, 2)
@@ -327,5 +315,21 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
                 with r.snapshot() as s:
                     assert s.get("/s/0007").decoded == [1, 7] and len(s.range("/s/0190", None)) == 10
         assert seen and set(seen) == {bytes}, set(seen)
-    finally:
-        pub.close(unlink=True)
+
+
+def test_publisher_is_a_context_manager(shm_name):
+    """Leaving the block releases the writer lock; segments stay unless unlink_on_close."""
+    b = ImageBuilder()
+    with segment.Publisher(shm_name) as pub:
+        _publish_small(pub, b, 1)
+        assert segment.writer_is_running(shm_name)
+    assert not segment.writer_is_running(shm_name)
+    with Reader(shm_name) as r:  # the last snapshot stays readable, its writer dead
+        assert r.revision == 1 and not r.health().writer_alive
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+        _publish_small(pub, ImageBuilder(), 2)
+        pub.close(unlink=False)  # an explicit choice wins; closing twice is harmless
+    assert segment.segment_files(shm_name)
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+        _publish_small(pub, ImageBuilder(), 3)
+    assert segment.segment_files(shm_name) == []

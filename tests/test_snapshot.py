@@ -105,14 +105,11 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes):
     ref = KeyValues(_kv(k, v, i + 1) for i, (k, v) in enumerate(data.items()))
     b = ImageBuilder()
     b.reset(((kv.key, _packed(kv)) for kv in ref), 1000)
-    pub = segment.Publisher(shm_name)
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish(pub, b)
         with Reader(shm_name, cache_size=0) as r:
             assert r.revision == 1000
             _check(r, ref, probes)
-    finally:
-        pub.close(unlink=True)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -127,8 +124,7 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes):
     ref = KeyValues()
     b = ImageBuilder()
     b.reset([], 0)
-    pub = segment.Publisher(shm_name)
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         with_reader = None
         for rev, step in enumerate(steps, start=1):
             b.apply(_changes(ref, step, rev), rev)
@@ -138,8 +134,6 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes):
             assert with_reader.revision == rev
             _check(with_reader, ref, probes)
         with_reader.close()
-    finally:
-        pub.close(unlink=True)
 
 
 def test_hash_table_survives_heavy_churn(shm_name):
@@ -149,8 +143,7 @@ def test_hash_table_survives_heavy_churn(shm_name):
     ref = KeyValues()
     b = ImageBuilder()
     b.reset([], 0)
-    pub = segment.Publisher(shm_name)
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         universe = [f"/c/{i:05d}".encode() for i in range(3000)]
         for rev in range(1, 200):
             step = {k: None if rnd.random() < 0.4 else rev for k in rnd.sample(universe, 30)}
@@ -159,8 +152,6 @@ def test_hash_table_survives_heavy_churn(shm_name):
         with Reader(shm_name, cache_size=0) as r:
             _check(r, ref, rnd.sample(universe, 50))
             assert [e.key for e in r.range(b"", None)] == [entry_key(kv.key) for kv in ref]
-    finally:
-        pub.close(unlink=True)
 
 
 def test_image_view_rejects_bad_headers():

@@ -96,9 +96,8 @@ def test_generation_growth_under_live_readers(shm_name):
 
     from shmkeyspace.snapshot import ImageBuilder, pack_entry
 
-    pub = segment.Publisher(shm_name)
     b = ImageBuilder()
-    try:
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         b.reset([(b"/g/a", pack_entry(b"/g/a", "x", 1, 1, 1, 0))], 1)
         parts, total = b.parts()
         pub.publish(parts, total, 1, 1)
@@ -116,5 +115,3 @@ def test_generation_growth_under_live_readers(shm_name):
         live = [f for f in os.listdir("/dev/shm") if f.startswith(f"shmks.{shm_name}.")]
         assert live == [f"shmks.{shm_name}.{pub.gen}"], live
         r.close()
-    finally:
-        pub.close(unlink=True)
