@@ -641,6 +641,7 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("name", h.name),
         ("writer", writer),
         ("revision", f"{h.revision}  (published snapshot)"),
+        ("source", _SOURCE_TEXT.get(h.source, h.source)),
         ("etcd revision", f"{h.etcd_revision}  (last heard by the writer; lag {h.lag})"),
     ]
     if "etcd_current_revision" in info:
@@ -661,6 +662,12 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return EXIT_OK
+
+
+_SOURCE_TEXT = {
+    "disk": "disk  (restored from the state file; not yet caught up with etcd)",
+    "etcd": "etcd  (current with etcd)",
+}
 
 
 def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

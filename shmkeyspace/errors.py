@@ -50,3 +50,10 @@ class SegmentFullError(ShmKeyspaceError, OSError):
 
     The writer keeps the last published snapshot and retries on the next change.
     """
+
+
+class StateFileError(ShmKeyspaceError, ValueError):
+    """A state file (``--state-dir``) is unusable; the message says why.
+
+    The writer logs it, ignores the file and loads from etcd instead.
+    """

@@ -72,6 +72,10 @@ class Health(NamedTuple):
     generation: int
     published_at: float  # wall-clock time of the publication
     seq: int
+    #: "disk": restored from the writer's state file and not yet caught up with
+    #: etcd (fail static); "etcd": current with etcd; "unknown": the writer
+    #: does not say (an older writer, or none has published since it started).
+    source: str = "unknown"
 
 
 def _to_query(key: Key):
@@ -400,6 +404,7 @@ class Reader:
             pub.gen,
             rec[6] / 1e9,
             s1,
+            segment.SOURCE_NAMES.get(w[segment.OFF_SOURCE // 8], "unknown"),
         )
 
 

@@ -72,6 +72,12 @@ OFF_STARTED = 40  # wall-clock ns when the writer started
 OFF_HB_INTERVAL = 48  # heartbeat interval, ns
 OFF_ETCD_REV = 56  # newest etcd revision the writer has heard of
 OFF_RECORDS = 64
+OFF_SOURCE = 208  # where the published data came from: SOURCE_* below
+#: Values of the OFF_SOURCE word: a writer that never says (or an old one),
+#: a snapshot restored from the state file and not yet caught up with etcd,
+#: a snapshot current with etcd.
+SOURCE_UNKNOWN, SOURCE_DISK, SOURCE_ETCD = 0, 1, 2
+SOURCE_NAMES = {SOURCE_UNKNOWN: "unknown", SOURCE_DISK: "disk", SOURCE_ETCD: "etcd"}
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, reserved
 RECORD = struct.Struct("<QQQQqQQQ")
 U64 = struct.Struct("<Q")
@@ -279,6 +285,16 @@ class Publisher:
 
     def set_heartbeat_interval(self, seconds: float) -> None:
         self._words[OFF_HB_INTERVAL // 8] = int(seconds * 1e9)
+
+    def set_source(self, source: int) -> None:
+        """Say where the published data came from (SOURCE_DISK / SOURCE_ETCD). O(1).
+
+        One aligned 8-byte store; readers read it with the heartbeat, outside
+        the seqlock (it describes the writer's progress, not one publication).
+        """
+        if source not in SOURCE_NAMES:
+            raise ValueError(f"unknown snapshot source {source!r}")
+        self._words[OFF_SOURCE // 8] = source
 
     # -- data segments ----------------------------------------------------------
     def _new_generation(self, need: int) -> None:

@@ -1,0 +1,238 @@
+"""State files (shmkeyspace/state.py): round trip, atomic write, trust checks, fuzz.
+
+The fuzz cases write real files into a temp dir and read them through
+:func:`state.load` and :func:`state.entries` exactly as a starting writer does.
+Promises checked: a damaged, truncated, foreign or hostile file gives a reason
+string (never another exception, never a hang: each case runs under an interval
+timer), and a file that is accepted yields only entries that pass the checks
+the writer relies on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import stat
+import struct
+import threading
+
+import pytest
+from xxhash import xxh3_128
+
+from shmkeyspace import state
+from shmkeyspace.errors import StateFileError
+from shmkeyspace.snapshot import ImageBuilder, pack_entry
+
+NAME, PREFIX, DECODER = "svc", "/svc", "json"
+
+
+def _image(n: int = 50, rev: int = 1000, churn: bool = False):
+    """(parts, length, count, items) of an image of ``n`` keys under PREFIX."""
+    b = ImageBuilder()
+    items = []
+    for i in range(n):
+        k = f"{PREFIX}/k{i:05d}".encode()
+        v = {"i": i, "s": "x" * (i % 7)}
+        items.append((k, pack_entry(k, v, 10 + i, 10 + i, 1, 0)))
+    b.reset(items, rev)
+    if churn:  # an arena with garbage and out-of-order entries, as a live writer has
+        b.apply({items[3][0]: pack_entry(items[3][0], "new", 13, rev, 2, 0), items[4][0]: None}, rev)
+    parts, total = b.parts()
+    return parts, total, len(b), b
+
+
+def _write(d, n=50, rev=1000, churn=False, **kw):
+    parts, total, count, _ = _image(n, rev, churn)
+    args = dict(name=NAME, prefix=PREFIX, decoder=DECODER, cluster_id=77, revision=rev, count=count)
+    args.update(kw)
+    return state.write(str(d), parts=parts, length=total, **args), b"".join(bytes(p) for p in parts)
+
+
+def test_round_trip(tmp_path):
+    path, image = _write(tmp_path, churn=True)
+    assert path == str(tmp_path / "svc.snap")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    sf = state.read(str(tmp_path), NAME, PREFIX, DECODER)
+    assert (sf.cluster_id, sf.revision, sf.count, sf.image) == (77, 1000, 49, image)
+    got = list(state.entries(sf))
+    assert [e[0] for e in got] == sorted(e[0] for e in got)
+    assert len(got) == 49 and got[3][2] == "new" and got[3][4] == 1000
+    assert not [f for f in os.listdir(tmp_path) if f != "svc.snap"]  # no temp left
+
+
+def test_appended_part_is_read_in_chunks(tmp_path, monkeypatch):
+    # A (bytearray, n) part: only the first n bytes count, even after the owner appends.
+    monkeypatch.setattr(state, "CHUNK", 7)
+    parts, total, count, b = _image()
+    arena = parts[1]
+    n = len(arena)
+    parts = list(parts)
+    parts[1] = (arena, n)
+    arena += b"garbage appended by the writer"
+    state.write(
+        str(tmp_path), NAME, PREFIX, DECODER, 77, 1000, count, parts, total, mode=0o640, gid=os.getgid()
+    )
+    sf = state.read(str(tmp_path), NAME, PREFIX, DECODER)
+    assert len(list(state.entries(sf))) == count
+    assert stat.S_IMODE(os.stat(tmp_path / "svc.snap").st_mode) == 0o640
+
+
+def test_identity_mismatches_are_refused(tmp_path):
+    _write(tmp_path)
+    for kw, word in (
+        ({"name": "other"}, "snapshot"),
+        ({"prefix": "/sv"}, "prefix"),
+        ({"decoder": "raw"}, "decoded"),
+    ):
+        args = dict(name=NAME, prefix=PREFIX, decoder=DECODER)
+        args.update(kw)
+        if "name" in kw:
+            os.rename(tmp_path / "svc.snap", tmp_path / "other.snap")
+        with pytest.raises(StateFileError, match=word):
+            state.read(str(tmp_path), args["name"], args["prefix"], args["decoder"])
+        if "name" in kw:
+            os.rename(tmp_path / "other.snap", tmp_path / "svc.snap")
+
+
+def test_untrusted_files_are_refused(tmp_path):
+    path, _ = _write(tmp_path)
+    d = str(tmp_path)
+    os.chmod(path, 0o620)
+    with pytest.raises(StateFileError, match="writable by group"):
+        state.read(d, NAME, PREFIX, DECODER)
+    os.chmod(path, 0o600)
+    os.chown(path, 12345, -1)
+    with pytest.raises(StateFileError, match="owned by uid 12345"):
+        state.read(d, NAME, PREFIX, DECODER)
+    assert state.read(d, NAME, PREFIX, DECODER, uid=12345).revision == 1000
+    os.chown(path, os.geteuid(), -1)
+    os.rename(path, tmp_path / "real")
+    os.symlink(tmp_path / "real", path)
+    with pytest.raises(StateFileError, match="symlink"):
+        state.read(d, NAME, PREFIX, DECODER)
+    os.unlink(path)
+    os.mkfifo(path, 0o600)  # a FIFO must not block the open
+    with pytest.raises(StateFileError, match="not a regular file"):
+        state.read(d, NAME, PREFIX, DECODER)
+    os.unlink(path)
+    os.mkdir(path, 0o700)
+    with pytest.raises(StateFileError, match="not a regular file"):
+        state.read(d, NAME, PREFIX, DECODER)
+    os.rmdir(path)
+    assert state.load(d, NAME, PREFIX, DECODER) == (None, "no state file")
+
+
+def test_untrusted_dir_is_refused(tmp_path):
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(StateFileError, match="writable by everyone"):
+        state.prepare_dir(str(d))
+    os.chmod(d, 0o1777)  # sticky, like /tmp: others cannot replace our file
+    assert state.prepare_dir(str(d)) == str(d)
+    assert state.prepare_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+
+
+def test_temps_of_a_dead_writer_are_removed(tmp_path):
+    (tmp_path / ".svc.snap.tmp.1.2").write_bytes(b"half")
+    (tmp_path / ".other.snap.tmp.1.2").write_bytes(b"not ours")
+    assert state.remove_temps(str(tmp_path), NAME) == 1
+    assert sorted(os.listdir(tmp_path)) == [".other.snap.tmp.1.2"]
+
+
+def _reseal(data: bytearray) -> bytearray:
+    """Recompute the checksum: what a hostile writer (or a bug) would produce."""
+    data[-16:] = xxh3_128(bytes(data[:-16])).digest()
+    return data
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout()
+
+
+def _case(d: str, data: bytes) -> str:
+    """Write ``data`` as the state file and load it like a writer: 'ok' or the reason."""
+    with open(os.path.join(d, "svc.snap"), "wb") as f:
+        f.write(data)
+    sf, reason = state.load(d, NAME, PREFIX, DECODER)
+    if sf is None:
+        assert reason
+        return reason
+    try:
+        got = list(state.entries(sf))
+    except StateFileError as exc:
+        return str(exc)
+    assert len(got) == sf.count
+    return "ok"
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs SIGALRM")
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fuzz_state_files(tmp_path, seed):
+    rng = random.Random(seed)
+    d = str(tmp_path)
+    _, good = _write(tmp_path, n=60, churn=True)
+    with open(tmp_path / "svc.snap", "rb") as f:
+        pristine = f.read()
+    head_len = struct.unpack_from("<I", pristine, 12)[0]
+    counts = {"refused": 0, "accepted": 0}
+    old = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        for i in range(1500):
+            kind = i % 6
+            data = bytearray(pristine)
+            if kind == 0:  # truncated anywhere (a crash mid-copy, a full disk)
+                data = data[: rng.randrange(len(data))]
+            elif kind == 1:  # bit flips anywhere, checksum left alone
+                for _ in range(rng.randint(1, 4)):
+                    data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+            elif kind == 2:  # hostile: bit flips or runs, checksum recomputed
+                for _ in range(rng.randint(1, 4)):
+                    at = rng.randrange(len(data) - 16)
+                    if rng.random() < 0.5:
+                        data[at] ^= 1 << rng.randrange(8)
+                    else:
+                        run = rng.randint(1, 16)
+                        data[at : at + run] = bytes([rng.choice((0, 0xFF, rng.randrange(256)))]) * len(
+                            data[at : at + run]
+                        )
+                _reseal(data)
+            elif kind == 3:  # hostile head fields: huge or negative lengths, resealed
+                field = rng.choice(((4, "<I"), (12, "<I"), (24, "<q"), (32, "<Q"), (40, "<Q"), (56, "<H")))
+                off, fmt = field
+                big = rng.choice((0, 1, 2**31 - 1, 2**32 - 1, 2**62, -1))
+                try:
+                    struct.pack_into(fmt, data, off, big)
+                except struct.error:
+                    struct.pack_into(fmt, data, off, 0)
+                _reseal(data)
+            elif kind == 4:  # hostile image header or index, resealed
+                at = head_len + rng.randrange(min(128, len(data) - head_len - 16))
+                if rng.random() < 0.5:
+                    at = head_len + rng.randrange(len(good))
+                data[at] = rng.randrange(256)
+                _reseal(data)
+            else:  # foreign: random bytes, or another format's file
+                data = bytearray(rng.randbytes(rng.randrange(0, 400)))
+                if rng.random() < 0.5:
+                    data[:8] = b"SHMKSTAT"
+                    data = _reseal(data + bytes(16)) if len(data) > 16 else data
+            signal.setitimer(signal.ITIMER_REAL, 5.0)
+            try:
+                out = _case(d, bytes(data))
+            except _Timeout:
+                pytest.fail(f"seed {seed} case {i} (kind {kind}) took over 5 s")
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            if kind in (0, 1, 5):
+                assert out != "ok" or bytes(data) == pristine, f"seed {seed} case {i} kind {kind} accepted"
+            counts["accepted" if out == "ok" else "refused"] += 1
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    # Most hostile cases are caught too; some flips land in values and stay valid.
+    assert counts["refused"] > 1000, counts
