@@ -178,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="heartbeat interval in seconds [SHMKEYSPACE_HEARTBEAT, default 0.5]",
     )
     w.add_argument(
+        "--state-dir",
+        default=_env("STATE_DIR"),
+        metavar="DIR",
+        help="fail static: persist the snapshot to DIR/NAME.snap and, on start, publish it at once "
+        "and resume etcd's watch from its revision (created 0700 if missing) [SHMKEYSPACE_STATE_DIR]",
+    )
+    w.add_argument(
+        "--persist-interval",
+        type=_positive_float,
+        default=_env("PERSIST_INTERVAL", "5"),
+        metavar="S",
+        help="with --state-dir: write the state file at most this often when something changed, "
+        "and on exit [SHMKEYSPACE_PERSIST_INTERVAL, default 5]",
+    )
+    w.add_argument(
         "--unlink-on-exit",
         action="store_true",
         default=_env("UNLINK_ON_EXIT") == "1",
@@ -459,6 +474,9 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         gid=gid,
         heartbeat_interval=args.heartbeat,
         unlink_on_exit=args.unlink_on_exit,
+        state_dir=args.state_dir,
+        persist_interval=args.persist_interval,
+        decoder_name=args.decoder,
     )
     stop = threading.Event()
     state = {"loading": True, "started": False}
@@ -476,7 +494,13 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     runner: Optional[threading.Thread] = None
     try:
         try:
-            writer.connect()  # fails fast, and quietly, on a wrong address
+            # Fail static: a valid state file is published before etcd is asked
+            # anything; then an unreachable etcd is waited for, not an error.
+            restored = writer.restore()
+            if restored:
+                fresh = False
+            else:
+                writer.connect()  # fails fast, and quietly, on a wrong address
             state["started"] = True
             log.info(
                 "writer %r (pid %d): mirroring %r from %s, decoder %s, apply delay %g ms, segments %04o%s",
@@ -489,7 +513,8 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
                 mode,
                 f" group {gid}" if gid is not None else "",
             )
-            writer.load()
+            if not restored:
+                writer.load()
         except BaseException as exc:
             if fresh:
                 # Nothing was ever published under this name: leave nothing behind.

@@ -205,6 +205,26 @@ class KeySpace:
             self.header = replace(hdr, revision=revision)
             self._on_update(changed)
 
+    def restore(self, header: Header, key_values: Any) -> None:
+        """Adopt ``key_values`` as the mirror, exact at ``header.revision``, quietly.
+
+        For a writer resuming from its state file: the caller has published the
+        same data already, so observers are not called. A later :meth:`watch`
+        resumes from ``header.revision + 1`` under the usual rules (stale events
+        skipped by mod_revision). Keys that failed to decode before the file was
+        written are not known; a later delete of one is logged and skipped.
+        """
+        with self.lock:
+            self.header = header
+            self.etcd_revision = max(self.etcd_revision, header.revision)
+            self.key_values = key_values
+            self._excluded = set()
+
+    @property
+    def excluded_count(self) -> int:
+        """How many keys under root are in etcd but left out (their decode failed). O(1)."""
+        return len(self._excluded)
+
     # -- etcd I/O -------------------------------------------------------------
     def load(
         self,

@@ -296,6 +296,11 @@ class Publisher:
             raise ValueError(f"unknown snapshot source {source!r}")
         self._words[OFF_SOURCE // 8] = source
 
+    @property
+    def source(self) -> int:
+        """The value last given to :meth:`set_source` (SOURCE_UNKNOWN if none). O(1)."""
+        return self._words[OFF_SOURCE // 8] if self.ctrl is not None else SOURCE_UNKNOWN
+
     # -- data segments ----------------------------------------------------------
     def _new_generation(self, need: int) -> None:
         buf_size = max(1 << 20, _round_up(need * 2, PAGE))
