@@ -48,7 +48,11 @@ Other settings (env var / ``configure`` keyword): ``SHMKEYSPACE_APPLY_DELAY`` /
 flags, e.g. ``--group www-data --cacert /etc/etcd/ca.pem``; the writer also reads
 its own ``SHMKEYSPACE_*`` variables, such as ``SHMKEYSPACE_ETCD_PASSWORD``, from
 the inherited environment); ``SHMKEYSPACE_START_TIMEOUT`` / ``start_timeout``
-(seconds to wait for the first snapshot, default 120).
+(seconds to wait for the first snapshot, default 120); ``SHMKEYSPACE_STATE_DIR`` /
+``state_dir`` and ``SHMKEYSPACE_PERSIST_INTERVAL`` / ``persist_interval`` (fail
+static: the writer keeps a copy of the snapshot there and, after a reboot,
+publishes it at once, so ``on_starting`` returns and workers boot even while
+etcd is unreachable; a warning says so in the log).
 
 Hooks you already have: call ours from yours, e.g.
 ``def post_fork(server, worker): shmkeyspace.gunicorn.post_fork(server, worker); ...``.
@@ -93,6 +97,8 @@ class Settings:
     start_timeout: float = 120.0
     worker_wait: float = 10.0
     unlink_on_exit: bool = False
+    state_dir: Optional[str] = None
+    persist_interval: Optional[float] = None
 
 
 _overrides: Dict[str, Any] = {}
@@ -125,6 +131,8 @@ def settings() -> Settings:
         start_timeout=float(env("SHMKEYSPACE_START_TIMEOUT") or Settings.start_timeout),
         worker_wait=float(env("SHMKEYSPACE_WORKER_WAIT") or Settings.worker_wait),
         unlink_on_exit=env("SHMKEYSPACE_UNLINK_ON_EXIT", "") not in ("", "0", "false", "no"),
+        state_dir=env("SHMKEYSPACE_STATE_DIR") or None,
+        persist_interval=float(env("SHMKEYSPACE_PERSIST_INTERVAL") or 0) or None,
     )
     return replace(s, **_overrides) if _overrides else s
 
@@ -198,6 +206,10 @@ class WriterSupervisor:
             cmd.append("--unlink-on-exit")
         if self.group is not None and not _group_chosen(s):
             cmd += ["--group", str(self.group)]
+        if s.state_dir:
+            cmd += ["--state-dir", s.state_dir]
+        if s.persist_interval:
+            cmd += ["--persist-interval", f"{s.persist_interval:g}"]
         return cmd + list(s.writer_args)
 
     def _spawn(self) -> None:
@@ -246,6 +258,18 @@ class WriterSupervisor:
                     if p is None and h.writer_alive:
                         return  # another writer's snapshot
                     if p is not None and h.writer_pid == p.pid and h.published_at >= t0:
+                        if h.source == "disk":
+                            # Fail static: boot the workers on the persisted copy
+                            # rather than wait for an etcd that may be down.
+                            self.log.warning(
+                                "shmkeyspace: %r published from the writer's state file (%d keys at "
+                                "revision %d); workers start on it before the writer has caught up "
+                                "with etcd (Reader.health().source says 'disk' until then)",
+                                self.name,
+                                h.keys,
+                                h.revision,
+                            )
+                            return
                         self.log.info(
                             "shmkeyspace: %r published: %d keys at revision %d", self.name, h.keys, h.revision
                         )

@@ -320,6 +320,7 @@ class Writer:
         sf = self.restored
         assert sf is not None
         backoff = 0.05
+        quiet_until = 0.0
         while True:
             try:
                 client = self.connect()
@@ -331,12 +332,17 @@ class Writer:
             except Exception as exc:
                 if self._stop.is_set():
                     return
-                log.warning(
-                    "etcd not reachable for %r (%s: %s); serving the state file's snapshot, retrying in %.2fs",
+                # Once, then every 30 s: an outage must not flood the log.
+                now = time.monotonic()
+                level = logging.WARNING if now >= quiet_until else logging.DEBUG
+                if level == logging.WARNING:
+                    quiet_until = now + 30.0
+                log.log(
+                    level,
+                    "etcd not reachable for %r (%s: %s); serving the state file's snapshot, retrying",
                     self.name,
                     type(exc).__name__,
                     exc,
-                    backoff,
                 )
                 if self._stop.wait(backoff):
                     return

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from conftest import PYTHON, ROOT
-from helpers_procs import shm_files
+from helpers_procs import shm_files, wait_until
 
 from shmkeyspace import Reader, Writer, segment
 from shmkeyspace.etcd import connect, free_port
@@ -484,3 +484,37 @@ def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
     assert g.worker_group(Cfg) is None
     Cfg.uid, Cfg.gid = 65534, 65534
     assert g.worker_group(Cfg) == 65534
+
+
+def test_workers_boot_from_the_state_file_with_etcd_down(client, prefix, shm_name, python_env, tmp_path):
+    # Fail static: a state file left by an earlier writer, then a "reboot" (no
+    # segments) while etcd is unreachable: workers must still boot and answer.
+    from shmkeyspace import segment, state
+    from shmkeyspace.decoders import resolve
+
+    d = str(tmp_path / "state")
+    key = f"{prefix}/a"
+    rev = client.put(key, json.dumps({"v": 7})).header.revision
+    w = Writer(
+        shm_name, prefix, client=client, decoder=resolve("json"), decoder_name="json", state_dir=d
+    ).start()
+    w.stop()  # persists on a clean exit
+    assert state.read(d, shm_name, prefix, "json").revision == rev
+    segment.unlink_all(shm_name)
+
+    class Nowhere:
+        endpoint = f"127.0.0.1:{free_port()}"
+
+    gu = Gunicorn(
+        fleet_env(python_env, Nowhere, prefix, shm_name, SHMKEYSPACE_STATE_DIR=d), tmp_path, workers=2
+    )
+    try:
+        gu.wait_up()
+        workers, _ = gu.wait_children(2)
+        gu.poll_all(f"/get?key={key}", workers, value_is(7, rev))
+        assert "published from the writer's state file" in gu.log()
+        assert wait_until(lambda: "etcd not reachable" in gu.log(), 60), gu.log()
+        with Reader(shm_name) as r:
+            assert r.health().source == "disk" and r.health().writer_alive
+    finally:
+        gu.stop()
