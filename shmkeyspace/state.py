@@ -417,7 +417,8 @@ def entries(sf: StateFile) -> Iterator[Item]:
             kb = k
         else:
             raise StateFileError(f"{sf.path}: entry {i // 2} has no str/bin key")
-        if not all(type(x) is int for x in (c, m, v, lease)):
+        # Exact type tests, no generator: this loop is the O(n) part of a resume.
+        if type(c) is not int or type(m) is not int or type(v) is not int or type(lease) is not int:
             raise StateFileError(f"{sf.path}: entry {i // 2} has non-integer revisions")
         if not (0 < c <= m <= rev and v >= 1 and lease >= 0):
             raise StateFileError(f"{sf.path}: entry {kb!r} has impossible revisions for revision {rev}")
