@@ -186,10 +186,8 @@ def last_persist_cpu(log: str) -> float:
     """The writer's own count of persist CPU (writing + capturing), from its last debug line."""
     import re
 
-    m = None
-    for m in re.finditer(r"persist CPU so far ([\d.]+) s \(writing\) \+ ([\d.]+) s \(capturing\)", log):
-        pass
-    return float(m.group(1)) + float(m.group(2)) if m else 0.0
+    found = re.findall(r"persist CPU so far ([\d.]+) s \(writing\) \+ ([\d.]+) s \(capturing\)", log)
+    return float(found[-1][0]) + float(found[-1][1]) if found else 0.0
 
 
 def run(keys: int, events: int, steady_s: float, out: str) -> Dict[str, Any]:
@@ -279,7 +277,7 @@ def table(r: Dict[str, Any]) -> str:
             f"(target <= 2x); full loads: {r['restart_full_loads']}",
         ),
         (
-            f"writer CPU under 1k puts/s, persisting every 5 s",
+            "writer CPU under 1k puts/s, persisting every 5 s",
             f"{r['cpu_persisting']['cpu_s_per_min']:.2f} CPU s/min "
             f"({r['cpu_persisting']['puts_per_s']:.0f} puts/s)",
         ),

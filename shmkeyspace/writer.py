@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import segment, state
 from .errors import SegmentFullError, StateFileError
@@ -315,24 +315,19 @@ class Writer:
         top = int(resp.kvs[0].mod_revision) if resp.kvs else 0
         return int(resp.header.cluster_id), rev, int(resp.count), top
 
-    def _resume_or_load(self) -> None:
-        """Decide, once etcd answers, between resuming from the state file and a full load.
+    def _await_etcd(self, out: List[Tuple[int, int, int, int]]) -> None:
+        """Connect and probe etcd, with backoff, until it answers or :meth:`stop`.
 
-        Waits (with backoff, until :meth:`stop`) for etcd to answer while the
-        disk copy stays published.
+        Runs on a thread of its own while :meth:`_rebuild` works, so a resume
+        pays max(rebuild, connect + probe), not their sum. Appends the probe
+        (see :meth:`_probe`) to ``out``.
         """
-        sf = self.restored
-        assert sf is not None
         backoff = 0.05
         quiet_until = 0.0
-        while True:
+        while not self._stop.is_set():
             try:
-                client = self.connect()
-                cluster, rev, count, top = self._probe(client)
-                differs = (
-                    self._history_differs(client) if cluster == sf.cluster_id and rev >= sf.revision else ""
-                )
-                break
+                out.append(self._probe(self.connect()))
+                return
             except Exception as exc:
                 if self._stop.is_set():
                     return
@@ -351,6 +346,35 @@ class Writer:
                 if self._stop.wait(backoff):
                     return
                 backoff = min(5.0, backoff * 2)
+
+    def _resume(self) -> None:
+        """Restored: rebuild the per-key state while waiting for etcd, then resume or load.
+
+        The disk copy stays published meanwhile.
+        """
+        probe: List[Tuple[int, int, int, int]] = []
+        t = threading.Thread(target=self._await_etcd, args=(probe,), daemon=True, name="shmkeyspace-probe")
+        t.start()
+        self._resumed = self._resumed or self._rebuild()
+        while t.is_alive():
+            t.join(0.5)
+        if probe:
+            self._resume_or_load(*probe[0])
+
+    def _resume_or_load(self, cluster: int, rev: int, count: int, top: int) -> None:
+        """Decide between resuming from the state file and a full load, etcd having answered."""
+        sf = self.restored
+        assert sf is not None
+        differs = ""
+        if cluster == sf.cluster_id and rev >= sf.revision and self._resumed:
+            while True:
+                try:
+                    differs = self._history_differs(self.connect())
+                    break
+                except Exception as exc:
+                    log.warning("checking %r's history against etcd failed (%s); retrying", self.name, exc)
+                    if self._stop.wait(1.0):
+                        return
         self.keyspace.etcd_revision = max(self.keyspace.etcd_revision, rev)
         why = ""
         if cluster != sf.cluster_id:
@@ -584,9 +608,8 @@ class Writer:
             self._threads.append(pt)
         try:
             if not self.loaded.is_set():
-                if self.restore() or self.restored is not None:
-                    self._resumed = self._resumed or self._rebuild()
-                    self._resume_or_load()
+                if self.restore():
+                    self._resume()
                     if self._stop.is_set():
                         return
                 else:
