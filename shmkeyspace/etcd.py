@@ -21,7 +21,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def scrape_metrics(url: str, timeout: float = 5.0) -> Dict[str, float]:
+    """Prometheus text at ``url`` as ``{"name{labels}": value}`` (comments skipped).
+
+    Cost: one HTTP GET (etcd's /metrics is ~100 KB; a few ms on loopback).
+    """
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        text = r.read().decode()
+    out: Dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds ``pid`` has used so far (from /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (stat field 3): utime and stime are stat fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class EtcdServer:
     """A throwaway single-member etcd on loopback ports, in a temporary data dir.
 
@@ -239,13 +268,17 @@ class EtcdServer:
         raise TimeoutError(f"etcd did not become healthy in {timeout}s; log: {self._tail()}")
 
     def _healthy(self) -> bool:
-        import urllib.request
+        return _http_healthy(f"http://127.0.0.1:{self.client_port}/health")
 
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=1) as r:
-                return b'"true"' in r.read()
-        except Exception:
-            return False
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled etcd metric, e.g. ``etcd_debugging_mvcc_watcher_total``."""
+        return scrape_metrics(self.metrics_url)[name]
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds (user + system) this etcd process has used since it started."""
+        if self.proc is None:
+            raise RuntimeError("etcd is not running")
+        return process_cpu_seconds(self.proc.pid)
 
     def _tail(self) -> str:
         try:
@@ -270,6 +303,123 @@ class EtcdServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> "EtcdServer":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _http_healthy(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return b'"true"' in r.read()
+    except Exception:
+        return False
+
+
+class EtcdGrpcProxy:
+    """``etcd grpc-proxy start`` in front of ``endpoints``, on a free loopback port.
+
+    The proxy coalesces watches on the same key range into shared upstream
+    watches and serves the KV, watch, lease and maintenance APIs (see
+    docs/deployment.md for what it changes for a writer). A context manager like
+    :class:`EtcdServer`; ``kill()`` and ``restart()`` keep the port, so clients
+    pointed at :attr:`endpoint` reconnect to the restarted proxy.
+
+    Its own metrics (``etcd_grpc_proxy_*``: cache hits, coalesced watchers) are at
+    :attr:`metrics_url`; ``/metrics`` on the same port forwards etcd's.
+    """
+
+    def __init__(
+        self,
+        endpoints: Union[str, Sequence[str]],
+        binary: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        port: Optional[int] = None,
+    ) -> None:
+        self.binary = binary or find_etcd_binary()
+        self.upstream = ",".join(f"{h}:{p}" for h, p in parse_endpoints(endpoints))
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        # The proxy writes its data dir (default ./default.proxy) only for auto-TLS
+        # certificates; a private one keeps it out of the working directory.
+        self.data_dir = tempfile.mkdtemp(prefix="shmkeyspace-grpc-proxy-")
+        self.log_path = os.path.join(self.data_dir, "proxy.log")
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/proxy/metrics"
+
+    def start(self, timeout: float = 30.0) -> "EtcdGrpcProxy":
+        args = [
+            self.binary,
+            "grpc-proxy",
+            "start",
+            "--endpoints",
+            self.upstream,
+            "--listen-addr",
+            self.endpoint,
+            # The proxy health-checks itself through this address (/proxy/health).
+            "--advertise-client-url",
+            self.endpoint,
+            "--data-dir",
+            os.path.join(self.data_dir, "data"),
+            *self.extra_args,
+        ]
+        logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd grpc-proxy exited with {self.proc.returncode}; log: {self._tail()}")
+            # /proxy/health answers true once a request through the proxy reaches etcd.
+            if _http_healthy(f"http://{self.endpoint}/proxy/health"):
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"etcd grpc-proxy did not become healthy in {timeout}s; log: {self._tail()}")
+
+    def _tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read()[-2000:].decode(errors="replace")
+        except OSError:
+            return "<no log>"
+
+    def metrics(self) -> Dict[str, float]:
+        """The proxy's own metrics (see :func:`scrape_metrics`)."""
+        return scrape_metrics(self.metrics_url)
+
+    def cpu_seconds(self) -> float:
+        if self.proc is None:
+            raise RuntimeError("the proxy is not running")
+        return process_cpu_seconds(self.proc.pid)
+
+    def kill(self) -> None:
+        """SIGKILL the proxy (its port is reused by the next ``start``)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def __enter__(self) -> "EtcdGrpcProxy":
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: Any) -> None:

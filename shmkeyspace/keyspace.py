@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Set
 
+from .errors import ShmKeyspaceError
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
 _new_kv = tuple.__new__
@@ -57,6 +58,18 @@ class Header:
 
 class KeySpaceError(Exception):
     """An unrecoverable inconsistency between the KeySpace and etcd."""
+
+
+class StartCompactedError(ShmKeyspaceError):
+    """The revision a watch would start from has been compacted: the mirror reloads.
+
+    ``compacted_revision`` is that start revision, a lower bound of etcd's
+    compact revision (a Range does not report the exact one).
+    """
+
+    def __init__(self, start: int) -> None:
+        super().__init__(f"revision {start} is compacted")
+        self.compacted_revision = start
 
 
 def _patch_header(h: Header, update: Any, reset: bool = False) -> Header:
@@ -304,6 +317,7 @@ class KeySpace:
         while not stop.is_set():
             q: "queue.Queue[Any]" = queue.Queue()
             try:
+                self._check_start(client)
                 watch_id = client.add_watch_prefix_callback(
                     self.root_key, q.put, start_revision=self.header.revision + 1, progress_notify=True
                 )
@@ -361,6 +375,30 @@ class KeySpace:
             if err is not None:
                 return err
         return None
+
+    def _check_start(self, client: Any) -> None:
+        """Raise :class:`StartCompactedError` if a watch from ``header.revision + 1`` would be compacted.
+
+        Why ask before watching: behind etcd's gRPC proxy a compacted watch leaves a
+        dead shared upstream watch ("broadcast") that later watchers of the same
+        prefix can be attached to, after which they never receive another event
+        (etcd issues 21813, 10650; seen in tests/test_proxy.py when 10 writers came
+        back after a compaction). A writer that never starts a compacted watch never
+        creates one. Cost: one linearizable single-key Range at that revision (never
+        served from the proxy's cache); etcd answers "compacted" exactly when the
+        watch would be (start < compact revision), "future revision" when nothing is
+        newer, which is fine.
+        """
+        start = self.header.revision + 1
+        try:
+            client.get_range_response(self.root_key, None, revision=start, keys_only=True, limit=1)
+        except Exception as exc:
+            details = getattr(exc, "details", None)
+            text = details() if callable(details) else str(exc)
+            if "compacted" in str(text):
+                raise StartCompactedError(start) from None
+            if "future revision" not in str(text):
+                raise
 
     def _handle_watch_error(self, client: Any, exc: BaseException) -> bool:
         """Reload on compaction (True); re-raise the unrecoverable; else False."""
