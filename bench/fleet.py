@@ -49,9 +49,10 @@ for p in (ROOT, BENCH_DIR):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from scenarios.common import ETCD_ARGS, child_env, key_of, make_value, percentile, seed  # noqa: E402
+from scenarios.common import ETCD_ARGS, key_of, make_value, seed  # noqa: E402
 
 from shmkeyspace import Reader  # noqa: E402
+from shmkeyspace._support import child_env, percentile  # noqa: E402
 from shmkeyspace.errors import ShmKeyspaceError  # noqa: E402
 from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, process_cpu_seconds, scrape_metrics  # noqa: E402
 
@@ -121,7 +122,7 @@ class Load:
                     str(seconds),
                     f"p{i}",
                 ],
-                env=child_env(),
+                env=child_env([BENCH_DIR]),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -174,7 +175,7 @@ def _spawn_writers(endpoint: str, prefix: str, names: List[str], logdir: str, ap
                     "--log-level",
                     "warning",
                 ],
-                env=child_env(),
+                env=child_env([BENCH_DIR]),
                 stdout=log,
                 stderr=log,
                 stdin=subprocess.DEVNULL,
