@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--prefix",
         default=_env("PREFIX"),
-        help="key prefix to mirror, clean form (e.g. /services) [SHMKEYSPACE_PREFIX, required]",
+        help="key prefix to mirror: /services mirrors every key starting with /services (also "
+        "/services-old/...), /services/ only the keys under /services/ [SHMKEYSPACE_PREFIX, required]",
     )
     w.add_argument(
         "--name", default=_env("NAME"), help="snapshot name readers attach to [SHMKEYSPACE_NAME, required]"
@@ -353,6 +354,11 @@ def _octal(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an octal mode: {s!r} (e.g. 0640)") from None
     if not 0 <= v <= 0o777:
         raise argparse.ArgumentTypeError(f"mode out of range: {s!r}")
+    if v & 0o022:
+        raise argparse.ArgumentTypeError(
+            f"{v:04o} lets users other than the writer's write the snapshot, and readers refuse such "
+            "segments: use 0600, or 0640 with --group"
+        )
     return v
 
 

@@ -57,3 +57,19 @@ class StateFileError(ShmKeyspaceError, ValueError):
 
     The writer logs it, ignores the file and loads from etcd instead.
     """
+
+
+class UntrustedSegmentError(ShmKeyspaceError, PermissionError):
+    """A segment (or another file shmkeyspace uses) is controlled by someone it must not trust.
+
+    Raised, naming the file, its owner and mode and what to do, when a writer
+    finds a pre-existing control segment it does not own or that others may
+    write, and when a reader finds a control segment not owned by root, its own
+    uid or the writer uid it was told to trust, a segment writable by anyone
+    but its owner, or a data segment whose owner differs from the control
+    segment's (``shmkeyspace.trust`` holds the rules).
+    """
+
+
+class InvalidSettingError(ShmKeyspaceError, ValueError):
+    """A setting (argument or ``SHMKEYSPACE_*`` variable) has a value that cannot be used."""

@@ -52,7 +52,10 @@ the inherited environment); ``SHMKEYSPACE_START_TIMEOUT`` / ``start_timeout``
 ``state_dir`` and ``SHMKEYSPACE_PERSIST_INTERVAL`` / ``persist_interval`` (fail
 static: the writer keeps a copy of the snapshot there and, after a reboot,
 publishes it at once, so ``on_starting`` returns and workers boot even while
-etcd is unreachable; a warning says so in the log).
+etcd is unreachable; a warning says so in the log); ``SHMKEYSPACE_WRITER_UID`` /
+``writer_uid`` (uid or user name of an external writer the workers trust; see
+README, "Security": workers trust segments owned by root, by their own uid, by
+this uid, and by the uid of the writer these hooks started, which they pass on).
 
 Hooks you already have: call ours from yours, e.g.
 ``def post_fork(server, worker): shmkeyspace.gunicorn.post_fork(server, worker); ...``.
@@ -71,7 +74,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from .errors import SegmentNotFoundError
 from .reader import Reader
@@ -99,6 +102,7 @@ class Settings:
     unlink_on_exit: bool = False
     state_dir: Optional[str] = None
     persist_interval: Optional[float] = None
+    writer_uid: Optional[str] = None  # uid or user name whose writer the workers trust
 
 
 _overrides: Dict[str, Any] = {}
@@ -133,6 +137,7 @@ def settings() -> Settings:
         unlink_on_exit=env("SHMKEYSPACE_UNLINK_ON_EXIT", "") not in ("", "0", "false", "no"),
         state_dir=env("SHMKEYSPACE_STATE_DIR") or None,
         persist_interval=float(env("SHMKEYSPACE_PERSIST_INTERVAL") or 0) or None,
+        writer_uid=env("SHMKEYSPACE_WRITER_UID") or None,
     )
     return replace(s, **_overrides) if _overrides else s
 
@@ -171,6 +176,9 @@ class WriterSupervisor:
         #: gid the segments get (mode 0640) so workers running as another user can read them.
         self.group = group
         self.proc: Optional[subprocess.Popen] = None
+        #: The uid the writer runs as (it is this master's child, without a user switch):
+        #: workers trust segments it owns.
+        self.writer_uid = os.geteuid()
         self.started_at = 0.0
         self.restarts = 0
         self._owner = os.getpid()
@@ -253,7 +261,7 @@ class WriterSupervisor:
                     )
                 try:
                     if r is None:
-                        r = Reader(self.name)
+                        r = Reader(self.name, writer_uid=_trusted_uid(self.settings, self.writer_uid))
                     h = r.health()
                     if p is None and h.writer_alive:
                         return  # another writer's snapshot
@@ -470,11 +478,17 @@ def worker_exit(server: Any, worker: Any) -> None:
         r.close()
 
 
+def _trusted_uid(s: Settings, started: Optional[int]) -> Union[int, str, None]:
+    """The writer uid a Reader trusts: the configured one, else that of the writer we started."""
+    return s.writer_uid if s.writer_uid is not None else started
+
+
 def _attach(s: Settings, wait: float) -> Reader:
     global _reader, _reader_pid
     with _reader_lock:
         if _reader is None or _reader_pid != os.getpid():
-            _reader = Reader(_require_name(s), wait=wait)
+            started = _supervisor.writer_uid if _supervisor is not None else None
+            _reader = Reader(_require_name(s), wait=wait, writer_uid=_trusted_uid(s, started))
             _reader_pid = os.getpid()
         return _reader
 

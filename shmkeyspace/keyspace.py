@@ -90,19 +90,33 @@ def _is_delete(ev: Any) -> bool:
     return type(ev).__name__ == "DeleteEvent"
 
 
+def _root_forms(clean: str) -> str:
+    """What each accepted spelling of an unclean root would mirror (for its error message)."""
+    if clean.endswith("/"):
+        return f"use {clean!r} (posixpath.normpath)"
+    return (
+        f"{clean!r} mirrors every key starting with {clean} (also {clean}-old/...), "
+        f"{clean + '/'!r} mirrors only keys under {clean}/"
+    )
+
+
 class KeySpace:
     """A local, decoded mirror of the etcd keys under ``root``.
 
     ``root`` is a key prefix in the clean form of :func:`posixpath.normpath`
-    (as in Gazette, it is a plain prefix: ``/a`` also covers ``/ab``).
+    (as in Gazette, it is a plain prefix: ``/a`` also covers ``/ab``), or that
+    form plus one trailing ``/`` for exactly the keys under a directory.
     """
 
     def __init__(self, root: str, decoder: Optional[Decoder] = None) -> None:
         if not isinstance(root, str) or not root:
             raise ValueError(f"KeySpace root must be a non-empty str, got {root!r}")
         clean = posixpath.normpath(root)
-        if clean != root:
-            raise ValueError(f"KeySpace root {root!r} is not clean: use {clean!r} (posixpath.normpath)")
+        # We deviate from Gazette, which takes only the clean form: a root ending
+        # in "/" is accepted and means the keys under that directory only
+        # ("/services/" leaves out "/services-old/..."), which no clean root can say.
+        if root != clean and root != clean + "/":
+            raise ValueError(f"prefix {root!r} is not clean: {_root_forms(clean)}")
         self.root: str = root
         self.root_key: bytes = to_key(root)
         self.decoder: Decoder = decoder or (lambda kv: kv.value)

@@ -28,7 +28,13 @@ from typing import Any, Iterator, List, NamedTuple, Optional, Union
 from xxhash import xxh3_64_intdigest
 
 from . import segment
-from .errors import CorruptSegmentError, SegmentNotFoundError, ShmKeyspaceError, SnapshotExpiredError
+from .errors import (
+    CorruptSegmentError,
+    SegmentNotFoundError,
+    ShmKeyspaceError,
+    SnapshotExpiredError,
+    UntrustedSegmentError,
+)
 from .key_values import prefix_end
 from .snapshot import ImageView
 from .snapshot import unpackb as _unpackb
@@ -119,14 +125,20 @@ class Reader:
     publication (0: off). The cache is this process's private memory, so it is
     kept small: 256 hot keys cost ~0.1-0.4 MB, where 4096 cost 3-7 MB per reader
     (bench/results, memory).
+    ``writer_uid`` (a uid or user name; default ``$SHMKEYSPACE_WRITER_UID``): the
+    uid whose writer to trust besides root and this process's own; a snapshot
+    owned by anyone else, or writable by anyone but its owner, raises
+    UntrustedSegmentError (README, "Security").
     """
 
-    def __init__(self, name: str, *, wait: float = 0.0, cache_size: int = 256) -> None:
+    def __init__(
+        self, name: str, *, wait: float = 0.0, cache_size: int = 256, writer_uid: Union[int, str, None] = None
+    ) -> None:
         self.name = segment.validate_name(name)
         deadline = time.monotonic() + wait
         while True:
             try:
-                self._ctrl: Optional[segment.ControlView] = segment.ControlView(name)
+                self._ctrl: Optional[segment.ControlView] = segment.ControlView(name, writer_uid)
                 if self._ctrl.words[segment.OFF_SEQ // 8] >= 2:
                     break
                 self._ctrl.close()
@@ -188,7 +200,7 @@ class Reader:
             raise CorruptSegmentError(f"snapshot {self.name!r}: publication record is empty")
         data = self._data
         if data is None or data.gen != gen:
-            data = segment.DataView(self.name, gen, seg_size)
+            data = segment.DataView(self.name, gen, seg_size, owner_uid=self._ctrl.owner_uid)
             # Views into the old generation may still serve a SnapshotView; the
             # mapping goes when the last of them does (DataView.close).
             # Forget the old publication's seq too: if validation below fails and
@@ -216,7 +228,9 @@ class Reader:
                 return s1, self._pub
             try:
                 pub = self._refresh(s1)
-            except (CorruptSegmentError, SegmentNotFoundError):
+            except (CorruptSegmentError, SegmentNotFoundError, UntrustedSegmentError):
+                # Untrusted too: a stale record may name a generation already
+                # unlinked and re-created by someone else; only a current one counts.
                 if self._moved(s1):
                     self.retries += 1
                     continue

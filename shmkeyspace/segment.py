@@ -29,6 +29,14 @@ is issued by the writer before and after each seq store, and by readers after
 loading s1 and before loading s2 whenever :data:`NEEDS_FENCE` is true. The torture test in
 ``tests/test_torture.py`` checks every answer against its revision.
 
+Trust (rules in ``trust.py``): /dev/shm is world-writable, so any local user can
+create a segment under a name first. The writer creates segments exclusively and
+reuses a pre-existing control segment only if it owns it and nobody else may write
+it; readers map a control segment only if its owner is root, themselves or the
+writer uid they were told to trust, and nobody else may write it, and a data
+segment only if it has the control segment's owner. Each check is an fstat of the
+fd that is then mapped.
+
 Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on the control segment's
 fd for its whole life; the kernel drops it when the process dies, even on
 SIGKILL, so a restarted writer takes over and a second live one is refused.
@@ -45,15 +53,17 @@ import re
 import struct
 import threading
 import time
-from typing import Any, List, Optional, Tuple
+from typing import AbstractSet, Any, List, Optional, Tuple, Union
 
 import posix_ipc
 
+from . import trust
 from .errors import (
     CorruptSegmentError,
     InvalidNameError,
     SegmentFullError,
     SegmentNotFoundError,
+    UntrustedSegmentError,
     WriterExistsError,
 )
 
@@ -122,30 +132,63 @@ def shm_path(shm_name: str) -> str:
     return "/dev/shm" + shm_name
 
 
-def _open_ro(shm_name: str, what: str) -> Tuple[mmap.mmap, int]:
+def _unlink_hint(name: str, shm_name: str) -> str:
+    return f"remove it (as root or its owner: shmkeyspace unlink {name}, or rm {shm_path(shm_name)})"
+
+
+def _open_ro(
+    shm_name: str, what: str, label: str, uids: AbstractSet[int], remedy: str, owner_hint: str
+) -> Tuple[mmap.mmap, int, int]:
+    """Map ``shm_name`` read-only after checking, on the fd's fstat, who owns it (trust.py).
+
+    Returns (mapping, size, owner uid). ``label`` and ``remedy`` word an
+    UntrustedSegmentError; ``what`` the not-found and permission errors.
+    """
+    path = shm_path(shm_name)
     try:
-        shm = posix_ipc.SharedMemory(shm_name, flags=0, read_only=True)
-    except posix_ipc.ExistentialError:
+        fd = trust.open_nofollow(path, os.O_RDONLY, what=label, remedy=remedy)
+    except UntrustedSegmentError:
+        raise
+    except FileNotFoundError:
         raise SegmentNotFoundError(f"no shared memory segment {shm_name} ({what})") from None
-    except posix_ipc.PermissionsError as exc:
-        raise PermissionError(errno.EACCES, f"no permission to read {shm_name} ({what}): {exc}") from None
+    except PermissionError as exc:
+        raise PermissionError(
+            errno.EACCES,
+            f"no permission to read {shm_name} ({what}): {os.strerror(exc.errno or errno.EACCES)}",
+        ) from None
     try:
-        size = shm.size
+        st = os.fstat(fd)
+        trust.check_owned(st, path, uids, what=label, remedy=remedy, owner_hint=owner_hint)
+        size = st.st_size
         if size == 0:
             raise CorruptSegmentError(f"{shm_name} is empty ({what})")
-        mm = mmap.mmap(shm.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        return mm, size
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        return mm, size, st.st_uid
     finally:
-        shm.close_fd()
+        os.close(fd)
 
 
 class ControlView:
-    """Read-only mapping of a control segment. Owned by one Reader; ``close()`` unmaps."""
+    """Read-only mapping of a control segment. Owned by one Reader; ``close()`` unmaps.
 
-    def __init__(self, name: str) -> None:
+    Refuses (UntrustedSegmentError) a control segment that is not a regular file,
+    is writable by group or others, or is owned by anyone but root, this process's
+    euid and ``writer_uid`` (None: ``$SHMKEYSPACE_WRITER_UID``); see trust.py.
+    ``owner_uid`` is its owner, which every data segment must share.
+    """
+
+    def __init__(self, name: str, writer_uid: Union[int, str, None] = None) -> None:
         self.name = validate_name(name)
         self.shm_name = ctrl_name(name)
-        self.mm, size = _open_ro(self.shm_name, f"snapshot {name!r}: is its writer running?")
+        self.mm, size, self.owner_uid = _open_ro(
+            self.shm_name,
+            f"snapshot {name!r}: is its writer running?",
+            f"snapshot {name!r}: control segment",
+            trust.trusted_writer_uids(writer_uid),
+            _unlink_hint(name, self.shm_name) + " and restart its writer",
+            "if uid {uid} runs the writer you mean to read, trust it with Reader(..., writer_uid={uid}) "
+            f"or {trust.WRITER_UID_ENV}={{uid}}; otherwise",
+        )
         if size < CTRL_SIZE:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is {size} bytes, expected {CTRL_SIZE}")
@@ -179,12 +222,24 @@ class ControlView:
 
 
 class DataView:
-    """Read-only mapping of one data-segment generation."""
+    """Read-only mapping of one data-segment generation.
 
-    def __init__(self, name: str, gen: int, expect_size: int) -> None:
+    Refuses (UntrustedSegmentError) a segment not owned by ``owner_uid`` (the
+    control segment's owner: one writer creates both) or writable by others.
+    """
+
+    def __init__(self, name: str, gen: int, expect_size: int, *, owner_uid: int) -> None:
         self.gen = gen
         self.shm_name = data_name(name, gen)
-        self.mm, self.size = _open_ro(self.shm_name, f"generation {gen} of {name!r}")
+        self.mm, self.size, _ = _open_ro(
+            self.shm_name,
+            f"generation {gen} of {name!r}",
+            f"snapshot {name!r}: data segment",
+            {owner_uid},
+            _unlink_hint(name, self.shm_name),
+            "its control segment's owner (who creates every data segment) did not create it; "
+            "someone else did, so",
+        )
         if self.size < expect_size or self.size < _DATA_HEAD.size:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is {self.size} bytes, record says {expect_size}")
@@ -210,27 +265,50 @@ class Publisher:
     Holds the writer lock from construction to :meth:`close`; a context manager
     (leaving the block closes it, unlinking iff ``unlink_on_close``). Not thread-safe:
     one thread publishes (the heartbeat uses its own aligned 8-byte stores).
+
+    ``mode`` must not let group or others write (readers would refuse the
+    segments). ``uid``: the owner segments are published as (default: this
+    process's euid; another uid needs root): a pre-existing control segment is
+    reused only if that uid owns it and nobody else may write it, otherwise
+    UntrustedSegmentError says whose it is and what to do. Data segments are
+    always created exclusively (trust.py).
     """
 
     def __init__(
-        self, name: str, mode: int = 0o600, gid: Optional[int] = None, unlink_on_close: bool = False
+        self,
+        name: str,
+        mode: int = 0o600,
+        gid: Optional[int] = None,
+        unlink_on_close: bool = False,
+        uid: Union[int, str, None] = None,
     ) -> None:
         self.name = validate_name(name)
         #: What :meth:`close` (and leaving a ``with`` block) does when not told: remove the segments?
         self.unlink_on_close = unlink_on_close
-        self.mode = mode
+        self.mode = trust.check_mode(mode)
         self.gid = gid
+        self.uid = os.geteuid() if uid is None else trust.resolve_uid(uid, "uid to publish for")
         self.shm_name = ctrl_name(name)
+        self._remedy = _unlink_hint(name, self.shm_name) + " or choose another --name"
         try:
-            self._ctrl_shm = posix_ipc.SharedMemory(self.shm_name, flags=posix_ipc.O_CREAT, mode=mode, size=0)
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, f"cannot open {self.shm_name}: {exc}") from None
-        self._ctrl_fd = self._ctrl_shm.fd
+            self._ctrl_fd, _ = trust.open_owned(
+                shm_path(self.shm_name),
+                mode,
+                self.uid,
+                what=f"snapshot {name!r}: control segment",
+                remedy=self._remedy,
+            )
+        except UntrustedSegmentError:
+            raise
+        except PermissionError as exc:
+            raise PermissionError(
+                errno.EACCES, f"cannot open {self.shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
+            ) from None
         try:
             fcntl.flock(self._ctrl_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             pid = self._peek_pid()
-            self._ctrl_shm.close_fd()
+            os.close(self._ctrl_fd)
             raise WriterExistsError(
                 f"snapshot {name!r} already has a live writer (pid {pid}); stop it first "
                 f"or choose another --name"
@@ -274,8 +352,9 @@ class Publisher:
 
     def _secure(self, fd: int) -> None:
         # shm_open's mode is filtered by the umask: set it explicitly.
-        if self.gid is not None:
-            os.fchown(fd, -1, self.gid)
+        uid = self.uid if self.uid != os.geteuid() else -1
+        if self.gid is not None or uid != -1:
+            os.fchown(fd, uid, -1 if self.gid is None else self.gid)
         os.fchmod(fd, self.mode)
 
     def heartbeat(self, etcd_revision: Optional[int] = None) -> None:
@@ -307,29 +386,32 @@ class Publisher:
         seg_size = PAGE + 2 * buf_size
         gen = self.gen + 1
         shm_name = data_name(self.name, gen)
+        # A leftover (a crashed writer's, or anyone's) is unlinked and the name
+        # created again exclusively: never write into a file someone else may hold.
+        fd = trust.create_fresh(
+            shm_path(shm_name),
+            self.mode,
+            what=f"snapshot {self.name!r}: data segment",
+            remedy=_unlink_hint(self.name, shm_name) + " or choose another --name",
+        )
         try:
-            posix_ipc.unlink_shared_memory(shm_name)  # leftover of a crashed writer
-        except posix_ipc.ExistentialError:
-            pass
-        shm = posix_ipc.SharedMemory(shm_name, flags=posix_ipc.O_CREX, mode=self.mode)
-        try:
-            self._secure(shm.fd)
+            self._secure(fd)
             try:
                 # Reserve the pages now: writing to a sparse tmpfs file that
                 # cannot grow is a SIGBUS, an ENOSPC here is an exception.
-                os.ftruncate(shm.fd, seg_size)
-                os.posix_fallocate(shm.fd, 0, seg_size)
+                os.ftruncate(fd, seg_size)
+                os.posix_fallocate(fd, 0, seg_size)
             except OSError as exc:
-                shm.unlink()
+                _unlink_quiet(shm_name)  # ours: in sticky /dev/shm nobody else could replace it
                 raise SegmentFullError(
                     exc.errno or errno.ENOSPC,
                     f"no room for a {seg_size >> 20} MiB snapshot segment {shm_name} "
                     f"in shared memory ({os.strerror(exc.errno or errno.ENOSPC)}); "
                     "the last published snapshot stays in place",
                 ) from None
-            mm = mmap.mmap(shm.fd, seg_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, seg_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            shm.close_fd()
+            os.close(fd)
         _DATA_HEAD.pack_into(mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, gen, seg_size, buf_size, PAGE)
         old = self._data
         self._data, self._data_size, self._buf_size, self.gen = mm, seg_size, buf_size, gen
@@ -438,7 +520,7 @@ class Publisher:
         self._words.release()
         self.ctrl.close()
         self.ctrl = None
-        self._ctrl_shm.close_fd()  # closing the fd drops the flock
+        os.close(self._ctrl_fd)  # closing the fd drops the flock
 
     def __enter__(self) -> "Publisher":
         return self
@@ -448,19 +530,25 @@ class Publisher:
 
 
 def writer_is_running(name: str) -> bool:
-    """True iff some process holds the writer lock of ``name`` (a syscall; not hot)."""
+    """True iff some process holds the writer lock of ``name`` (a syscall; not hot).
+
+    A symlink under the name is no writer's (False); a FIFO cannot block the probe.
+    """
+    shm_name = ctrl_name(name)
     try:
-        shm = posix_ipc.SharedMemory(ctrl_name(name), flags=0, read_only=True)
-    except posix_ipc.ExistentialError:
+        fd = trust.open_nofollow(shm_path(shm_name), os.O_RDONLY, what="control segment", remedy="")
+    except FileNotFoundError:
+        return False
+    except UntrustedSegmentError:
         return False
     except posix_ipc.PermissionsError as exc:
         raise PermissionError(errno.EACCES, f"no permission to read {ctrl_name(name)}: {exc}") from None
     try:
-        fcntl.flock(shm.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
     finally:
-        shm.close_fd()  # drops our shared lock too
+        os.close(fd)  # drops our shared lock too
     return False
 
 

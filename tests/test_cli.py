@@ -372,6 +372,7 @@ def test_second_writer_is_refused(etcd_server, client, prefix, shm_name, python_
         "invalid-name-writer",
         "invalid-name-get",
         "unclean-prefix",
+        "writable-mode",
         "bad-endpoint",
         "unknown-command",
     ],
@@ -403,9 +404,15 @@ def test_errors_are_one_line(case, shm_name, python_env):
         ),
         "invalid-name-get": (["get", "a/b", "/k"], 1, "invalid snapshot name"),
         "unclean-prefix": (
-            ["writer", "--prefix", "/p/", "--name", shm_name, "--endpoints", f"127.0.0.1:{free}"],
+            ["writer", "--prefix", "/p//", "--name", shm_name, "--endpoints", f"127.0.0.1:{free}"],
             1,
-            "not clean",
+            "prefix '/p//' is not clean: '/p' mirrors every key starting with /p (also /p-old/...), "
+            "'/p/' mirrors only keys under /p/",
+        ),
+        "writable-mode": (
+            ["writer", "--prefix", "/p", "--name", shm_name, "--mode", "0660"],
+            2,
+            "0660 lets users other than the writer's write the snapshot, and readers refuse such segments",
         ),
         "bad-endpoint": (
             ["writer", "--prefix", "/p", "--name", shm_name, "--endpoints", "nohost"],

@@ -590,13 +590,15 @@ def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
 
 
 @pytest.mark.parametrize(
-    "root, clean", [("/a/", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/a/b/", "/a/b")]
+    "root, clean", [("/a//", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/a/b/./", "/a/b")]
 )
 def test_unclean_root_names_the_clean_form(root, clean):
     with pytest.raises(ValueError) as ei:
         KeySpace(root)
     msg = str(ei.value)
-    assert repr(clean) in msg and repr(root) in msg
+    # Both accepted spellings, and what each would mirror.
+    assert repr(root) in msg and f"{clean!r} mirrors every key starting with {clean}" in msg, msg
+    assert f"{clean + '/'!r} mirrors only keys under {clean}/" in msg, msg
 
 
 @pytest.mark.parametrize("root", ["", None, b"/a", 3])
@@ -608,6 +610,13 @@ def test_root_must_be_a_nonempty_str(root):
 def test_clean_roots_are_accepted():
     for root in ("/", "/a", "/a/b", "a", "/a.b"):
         assert KeySpace(root).root == root
+
+
+def test_trailing_slash_roots_are_accepted():
+    # A departure from Gazette (keyspace.py): "/a/" means the keys under /a/ only.
+    for root in ("/a/", "/a/b/", "a/"):
+        ks = KeySpace(root)
+        assert ks.root == root and ks.root_key == root.encode()
 
 
 # -- loading --------------------------------------------------------------------------------

@@ -1,22 +1,28 @@
 """Security promises: validated names, private segment modes, permission errors that
-say what is wrong, and read-only mappings in readers.
+say what is wrong, read-only mappings in readers, and the trust rules of trust.py:
+a segment another local user created first (a "squat") is refused by the writer
+and by readers, as is one writable by anyone but its owner.
 
 Permission checks run a child that drops root for uid/gid 65534 (nobody/nogroup)
-after importing, so the child itself is real and unprivileged.
+after importing, so the child itself is real and unprivileged. Squatters are real
+processes of a second uid (``setpriv --reuid=nobody``), as in issue 16.
 """
 
 from __future__ import annotations
 
 import grp
 import os
+import pwd
+import shutil
 import signal
 import stat
+import subprocess
 
 import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer, segment
-from shmkeyspace.errors import InvalidNameError
+from shmkeyspace.errors import InvalidNameError, InvalidSettingError, UntrustedSegmentError
 from shmkeyspace.snapshot import ImageBuilder, pack_entry
 
 BAD_NAMES = [
@@ -226,3 +232,414 @@ def test_raw_store_into_reader_mapping_faults(shm_name):
             assert r.get("/s/a").decoded == "secret"
     finally:
         pub.close()
+
+
+# -- ownership and mode of segments (issue 16) ---------------------------------------------------
+
+
+def _second_uid_problem() -> str:
+    if os.geteuid() != 0:
+        return "needs root to run a squatter as a second uid (nobody) and to own segments as another uid"
+    try:
+        pwd.getpwnam("nobody")
+        grp.getgrnam("nogroup")
+    except KeyError:
+        return "needs the unprivileged account nobody:nogroup as the second uid"
+    if shutil.which("setpriv") is None:
+        return "needs setpriv(1) (util-linux) to run a process as the second uid"
+    return ""
+
+
+needs_second_uid = pytest.mark.skipif(bool(_second_uid_problem()), reason=_second_uid_problem() or "-")
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+NOBODY_UID = 65534
+
+
+def _shm(name: str) -> str:
+    return f"/dev/shm/shmks.{name}"
+
+
+class Squatter:
+    """A shell of another uid that creates ``path`` first and keeps it open read-write
+    (fd 3), as in issue 16. ``scribble()`` writes through that old descriptor."""
+
+    def __init__(self, path: str, mode: str, uid_args=NOBODY, size: int = 4096) -> None:
+        self.path = path
+        script = (
+            f"truncate -s {size} {path} && chmod {mode} {path} && exec 3<>{path} && echo ready && "
+            "read cmd && printf EVILEVILEVILEVIL >&3 && echo wrote && exec sleep 600"
+        )
+        self.proc = subprocess.Popen(
+            [*uid_args, "sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip() == "ready", f"squatter failed to start: {line!r}"
+
+    def scribble(self) -> None:
+        self.proc.stdin.write("go\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        assert self.proc.stdout.readline().strip() == "wrote"  # type: ignore[union-attr]
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        hp.stop(self.proc)
+
+
+def _cli(args, env, timeout=60):
+    return subprocess.run(
+        [hp.PYTHON, "-m", "shmkeyspace", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _error_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 1 and len(lines) == 1 and "Traceback" not in res.stderr, (
+        res.returncode,
+        res.stderr,
+    )
+    assert lines[0].startswith("shmkeyspace: error: "), lines[0]
+    return lines[0][len("shmkeyspace: error: ") :]
+
+
+def _squat_message(name: str, mode: str) -> str:
+    path = _shm(name)
+    return (
+        f"snapshot {name!r}: control segment {path} is owned by uid 65534 (nobody), mode 0{mode}, "
+        f"not by uid 0 (root): refusing it; remove it (as root or its owner: shmkeyspace unlink {name}, "
+        f"or rm {path}) or choose another --name"
+    )
+
+
+@needs_second_uid
+@pytest.mark.parametrize("mode", ["666", "600"])
+def test_squatted_control_segment_the_writer_refuses(mode, etcd_server, prefix, shm_name, python_env):
+    """Issue 16's reproduction: nobody creates the control segment first (and keeps it
+    open); `shmkeyspace writer` as root refuses it with one clear line, touching nothing."""
+    path = _shm(shm_name)
+    sq = Squatter(path, mode)
+    try:
+        res = _cli(
+            ["writer", "--endpoints", etcd_server.endpoint, "--prefix", prefix, "--name", shm_name],
+            python_env,
+        )
+        assert _error_line(res) == _squat_message(shm_name, mode)
+        st = os.stat(path)  # untouched: not chmod'ed, not written, no data segment
+        assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_size) == (NOBODY_UID, int(mode, 8), 4096)
+        with open(path, "rb") as f:
+            assert f.read() == bytes(4096)
+        assert hp.shm_files(shm_name) == [f"shmks.{shm_name}"]
+        # The same refusal in the library.
+        with pytest.raises(UntrustedSegmentError) as ei:
+            segment.Publisher(shm_name)
+        assert str(ei.value) == _squat_message(shm_name, mode)
+        assert isinstance(ei.value, PermissionError)
+        # The remedy it names works: remove it, and a writer starts.
+        assert _cli(["unlink", shm_name], python_env).returncode == 0
+        pub = _publish_small(shm_name)
+        try:
+            st = os.stat(path)
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+            sq.scribble()  # the squatter's old descriptor points at the removed file
+            with Reader(shm_name) as r:
+                assert r.get("/s/a").decoded == "secret"
+        finally:
+            pub.close()
+    finally:
+        sq.stop()
+
+
+@needs_second_uid
+def test_squatted_data_segment_is_replaced_not_reused(shm_name):
+    """A leftover data generation another uid created (and holds open, world-writable)
+    is unlinked and created again exclusively: its descriptor cannot reach the snapshot."""
+    sq = Squatter(_shm(shm_name) + ".1", "666", size=1 << 20)
+    try:
+        pub = _publish_small(shm_name)  # generation 1
+        try:
+            st = os.stat(_shm(shm_name) + ".1")
+            assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
+            sq.scribble()
+            with Reader(shm_name) as r:
+                assert r.get("/s/a").decoded == "secret"
+        finally:
+            pub.close()
+    finally:
+        sq.stop()
+
+
+UNPRIVILEGED_PUBLISHER = r"""
+import json, os, sys
+from shmkeyspace import segment
+from shmkeyspace.errors import UntrustedSegmentError
+from shmkeyspace.snapshot import ImageBuilder, pack_entry
+name = sys.argv[1]
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+try:
+    pub = segment.Publisher(name)
+    b = ImageBuilder()
+    b.reset([(b"/s/a", pack_entry(b"/s/a", "x", 1, 1, 1, 0))], 1)
+    parts, total = b.parts()
+    pub.publish(parts, total, 1, 1)
+    print(json.dumps({"ok": pub.gen}))
+except UntrustedSegmentError as exc:
+    print(json.dumps({"error": type(exc).__name__, "msg": str(exc)}))
+"""
+
+
+@needs_second_uid
+@pytest.mark.parametrize("which", ["control", "data"])
+def test_unprivileged_writer_refuses_another_users_segment(which, shm_name):
+    """Without root a writer can neither open (0600) nor remove (sticky /dev/shm) a
+    segment of another uid: it says whose it is instead of failing obscurely."""
+    path = _shm(shm_name) + ("" if which == "control" else ".1")
+    sq = Squatter(
+        path,
+        "600" if which == "control" else "644",
+        uid_args=["setpriv", "--reuid=4242", "--regid=4242", "--clear-groups"],
+    )
+    try:
+        proc = hp.spawn(UNPRIVILEGED_PUBLISHER, shm_name)
+        out, err = proc.communicate(timeout=60)
+        res = hp.last_json(out)
+        assert res.get("error") == "UntrustedSegmentError", (res, err)
+        if which == "control":
+            want = f"control segment {path} already exists and is a file owned by uid 4242 (?), mode 0600, not owned by uid 65534 (nobody)"
+        else:
+            want = f"data segment {path} already exists and is a file owned by uid 4242 (?), mode 0644, and cannot be removed"
+        assert res["msg"].startswith(f"snapshot {shm_name!r}: {want}: refusing it; remove it"), res["msg"]
+    finally:
+        sq.stop()
+        os.unlink(path)
+
+
+def _public_snapshot(name: str) -> segment.Publisher:
+    """A root-owned snapshot others may read (0644), for a squatter to copy."""
+    return _publish_small(name, mode=0o644)
+
+
+def _as_nobody(*cmd: str) -> None:
+    subprocess.run([*NOBODY, *cmd], check=True, timeout=60)
+
+
+@needs_second_uid
+def test_readers_refuse_an_attacker_owned_control_segment(shm_name, python_env, monkeypatch):
+    """nobody plants a valid-looking snapshot (control + data, both its own): a root
+    reader refuses it, naming owner and mode and how to trust that uid on purpose."""
+    src = shm_name + "-src"
+    pub = _public_snapshot(src)
+    try:
+        _as_nobody("cp", _shm(src), _shm(shm_name))
+        _as_nobody("cp", _shm(src) + ".1", _shm(shm_name) + ".1")
+    finally:
+        pub.close(unlink=True)
+    path = _shm(shm_name)
+    want = (
+        f"snapshot {shm_name!r}: control segment {path} is owned by uid 65534 (nobody), mode 0644, "
+        "not by uid 0 (root): refusing it; if uid 65534 runs the writer you mean to read, trust it with "
+        "Reader(..., writer_uid=65534) or SHMKEYSPACE_WRITER_UID=65534; otherwise remove it (as root or its "
+        f"owner: shmkeyspace unlink {shm_name}, or rm {path}) and restart its writer"
+    )
+    monkeypatch.delenv("SHMKEYSPACE_WRITER_UID", raising=False)
+    with pytest.raises(UntrustedSegmentError) as ei:
+        Reader(shm_name)
+    assert str(ei.value) == want
+    env = {k: v for k, v in python_env.items() if k != "SHMKEYSPACE_WRITER_UID"}
+    assert _error_line(_cli(["get", shm_name, "/s/a"], env)) == want
+    # Trusting that uid on purpose: argument (uid or name), environment, CLI.
+    for uid in (NOBODY_UID, "nobody", "65534"):
+        with Reader(shm_name, writer_uid=uid) as r:
+            assert r.get("/s/a").decoded == "secret"
+    monkeypatch.setenv("SHMKEYSPACE_WRITER_UID", "nobody")
+    with Reader(shm_name) as r:
+        assert r.get("/s/a").decoded == "secret"
+    res = _cli(["get", shm_name, "/s/a", "--json"], {**env, "SHMKEYSPACE_WRITER_UID": "65534"})
+    assert res.returncode == 0 and '"secret"' in res.stdout, res.stderr
+    # Trusting someone else does not help.
+    with pytest.raises(UntrustedSegmentError, match="not by uid 0 \\(root\\) or uid 4242"):
+        Reader(shm_name, writer_uid=4242)
+    for bad in ("no-such-user-x", -1, 2**32, 1.5):
+        with pytest.raises(InvalidSettingError):
+            Reader(shm_name, writer_uid=bad)  # type: ignore[arg-type]
+
+
+@needs_second_uid
+def test_readers_refuse_an_attacker_data_segment_named_by_a_trusted_control_block(shm_name):
+    """A root-owned (hand-crafted) control block whose record names a data segment
+    nobody created: refused, even when nobody is a trusted writer uid."""
+    src = shm_name + "-src"
+    pub = _public_snapshot(src)
+    try:
+        _as_nobody("cp", _shm(src) + ".1", _shm(shm_name) + ".1")
+        shutil.copyfile(_shm(src), _shm(shm_name))  # root's copy of a valid control block
+        os.chmod(_shm(shm_name), 0o600)
+    finally:
+        pub.close(unlink=True)
+    want = (
+        f"snapshot {shm_name!r}: data segment {_shm(shm_name)}.1 is owned by uid 65534 (nobody), mode 0644, "
+        "not by uid 0 (root): refusing it; its control segment's owner (who creates every data segment) "
+        f"did not create it; someone else did, so remove it (as root or its owner: shmkeyspace unlink "
+        f"{shm_name}, or rm {_shm(shm_name)}.1)"
+    )
+    for uid in (None, NOBODY_UID):
+        with pytest.raises(UntrustedSegmentError) as ei:
+            Reader(shm_name, writer_uid=uid)
+        assert str(ei.value) == want
+
+
+@pytest.mark.parametrize(
+    "which, mode", [("control", 0o666), ("control", 0o620), ("control", 0o602), ("data", 0o646)]
+)
+def test_readers_refuse_segments_writable_by_others(which, mode, shm_name):
+    pub = _publish_small(shm_name)
+    try:
+        path = _shm(shm_name) + ("" if which == "control" else ".1")
+        os.chmod(path, mode)
+        with pytest.raises(UntrustedSegmentError) as ei:
+            Reader(shm_name)
+        assert str(ei.value).startswith(
+            f"snapshot {shm_name!r}: {which} segment {path} is owned by uid {os.geteuid()} "
+            f"({pwd.getpwuid(os.geteuid()).pw_name}), mode 0{mode:o}: writable by users other than its owner, "
+            "who could rewrite it at any time; refusing it; remove it"
+        ), str(ei.value)
+    finally:
+        pub.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another uid")
+def test_unprivileged_reader_refuses_world_writable_root_segment(shm_name):
+    """Ownership by root is trusted, a mode that lets others write is not."""
+    pub = _publish_small(shm_name, mode=0o640, gid=65534)
+    try:
+        assert _run_unprivileged(shm_name) == {"ok": "secret"}
+        os.chmod(_shm(shm_name), 0o666)
+        proc = hp.spawn(UNPRIVILEGED_READER.replace("except PermissionError", "except OSError"), shm_name)
+        out, err = proc.communicate(timeout=60)
+        res = hp.last_json(out)
+        assert (
+            res.get("error") == "UntrustedSegmentError"
+            and "writable by users other than its owner" in res["msg"]
+        ), (res, err)
+    finally:
+        pub.close()
+
+
+def test_writer_refuses_its_own_segment_when_others_may_write_it(shm_name):
+    _publish_small(shm_name).close()
+    os.chmod(_shm(shm_name), 0o660)
+    with pytest.raises(UntrustedSegmentError, match="mode 0660: writable by users other than its owner"):
+        segment.Publisher(shm_name)
+    with pytest.raises(InvalidSettingError, match="readers refuse such segments"):
+        segment.Publisher(shm_name + "-m", mode=0o664)
+    assert hp.shm_files(shm_name + "-m") == []
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_symlinks_and_fifos_under_a_segment_name_are_refused(kind, shm_name, tmp_path):
+    path = _shm(shm_name)
+    if kind == "symlink":
+        target = tmp_path / "target"
+        target.write_bytes(b"precious")
+        os.symlink(target, path)
+        want = "is a symbolic link owned by uid"
+    else:
+        os.mkfifo(path, 0o600)
+        want = "is not a regular file"
+    try:
+        with pytest.raises(UntrustedSegmentError, match=want):
+            Reader(shm_name)  # a FIFO must not block the open
+        with pytest.raises(UntrustedSegmentError, match=want):
+            segment.Publisher(shm_name)
+        assert not segment.writer_is_running(shm_name)
+        if kind == "symlink":
+            assert target.read_bytes() == b"precious"
+    finally:
+        os.unlink(path)
+
+
+@needs_second_uid
+def test_publishing_for_another_uid(shm_name, monkeypatch):
+    """Publisher(uid=...) (root only): segments owned by that uid; readers trust it only when told."""
+    monkeypatch.delenv("SHMKEYSPACE_WRITER_UID", raising=False)
+    pub = _publish_small(shm_name, uid="nobody")
+    try:
+        assert {os.stat("/dev/shm/" + f).st_uid for f in hp.shm_files(shm_name)} == {NOBODY_UID}
+        with pytest.raises(UntrustedSegmentError, match="owned by uid 65534 \\(nobody\\)"):
+            Reader(shm_name)
+        with Reader(shm_name, writer_uid="nobody") as r:
+            assert r.get("/s/a").decoded == "secret"
+    finally:
+        pub.close()
+    with pytest.raises(UntrustedSegmentError, match="not by uid 0 \\(root\\)"):
+        segment.Publisher(shm_name)  # root's own writer does not take over nobody's segment
+    segment.Publisher(shm_name, uid=NOBODY_UID).close()  # told to publish for nobody: it does
+
+
+@needs_second_uid
+def test_gunicorn_workers_trust_the_configured_and_the_started_writer_uid(shm_name, monkeypatch):
+    import shmkeyspace.gunicorn as g
+
+    monkeypatch.setattr(g, "_overrides", {})
+    monkeypatch.setattr(g, "_reader", None)
+    monkeypatch.setattr(g, "_supervisor", None)
+    monkeypatch.delenv("SHMKEYSPACE_WRITER_UID", raising=False)
+    monkeypatch.setenv("SHMKEYSPACE_NAME", shm_name)
+    pub = _publish_small(shm_name, uid=NOBODY_UID)
+    try:
+        with pytest.raises(UntrustedSegmentError):
+            g.reader()
+        monkeypatch.setenv("SHMKEYSPACE_WRITER_UID", "nobody")
+        assert g.settings().writer_uid == "nobody"
+        assert g.reader().get("/s/a").decoded == "secret"
+        g.worker_exit(None, None)
+        monkeypatch.delenv("SHMKEYSPACE_WRITER_UID")
+        g.configure(writer_uid="65534")
+        assert g.reader().get("/s/a").decoded == "secret"
+        g.worker_exit(None, None)
+        # The hooks' own writer: its uid (the master's) is what workers are told to trust.
+        g.configure(writer_uid=None, prefix="/p")
+        sup = g.WriterSupervisor(g.settings())
+        assert sup.writer_uid == os.geteuid()
+        monkeypatch.setattr(sup, "writer_uid", NOBODY_UID)  # as if it ran as nobody
+        monkeypatch.setattr(g, "_supervisor", sup)
+        assert g.reader().get("/s/a").decoded == "secret"
+        g.worker_exit(None, None)
+    finally:
+        pub.close()
+
+
+def test_trailing_slash_prefix_mirrors_exactly_the_keys_under_it(client, prefix, shm_name):
+    """'/services/' mirrors the keys under /services/ only; '/services' (Gazette's plain
+    prefix) also takes /services-old/... and /servicesecret: both checked against etcd."""
+    base = f"{prefix}/services"
+    for k in ("/a", "/b/c", "-old/x", "ecret/y", "", "/"):
+        client.put(base + k, "v" + k)
+    plain = shm_name + "-plain"
+    try:
+        with (
+            Writer(shm_name, base + "/", client=client).start() as w,
+            Writer(plain, base, client=client).start(),
+        ):
+            with Reader(shm_name) as r, Reader(plain) as rp:
+
+                def etcd_keys(p: str) -> list:
+                    return sorted(m.key.decode() for _, m in client.get_prefix(p))
+
+                assert (
+                    [e.key for e in r.prefixed("")]
+                    == etcd_keys(base + "/")
+                    == [base + k for k in ("/", "/a", "/b/c")]
+                )
+                assert [e.key for e in rp.prefixed("")] == etcd_keys(base) and len(etcd_keys(base)) == 6
+                # Live changes: a sibling is never taken, a child is.
+                client.put(base + "-old/z", "sibling")
+                rev = int(client.put(base + "/d", "child").header.revision)
+                assert r.wait_for_revision(rev, 30) and rp.wait_for_revision(rev, 30)
+                assert [e.key for e in r.prefixed("")] == etcd_keys(base + "/")
+                assert r.get(base + "-old/z") is None and r.get(base + "/d").decoded == b"child"
+                assert [e.key for e in rp.prefixed("")] == etcd_keys(base)
+                assert w.keyspace.root == base + "/"
+    finally:
+        segment.unlink_all(plain)
