@@ -541,8 +541,10 @@ def writer_is_running(name: str) -> bool:
         return False
     except UntrustedSegmentError:
         return False
-    except posix_ipc.PermissionsError as exc:
-        raise PermissionError(errno.EACCES, f"no permission to read {ctrl_name(name)}: {exc}") from None
+    except PermissionError as exc:
+        raise PermissionError(
+            errno.EACCES, f"no permission to read {shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:

@@ -590,7 +590,8 @@ def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
 
 
 @pytest.mark.parametrize(
-    "root, clean", [("/a//", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/a/b/./", "/a/b")]
+    "root, clean",
+    [("/a//", "/a"), ("a//b", "a/b"), ("/a/./b", "/a/b"), ("/a/../b", "/b"), ("/a/b/./", "/a/b")],
 )
 def test_unclean_root_names_the_clean_form(root, clean):
     with pytest.raises(ValueError) as ei:
