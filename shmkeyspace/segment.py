@@ -586,6 +586,19 @@ def unlink_all(name: str) -> int:
     Refuses while a writer is running. Returns the number of segments removed.
     """
     if writer_is_running(name):
+        path = shm_path(ctrl_name(name))
+        try:
+            st = os.lstat(path)  # only words the message: the refusal stands either way
+        except OSError:
+            st = None
+        if st is not None and st.st_uid not in trust.trusted_writer_uids():
+            # A squatter can flock its own file too: say whose it is rather than
+            # send the user looking for a writer that does not exist.
+            raise WriterExistsError(
+                f"snapshot {name!r}: a process holds the writer lock of {path}, which is "
+                f"{trust.describe(st)}, not a writer this user trusts: stop that process, or if "
+                f"the file is not your writer's, remove it with rm {path}"
+            )
         raise WriterExistsError(f"snapshot {name!r} has a running writer: stop it before unlinking")
     removed = 0
     for shm_name, gen in segment_files(name):

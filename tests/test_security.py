@@ -263,10 +263,12 @@ class Squatter:
     """A shell of another uid that creates ``path`` first and keeps it open read-write
     (fd 3), as in issue 16. ``scribble()`` writes through that old descriptor."""
 
-    def __init__(self, path: str, mode: str, uid_args=NOBODY, size: int = 4096) -> None:
+    def __init__(self, path: str, mode: str, uid_args=NOBODY, size: int = 4096, lock: bool = False) -> None:
         self.path = path
         script = (
-            f"truncate -s {size} {path} && chmod {mode} {path} && exec 3<>{path} && echo ready && "
+            f"truncate -s {size} {path} && chmod {mode} {path} && exec 3<>{path} && "
+            + ("flock -x 3 && " if lock else "")
+            + "echo ready && "
             "read cmd && printf EVILEVILEVILEVIL >&3 && echo wrote && exec sleep 600"
         )
         self.proc = subprocess.Popen(
@@ -345,6 +347,26 @@ def test_squatted_control_segment_the_writer_refuses(mode, etcd_server, prefix, 
                 assert r.get("/s/a").decoded == "secret"
         finally:
             pub.close()
+    finally:
+        sq.stop()
+
+
+@needs_second_uid
+def test_unlink_names_a_squatter_holding_the_lock(shm_name, python_env):
+    """A squatter can flock its own file: `shmkeyspace unlink` still refuses (a lock is a
+    lock), but says whose file it is and that rm removes it, instead of "stop the writer"."""
+    path = _shm(shm_name)
+    sq = Squatter(path, "600", lock=True)
+    try:
+        line = _error_line(_cli(["unlink", shm_name], python_env))
+        assert line == (
+            f"snapshot {shm_name!r}: a process holds the writer lock of {path}, which is owned by uid 65534 "
+            "(nobody), mode 0600, not a writer this user trusts: stop that process, or if the file is not "
+            f"your writer's, remove it with rm {path}"
+        )
+        os.unlink(path)
+        pub = _publish_small(shm_name)  # the name is usable again
+        pub.close()
     finally:
         sq.stop()
 
