@@ -102,7 +102,7 @@ class Settings:
     unlink_on_exit: bool = False
     state_dir: Optional[str] = None
     persist_interval: Optional[float] = None
-    writer_uid: Optional[str] = None  # uid or user name whose writer the workers trust
+    writer_uid: Union[int, str, None] = None  # uid or user name whose writer the workers trust
 
 
 _overrides: Dict[str, Any] = {}

@@ -195,6 +195,8 @@ def open_owned(path: str, mode: int, uid: int, *, what: str, remedy: str) -> Tup
             fd = open_nofollow(path, os.O_RDWR, what=what, remedy=remedy)
         except FileNotFoundError:
             continue  # removed between the two opens: create it
+        except UntrustedSegmentError:  # a PermissionError too: not to be reworded below
+            raise
         except PermissionError:
             # Not ours to write, so not ours: say whose it is (lstat only words the message).
             raise UntrustedSegmentError(
