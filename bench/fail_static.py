@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,8 +252,10 @@ def run(keys: int, events: int, steady_s: float, out: str) -> Dict[str, Any]:
         "python": platform.python_version(),
         "load_avg": os.getloadavg(),
     }
-    res["log"] = logs
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    res["log"] = os.path.splitext(out)[0] + ".writer.log"
+    shutil.copyfile(logs, res["log"])
+    shutil.rmtree(tmp, ignore_errors=True)
     with open(out, "w") as f:
         json.dump(res, f, indent=1)
     return res

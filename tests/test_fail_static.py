@@ -133,6 +133,8 @@ def test_reboot_serves_disk_then_resumes_without_full_load(
     assert _reader_view(shm_name) == persisted
     h = _health(shm_name)
     assert (h.source, h.revision, h.writer_alive) == ("disk", rev, True), w2.output()
+    stat = test_cli.cli(["stat", shm_name], python_env)
+    assert stat.returncode == 0 and "source" in stat.stdout and "disk" in stat.stdout, stat
 
     own_etcd.start()
     c = connect(own_etcd.endpoint)
