@@ -51,8 +51,12 @@ NAME = "bench-fail-static"
 FULL_LOAD = "full load #"
 
 
+_LIVE: List["WriterProc"] = []  # killed on the way out, whatever happens
+
+
 class WriterProc:
     def __init__(self, endpoint: str, state_dir: str, log_path: str, *extra: str) -> None:
+        _LIVE.append(self)
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env = {k: v for k, v in env.items() if not k.startswith("SHMKEYSPACE_")}
@@ -194,6 +198,13 @@ def last_persist_cpu(log: str) -> float:
 def run(keys: int, events: int, steady_s: float, out: str) -> Dict[str, Any]:
     res: Dict[str, Any] = {"keys": keys, "events": events, "steady_seconds": steady_s}
     tmp = tempfile.mkdtemp(prefix="shmks-failstatic-")
+    try:
+        return _run(keys, events, steady_s, out, res, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(keys: int, events: int, steady_s: float, out: str, res: Dict[str, Any], tmp: str) -> Dict[str, Any]:
     d = os.path.join(tmp, "state")
     logs = os.path.join(tmp, "writer.log")
     try:
@@ -307,7 +318,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steady", type=float, default=60.0, help="seconds of 1k puts/s per CPU measurement")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fail_static.json"))
     a = p.parse_args(argv)
-    r = run(a.keys, a.events, a.steady, a.out)
+    # SIGTERM unwinds like Ctrl-C, so etcd and the writers are stopped and temp dirs go.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        r = run(a.keys, a.events, a.steady, a.out)
+    finally:
+        for w in _LIVE:
+            if w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(10)
     print(table(r))
     return 0
 
