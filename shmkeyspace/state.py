@@ -34,7 +34,6 @@ O(n) Python work (~1-2 us a key).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import stat
@@ -45,7 +44,8 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from xxhash import xxh3_128
 
-from .errors import CorruptSegmentError, StateFileError
+from . import trust
+from .errors import CorruptSegmentError, StateFileError, UntrustedSegmentError
 from .snapshot import MAX_IMAGE, ImageView, unpackb
 
 log = logging.getLogger(__name__)
@@ -244,22 +244,33 @@ def discard(state_dir: str, name: str) -> None:
 def prepare_dir(state_dir: str, mode: int = 0o700, gid: Optional[int] = None) -> str:
     """Create DIR if missing; refuse one that is not a directory we can trust.
 
-    A directory writable by others (without the sticky bit) would let them
-    replace the file between writes; that is refused. Returns the absolute path.
+    The directory must be owned by the writer's uid or root and writable by
+    nobody else (trust.check_owned): others could replace the file between
+    writes. A symlink is not followed. Returns the absolute path.
     """
     d = os.path.abspath(state_dir)
     try:
         os.makedirs(d, mode=mode, exist_ok=True)
     except OSError as exc:
         raise StateFileError(f"cannot create state dir {d}: {exc.strerror}") from None
-    st = os.stat(d)
-    if not stat.S_ISDIR(st.st_mode):
-        raise StateFileError(f"state dir {d} is not a directory")
-    if st.st_mode & 0o002 and not st.st_mode & stat.S_ISVTX:
-        raise StateFileError(
-            f"state dir {d} is writable by everyone (mode {stat.S_IMODE(st.st_mode):04o}): "
-            "use a directory only the writer's user can write"
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    try:
+        # Owned by the writer (or root) and writable by nobody else: otherwise
+        # someone could replace the file between two writes.
+        trust.check_owned(
+            st,
+            d,
+            {0, os.geteuid()},
+            what="state dir",
+            remedy="use a directory only the writer's user can write",
+            kind="dir",
         )
+    except UntrustedSegmentError as exc:
+        raise StateFileError(str(exc)) from None
     if not os.access(d, os.W_OK | os.X_OK):
         raise StateFileError(f"state dir {d} is not writable by uid {os.geteuid()}")
     return d
@@ -284,24 +295,23 @@ def read(
     """
     p = path_for(state_dir, name)
     want_uid = os.geteuid() if uid is None else uid
+    remedy = "the writer ignores it and loads from etcd"
+    # The trust rules shared with the segments (trust.py): O_NOFOLLOW, O_NONBLOCK
+    # (a FIFO cannot hang the open), then fstat of that very descriptor.
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = trust.open_nofollow(p, os.O_RDONLY, what="state file", remedy=remedy)
     except FileNotFoundError:
         raise
+    except UntrustedSegmentError as exc:
+        raise StateFileError(str(exc)) from None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StateFileError(f"{p} is a symlink; state files are never followed") from None
         raise StateFileError(f"cannot open {p}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StateFileError(f"{p} is not a regular file")
-        if st.st_uid != want_uid:
-            raise StateFileError(f"{p} is owned by uid {st.st_uid}, not the writer's uid {want_uid}")
-        if st.st_mode & 0o022:
-            raise StateFileError(
-                f"{p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); not trusted"
-            )
+        try:
+            trust.check_owned(st, p, {want_uid}, what="state file", remedy=remedy)
+        except UntrustedSegmentError as exc:
+            raise StateFileError(str(exc)) from None
         size = st.st_size
         if size < HEAD.size + SUM_SIZE:
             raise StateFileError(f"{p} is truncated ({size} bytes)")

@@ -99,7 +99,7 @@ def test_untrusted_files_are_refused(tmp_path):
     path, _ = _write(tmp_path)
     d = str(tmp_path)
     os.chmod(path, 0o620)
-    with pytest.raises(StateFileError, match="writable by group"):
+    with pytest.raises(StateFileError, match="writable by users other than its owner"):
         state.read(d, NAME, PREFIX, DECODER)
     os.chmod(path, 0o600)
     os.chown(path, 12345, -1)
@@ -109,7 +109,7 @@ def test_untrusted_files_are_refused(tmp_path):
     os.chown(path, os.geteuid(), -1)
     os.rename(path, tmp_path / "real")
     os.symlink(tmp_path / "real", path)
-    with pytest.raises(StateFileError, match="symlink"):
+    with pytest.raises(StateFileError, match="symbolic link"):
         state.read(d, NAME, PREFIX, DECODER)
     os.unlink(path)
     os.mkfifo(path, 0o600)  # a FIFO must not block the open
@@ -126,10 +126,14 @@ def test_untrusted_files_are_refused(tmp_path):
 def test_untrusted_dir_is_refused(tmp_path):
     d = tmp_path / "open"
     d.mkdir()
-    os.chmod(d, 0o777)
-    with pytest.raises(StateFileError, match="writable by everyone"):
+    os.chmod(d, 0o1777)
+    with pytest.raises(StateFileError, match="writable by users other than its owner"):
         state.prepare_dir(str(d))
-    os.chmod(d, 0o1777)  # sticky, like /tmp: others cannot replace our file
+    os.chmod(d, 0o700)
+    os.chown(d, 12345, -1)
+    with pytest.raises(StateFileError, match="owned by uid 12345"):
+        state.prepare_dir(str(d))
+    os.chown(d, os.geteuid(), -1)
     assert state.prepare_dir(str(d)) == str(d)
     assert state.prepare_dir(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
 
