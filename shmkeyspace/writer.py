@@ -240,6 +240,7 @@ class Writer:
             return False
         self.publisher.heartbeat(sf.revision)
         self.restored = sf
+        self._persisted = (sf.cluster_id, sf.revision)  # nothing to write until something changes
         self.publications += 1
         log.warning(
             "published %r from the state file %s before contacting etcd: %d keys at revision %d, "
@@ -276,6 +277,7 @@ class Writer:
         except StateFileError as exc:
             log.error("state file ignored: %s; loading from etcd instead", exc)
             state.discard(self.state_dir or "", self.name)
+            self._persisted = (0, 0)
             return False
         with self.keyspace.lock:
             self.builder.reset(packed, sf.revision)
@@ -389,6 +391,7 @@ class Writer:
             if self._resumed:
                 log.warning("state file %s discarded: %s; full load from etcd", sf.path, why)
                 state.discard(self.state_dir or "", self.name)
+            self._persisted = (0, 0)  # the next file may have a lower revision (another history)
             self.load()
             return
         with self.keyspace.lock:
@@ -552,18 +555,27 @@ class Writer:
         )
 
     def persist_now(self) -> None:
-        """Write the state file now if anything was published since the last write (blocks)."""
+        """Write the state file now unless it already holds what is published (blocks).
+
+        Waits for a write in flight first (stop() relies on this: a daemon
+        thread killed mid-write at exit would leave the file behind).
+        """
         if not self.state_dir:
             return
         with self.keyspace.lock:
-            if self._closed or not self._dirty or not self.keyspace.header.cluster_id:
-                return
-            parts, total = self.builder.parts()
-            self._take_capture(parts, total)
-            with self._persist_cond:
-                cap, self._capture = self._capture, None
+            hdr = self.keyspace.header
+            if self._closed or not hdr.cluster_id or (hdr.cluster_id, hdr.revision) == self._persisted:
+                cap = None
+            else:
+                parts, total = self.builder.parts()
+                self._take_capture(parts, total)
+                with self._persist_cond:
+                    cap, self._capture = self._capture, None
         if cap is not None:
-            self._write_state(cap)
+            self._write_state(cap)  # after the write in flight, if any (_write_lock)
+        else:
+            with self._write_lock:
+                pass
 
     # -- running --------------------------------------------------------------------
     def connect(self) -> Any:

@@ -153,9 +153,13 @@ def test_reboot_serves_disk_then_resumes_without_full_load(
         w2.wait_published(after)
         assert wait_until(lambda: _file_revision(d, shm_name, prefix) == after, 30), w2.output()
         assert _reader_view(shm_name) == _etcd_view(c, prefix)
+        # A clean exit right after a publication leaves that publication on disk.
+        last = c.put(f"{prefix}/last", json.dumps({"n": "last", "tag": "d"})).header.revision
+        w2.wait_published(last)
     finally:
         c.close()
     assert w2.stop() == 0
+    assert _file_revision(d, shm_name, prefix) == last
 
 
 def test_compacted_past_the_file_means_one_full_load(
