@@ -167,14 +167,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def scrape_metrics(url: str, timeout: float = 5.0) -> Dict[str, float]:
+def _ssl_context(ca_cert: Optional[str]) -> Any:
+    if ca_cert is None:
+        return None
+    import ssl
+
+    return ssl.create_default_context(cafile=ca_cert)
+
+
+def scrape_metrics(url: str, timeout: float = 5.0, ca_cert: Optional[str] = None) -> Dict[str, float]:
     """Prometheus text at ``url`` as ``{"name{labels}": value}`` (comments skipped).
 
     Cost: one HTTP GET (etcd's /metrics is ~100 KB; a few ms on loopback).
     """
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as r:
+    with urllib.request.urlopen(url, timeout=timeout, context=_ssl_context(ca_cert)) as r:
         text = r.read().decode()
     out: Dict[str, float] = {}
     for line in text.splitlines():
@@ -309,14 +317,26 @@ class EtcdServer:
         self.stop()
 
 
-def _http_healthy(url: str) -> bool:
+def _http_healthy(url: str, ca_cert: Optional[str] = None, auth_ok: bool = False) -> bool:
+    """True when etcd's (or the proxy's) health URL says ``"health":"true"``.
+
+    ``auth_ok``: also accept an answer that failed only because the check itself
+    carries no credentials (etcd with authentication on: the proxy's self check
+    reads without a user and gets "user name is empty").
+    """
+    import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:
-            return b'"true"' in r.read()
+        with urllib.request.urlopen(url, timeout=1, context=_ssl_context(ca_cert)) as r:
+            body = r.read()
+    except urllib.error.HTTPError as exc:  # 503 carries the reason
+        body = exc.read()
     except Exception:
         return False
+    if b'"true"' in body:
+        return True
+    return auth_ok and (b"user name is empty" in body or b"permission denied" in body)
 
 
 class EtcdGrpcProxy:
@@ -330,6 +350,13 @@ class EtcdGrpcProxy:
 
     Its own metrics (``etcd_grpc_proxy_*``: cache hits, coalesced watchers) are at
     :attr:`metrics_url`; ``/metrics`` on the same port forwards etcd's.
+
+    TLS: ``ca_cert`` verifies etcd's certificate and ``cert``/``key`` are the
+    proxy's client certificate towards etcd, which etcd 3.5's proxy requires for a
+    TLS upstream and which must have an *empty* subject CN (etcd issue 11970: etcd
+    would take a CN as the user of every request the proxy forwards);
+    ``listen_cert``/``listen_key`` make the proxy itself serve TLS (its health and
+    metrics URLs become https, verified with ``ca_cert``).
     """
 
     def __init__(
@@ -338,11 +365,31 @@ class EtcdGrpcProxy:
         binary: Optional[str] = None,
         extra_args: Sequence[str] = (),
         port: Optional[int] = None,
+        ca_cert: Optional[str] = None,
+        cert: Optional[str] = None,
+        key: Optional[str] = None,
+        listen_cert: Optional[str] = None,
+        listen_key: Optional[str] = None,
     ) -> None:
         self.binary = binary or find_etcd_binary()
         self.upstream = ",".join(f"{h}:{p}" for h, p in parse_endpoints(endpoints))
         self.port = port or free_port()
-        self.extra_args = list(extra_args)
+        self.ca_cert = ca_cert
+        self.tls = listen_cert is not None
+        tls_args = []
+        if ca_cert:
+            tls_args += ["--cacert", ca_cert]
+        if cert or key:
+            if not (cert and key):
+                raise ValueError("the proxy's client certificate needs both cert and key")
+            tls_args += ["--cert", cert, "--key", key]
+        if listen_cert or listen_key:
+            if not (listen_cert and listen_key):
+                raise ValueError("a TLS proxy needs both listen_cert and listen_key")
+            # Not --trusted-ca-file: with it the proxy demands a client certificate
+            # from every client (measured: TLS alert "bad certificate").
+            tls_args += ["--cert-file", listen_cert, "--key-file", listen_key]
+        self.extra_args = tls_args + list(extra_args)
         # The proxy writes its data dir (default ./default.proxy) only for auto-TLS
         # certificates; a private one keeps it out of the working directory.
         self.data_dir = tempfile.mkdtemp(prefix="shmkeyspace-grpc-proxy-")
@@ -355,7 +402,7 @@ class EtcdGrpcProxy:
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/proxy/metrics"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/proxy/metrics"
 
     def start(self, timeout: float = 30.0) -> "EtcdGrpcProxy":
         args = [
@@ -382,8 +429,11 @@ class EtcdGrpcProxy:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"etcd grpc-proxy exited with {self.proc.returncode}; log: {self._tail()}")
-            # /proxy/health answers true once a request through the proxy reaches etcd.
-            if _http_healthy(f"http://{self.endpoint}/proxy/health"):
+            # /proxy/health: a read and a watch through the proxy's own listener reach
+            # etcd. Over TLS its self-check cannot trust our CA (that would take
+            # --trusted-ca-file, see __init__), so /health there: the upstream read.
+            url = self.metrics_url.replace("/proxy/metrics", "/health" if self.tls else "/proxy/health")
+            if _http_healthy(url, self.ca_cert, auth_ok=True):
                 return self
             time.sleep(0.05)
         self.kill()
@@ -398,7 +448,7 @@ class EtcdGrpcProxy:
 
     def metrics(self) -> Dict[str, float]:
         """The proxy's own metrics (see :func:`scrape_metrics`)."""
-        return scrape_metrics(self.metrics_url)
+        return scrape_metrics(self.metrics_url, ca_cert=self.ca_cert)
 
     def cpu_seconds(self) -> float:
         if self.proc is None:

@@ -15,7 +15,9 @@ What is checked, against real etcd, a real proxy and real writer processes:
 * every writer's snapshot equals etcd at its revision after churn, after the proxy
   is SIGKILLed and restarted mid-stream, after a compaction past the writers while
   the proxy was down (each reloads), and after etcd itself is restarted under the
-  proxy.
+  proxy;
+* TLS on both hops and etcd authentication through the proxy: etcd checks the
+  writer's own user, a user without read permission on the prefix is refused.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import threading
 from typing import Dict, List
 
 import helpers_procs as hp
+import pytest
 
 from shmkeyspace import Reader, Writer
-from shmkeyspace.etcd import EtcdGrpcProxy, connect, scrape_metrics
+from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, find_etcd_binary, free_port, scrape_metrics
 from shmkeyspace.key_values import prefix_end
 
 K = 10
@@ -342,3 +346,132 @@ def test_ten_writers_behind_one_proxy(own_etcd, prefix, shm_name, tmp_path):
         client.close()
     for p in procs:
         assert p.returncode == 0, p.returncode
+
+
+# -- TLS and authentication through the proxy ------------------------------------------------
+
+
+def _make_certs(d) -> Dict[str, str]:
+    """A throwaway CA, a server certificate for 127.0.0.1, and the proxy's client
+    certificate towards etcd, whose subject has no CN (etcd issue 11970)."""
+    ca_key, ca, ext = (os.path.join(d, f) for f in ("ca.key", "ca.pem", "ext"))
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        ca_key,
+        "-out",
+        ca,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=shmks-test-ca",
+    )
+    out = {"ca": ca}
+    for name, subject in (("server", "/CN=localhost"), ("proxy", "/O=shmks-proxy")):
+        key, csr, cert = (os.path.join(d, f"{name}.{x}") for x in ("key", "csr", "pem"))
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", subject)
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            cert,
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+        )
+        out[name], out[f"{name}_key"] = cert, key
+    return out
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _etcdctl(endpoint: str, *args: str, user: str = "") -> None:
+    ctl = os.path.join(os.path.dirname(find_etcd_binary()), "etcdctl")
+    subprocess.run(
+        [ctl, "--endpoints", endpoint, *(["--user", user] if user else []), *args],
+        check=True,
+        capture_output=True,
+        env=hp.child_env(),
+    )
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI to make test certificates")
+def test_tls_and_auth_through_the_proxy(tmp_path, prefix, shm_name):
+    """Writer --cacert/--user through a TLS proxy to a TLS etcd with auth on: etcd checks the
+    writer's own user (the proxy forwards its token), for the load and for the watch."""
+    certs = _make_certs(str(tmp_path))
+    srv = EtcdServer()
+    tls_port = free_port()
+    srv.extra_args = [
+        "--listen-client-urls",
+        f"http://127.0.0.1:{srv.client_port},https://127.0.0.1:{tls_port}",
+        "--cert-file",
+        certs["server"],
+        "--key-file",
+        certs["server_key"],
+    ]
+    with srv:
+        plain = srv.endpoint  # set-up only; everything under test goes through TLS
+        _etcdctl(plain, "user", "add", "root:rootpw")
+        _etcdctl(plain, "role", "add", "mirror")
+        _etcdctl(plain, "role", "grant-permission", "mirror", "--prefix=true", "read", prefix)
+        _etcdctl(plain, "user", "add", "shmks:pw1")
+        _etcdctl(plain, "user", "grant-role", "shmks", "mirror")
+        _etcdctl(plain, "user", "add", "nobody:pw2")
+        _etcdctl(plain, "auth", "enable")
+        _etcdctl(plain, "put", f"{prefix}/a", '"1"', user="root:rootpw")
+        with EtcdGrpcProxy(
+            f"127.0.0.1:{tls_port}",
+            ca_cert=certs["ca"],
+            cert=certs["proxy"],
+            key=certs["proxy_key"],
+            listen_cert=certs["server"],
+            listen_key=certs["server_key"],
+        ) as proxy:
+            w = Writer(
+                shm_name,
+                prefix,
+                endpoints=proxy.endpoint,
+                connect_args=dict(user="shmks", password="pw1", ca_cert=certs["ca"]),
+                decoder=lambda kv: json.loads(kv.value),
+                unlink_on_exit=True,
+            )
+            try:
+                w.start()
+                with Reader(shm_name) as r:
+                    assert r.get(f"{prefix}/a").decoded == "1"
+                    rev = r.revision
+                    _etcdctl(plain, "put", f"{prefix}/b", '"2"', user="root:rootpw")
+                    assert r.wait_for_revision(rev + 1, 30), r.revision
+                    assert r.get(f"{prefix}/b").decoded == "2"
+            finally:
+                w.stop()
+            # A user etcd does not allow to read the prefix is refused through the proxy.
+            other = Writer(
+                f"{shm_name}-x",
+                prefix,
+                endpoints=proxy.endpoint,
+                connect_args=dict(user="nobody", password="pw2", ca_cert=certs["ca"]),
+                unlink_on_exit=True,
+            )
+            try:
+                with pytest.raises(Exception, match="permission denied"):
+                    other.start()
+            finally:
+                other.stop()
