@@ -197,6 +197,159 @@ def _stop_all(procs: List[subprocess.Popen]) -> None:
             p.wait(10)
 
 
+#: Stand-in hosts for large K (``--kind mirror``): COUNT KeySpaces in one process, each
+#: with its own etcd client (its own connection and watch stream, as a separate host
+#: has), loading at once on threads and then watching: the same requests a writer
+#: makes of etcd, without the publication to shared memory. Every update is recorded
+#: as (revision, CLOCK_MONOTONIC time), which is system-wide, so the parent computes
+#: put -> applied from its own clock. Prints one JSON line when all have loaded;
+#: "report" on stdin prints the histories.
+MIRRORS = r"""
+import json, sys, threading, time
+from shmkeyspace.etcd import connect
+from shmkeyspace.keyspace import KeySpace
+endpoint, prefix, count, apply_delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+ready = [None] * count
+hist = [[] for _ in range(count)]
+stop = threading.Event()
+def host(i):
+    ks = KeySpace(prefix, lambda kv: json.loads(kv.value))
+    ks.watch_apply_delay = apply_delay
+    h = hist[i]
+    ks.observers.append(lambda: h.append((ks.header.revision, time.monotonic())))
+    c = connect(endpoint)
+    ks.load(c)
+    ready[i] = time.monotonic()
+    ks.watch(c, stop)
+threads = [threading.Thread(target=host, args=(i,), daemon=True) for i in range(count)]
+for t in threads:
+    t.start()
+while any(r is None for r in ready):
+    time.sleep(0.01)
+print(json.dumps({"ready": ready}), flush=True)
+for line in sys.stdin:
+    if line.strip() == "report":
+        print(json.dumps({"hist": hist}), flush=True)
+stop.set()
+"""
+
+
+class WriterFleet:
+    """K real writer processes (``python -m shmkeyspace writer``), read through Readers."""
+
+    kind = "writer"
+
+    def __init__(self, names: List[str], n: int) -> None:
+        self.names, self.n = names, n
+        self.procs: List[subprocess.Popen] = []
+        self.readers: Dict[str, Reader] = {}
+
+    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float) -> None:
+        self.procs = _spawn_writers(endpoint, prefix, self.names, logdir, apply_delay_ms)
+
+    def wait_ready(self, t0: float, timeout: float) -> List[float]:
+        cold = _wait_cold_start(self.names, self.procs, self.n, timeout)
+        self.readers = cold["readers"]
+        return list(cold["ready"].values())
+
+    def pids(self) -> List[int]:
+        return [p.pid for p in self.procs]
+
+    def sample(self, rev: int, ts: float, lat: List[float], timeout: float = 10.0) -> int:
+        """Poll every snapshot until it holds ``rev``; returns how many never did."""
+        pending = dict(self.readers)
+        while pending and time.monotonic() < ts + timeout:
+            for name in list(pending):
+                if pending[name].revision >= rev:
+                    lat.append(time.monotonic() - ts)
+                    del pending[name]
+            if pending:
+                time.sleep(0.0002)
+        return len(pending)
+
+    def latencies(self, lat: List[float]) -> int:
+        return 0
+
+    def check(self) -> None:
+        for name, p in zip(self.names, self.procs):
+            if p.poll() is not None:
+                raise RuntimeError(f"writer {name} exited with {p.returncode}")
+
+    def stop(self) -> None:
+        for r in self.readers.values():
+            r.close()
+        _stop_all(self.procs)
+
+
+class MirrorFleet:
+    """K stand-in hosts (KeySpaces, ``per_proc`` to a process): what etcd sees of K writers."""
+
+    kind = "mirror"
+
+    def __init__(self, k: int, per_proc: int = 10) -> None:
+        self.k, self.per_proc = k, per_proc
+        self.procs: List[subprocess.Popen] = []
+        self.samples: List[Any] = []
+
+    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float) -> None:
+        for start in range(0, self.k, self.per_proc):
+            count = min(self.per_proc, self.k - start)
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", MIRRORS, endpoint, prefix, str(count), str(apply_delay_ms / 1000)],
+                    env=child_env([BENCH_DIR]),
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+
+    def wait_ready(self, t0: float, timeout: float) -> List[float]:
+        ready: List[float] = []
+        for p in self.procs:
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"mirror process exited with {p.wait()}")
+            ready += [t - t0 for t in json.loads(line)["ready"]]
+        return ready
+
+    def pids(self) -> List[int]:
+        return [p.pid for p in self.procs]
+
+    def sample(self, rev: int, ts: float, lat: List[float], timeout: float = 10.0) -> int:
+        self.samples.append((rev, ts))
+        time.sleep(0.05)
+        return 0
+
+    def latencies(self, lat: List[float], timeout: float = 10.0) -> int:
+        missing = 0
+        for p in self.procs:
+            p.stdin.write("report\n")
+            p.stdin.flush()
+            for h in json.loads(p.stdout.readline())["hist"]:
+                for rev, ts in self.samples:
+                    t = next((t for r, t in h if r >= rev and t >= ts), None)
+                    if t is None or t - ts > timeout:
+                        missing += 1
+                    else:
+                        lat.append(t - ts)
+        return missing
+
+    def check(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"mirror process exited with {p.returncode}")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    p.stdin.close()
+                except OSError:
+                    pass
+        _stop_all(self.procs)
+
+
 def _cpu(pids: List[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -241,9 +394,17 @@ def run_one(
 ) -> Dict[str, Any]:
     prefix, n = args.prefix, args.keys
     proxy: Optional[EtcdGrpcProxy] = None
-    procs: List[subprocess.Popen] = []
-    readers: Dict[str, Reader] = {}
-    row: Dict[str, Any] = {"mode": mode, "writers": k, "keys": n}
+    kind = "mirror" if k >= args.mirrors_from else "writer"
+    fleet: Any = (
+        WriterFleet([f"fleet-{mode}-{k}-{i}" for i in range(k)], n) if kind == "writer" else MirrorFleet(k)
+    )
+    row: Dict[str, Any] = {
+        "mode": mode,
+        "writers": k,
+        "kind": kind,
+        "keys": n,
+        "loadavg_before": os.getloadavg()[0],
+    }
     try:
         if mode == "proxy":
             proxy = EtcdGrpcProxy(etcd.endpoint).start()
@@ -251,23 +412,21 @@ def run_one(
         endpoint = proxy.endpoint if proxy else etcd.endpoint
         base = _watchers(etcd)
         row["watchers_before"] = base
-        names = [f"fleet-{mode}-{k}-{i}" for i in range(k)]
         # -- cold start: all K at once -------------------------------------------------
         cpu0 = etcd.cpu_seconds()
         pcpu0 = proxy.cpu_seconds() if proxy else 0.0
         t0 = time.monotonic()
         if k:
-            procs = _spawn_writers(endpoint, prefix, names, logdir, args.apply_delay)
-            cold = _wait_cold_start(names, procs, n, timeout=600)
-            readers = cold["readers"]
-            row["cold_start_s"] = max(cold["ready"].values())
-            row["cold_first_s"] = min(cold["ready"].values())
+            fleet.start(endpoint, prefix, logdir, args.apply_delay)
+            ready = fleet.wait_ready(t0, timeout=900)
+            row["cold_start_s"] = max(ready)
+            row["cold_first_s"] = min(ready)
             row["cold_etcd_cpu_s"] = etcd.cpu_seconds() - cpu0
             row["cold_etcd_cpu_s_per_writer"] = row["cold_etcd_cpu_s"] / k
             row["cold_proxy_cpu_s"] = (proxy.cpu_seconds() - pcpu0) if proxy else None
         # -- steady: rate puts/s for S seconds --------------------------------------------
         time.sleep(1.0)
-        wpids = [p.pid for p in procs]
+        wpids = fleet.pids() if k else []
         load = Load(etcd.endpoint, prefix, n, args.rate, args.seconds)
         cpu0, pcpu0, wcpu0 = etcd.cpu_seconds(), (proxy.cpu_seconds() if proxy else 0.0), _cpu(wpids)
         t0 = time.monotonic()
@@ -279,27 +438,23 @@ def run_one(
         time.sleep(0.5)  # let the load reach its rate before sampling
         while load.running():
             watchers.append(_watchers(etcd))
-            if not readers:
+            if not k:
                 time.sleep(1.0 / args.samples)
                 continue
             i = (sample_i * 7919) % n
             sample_i += 1
             ts = time.monotonic()
             rev = client.put(key_of(prefix, i), make_value(i, VALUE_SIZE, -sample_i)).header.revision
-            pending = dict(readers)
-            deadline = ts + 10.0
-            while pending and time.monotonic() < deadline:
-                for name in list(pending):
-                    if pending[name].revision >= rev:
-                        lat.append(time.monotonic() - ts)
-                        del pending[name]
-                if pending:
-                    time.sleep(0.0002)
-            missing += len(pending)
+            missing += fleet.sample(rev, ts, lat)
             time.sleep(max(0.0, 1.0 / args.samples - (time.monotonic() - ts)))
         dt = time.monotonic() - t0
         cpu1, pcpu1, wcpu1 = etcd.cpu_seconds(), (proxy.cpu_seconds() if proxy else 0.0), _cpu(wpids)
         puts = load.finish()
+        if k:
+            time.sleep(1.0)
+            missing += fleet.latencies(lat)
+            fleet.check()
+        row["loadavg_after"] = os.getloadavg()[0]
         row["steady_seconds"] = dt
         row["puts_per_s"] = puts / dt
         row["etcd_cpu_s_per_min"] = (cpu1 - cpu0) / dt * 60
@@ -313,14 +468,9 @@ def run_one(
             row["visible_p99_ms"] = percentile(lat, 99) * 1e3
             row["visible_samples"] = len(lat)
         row["visible_missing"] = missing
-        for name, p in zip(names, procs):
-            if p.poll() is not None:
-                raise RuntimeError(f"writer {name} exited with {p.returncode}")
         return row
     finally:
-        for r in readers.values():
-            r.close()
-        _stop_all(procs)
+        fleet.stop()
         if proxy is not None:
             proxy.stop()
 
@@ -346,15 +496,21 @@ def markdown(res: Dict[str, Any]) -> str:
         vis = f"{r['visible_p50_ms']:.0f} / {r['visible_p99_ms']:.0f}" if "visible_p50_ms" in r else "–"
         if r.get("visible_missing"):
             vis += f" ({r['visible_missing']} not seen in 10 s)"
+        star = "*" if r.get("kind") == "mirror" else ""
         out.append(
-            f"| {k} | {r['mode']} | {wat} | {cold} | {cold_cpu} | {r['etcd_cpu_s_per_min']:.1f} | {px} | "
+            f"| {k}{star} | {r['mode']} | {wat} | {cold} | {cold_cpu} | {r['etcd_cpu_s_per_min']:.1f} | {px} | "
             f"{r['writers_cpu_s_per_min']:.1f} | {vis} |"
         )
     out += [
         "",
         f"Command: `{res['command']}`. {res['machine']}. K = 0 is the same load with no writer: "
         "the difference to it is what the watchers cost etcd. Upstream watchers: the most seen "
-        "during the load, minus those present before the writers started.",
+        "during the load, minus those present before the writers started. "
+        f"\\* stand-in hosts: K KeySpaces, {10} to a process, each with its own client (the same "
+        "requests a writer makes of etcd, without publishing to shared memory); put → visible is "
+        "put → applied in the KeySpace. Load average of the machine during the run: "
+        f"{min(r['loadavg_before'] for r in res['rows']):.0f}–{max(r.get('loadavg_after', 0) for r in res['rows']):.0f} "
+        f"on {os.cpu_count()} CPUs (other work was running: wall-clock figures are inflated by it).",
     ]
     return "\n".join(out) + "\n"
 
@@ -368,8 +524,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="length of the steady phase")
     ap.add_argument("--samples", type=float, default=5.0, help="visibility samples per second")
     ap.add_argument("--apply-delay", type=float, default=30.0, help="writers' --apply-delay, ms")
+    ap.add_argument(
+        "--mirrors-from",
+        type=int,
+        default=50,
+        help="from this K on, stand-in hosts (KeySpaces, 10 per process: the same requests to etcd, "
+        "no shared-memory publication) instead of writer processes",
+    )
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"))
     args = ap.parse_args(argv)
+    # SIGTERM runs the finally blocks too: no etcd, proxy or writer is left behind.
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))
     args.prefix = f"/fleet/{args.keys}"
     ks = [int(x) for x in args.writers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -393,6 +558,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "rate": args.rate,
             "seconds": args.seconds,
             "apply_delay": args.apply_delay,
+            "mirrors_from": args.mirrors_from,
             "writers": ks,
             "modes": modes,
         },
