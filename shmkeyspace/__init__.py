@@ -29,6 +29,9 @@ _EXPORTS = {
     "InvalidNameError": "errors",
     "NotSerializableError": "errors",
     "SegmentFullError": "errors",
+    "ChangesTooOldError": "errors",
+    "Changes": "feed",
+    "Derived": "derived",
 }
 __all__ = sorted(_EXPORTS)
 

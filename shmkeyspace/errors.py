@@ -73,3 +73,21 @@ class UntrustedSegmentError(ShmKeyspaceError, PermissionError):
 
 class InvalidSettingError(ShmKeyspaceError, ValueError):
     """A setting (argument or ``SHMKEYSPACE_*`` variable) has a value that cannot be used."""
+
+
+class ChangesTooOldError(ShmKeyspaceError):
+    """The change feed no longer reaches back to the revision asked about.
+
+    Raised by :meth:`Reader.changes` and :meth:`Reader.watch` when the writer's
+    bounded log has dropped the publications after ``since``, or a load/reload
+    (whose change set is "everything") lies in between. Recover by reading the
+    current snapshot and continuing from its revision (``revision``).
+    """
+
+    def __init__(self, message: str, *, since: int = 0, floor: int = 0, revision: int = 0) -> None:
+        super().__init__(message)
+        #: The revision asked about, the oldest one the feed can answer from, and
+        #: the published revision when this was raised.
+        self.since = since
+        self.floor = floor
+        self.revision = revision

@@ -13,7 +13,10 @@ kept in step with it, and the :class:`Publisher` of the name. It promises:
 * a full /dev/shm is logged and the last snapshot stays published; the next
   update retries;
 * a heartbeat every ``heartbeat_interval`` seconds, so readers can tell a live
-  writer from a dead one.
+  writer from a dead one;
+* each publication carries the change feed (feed.py): the keys the last
+  ``changes_keep`` updates changed, at most ``changes_bytes`` of them, and wakes
+  readers sleeping on the seq word (futex.py).
 
 On exit the segments stay (readers keep the last snapshot and see the writer as
 dead; a restarted writer takes over in place) unless ``unlink_on_exit``.
@@ -41,6 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import segment, state
 from .errors import SegmentFullError, StateFileError
+from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue, KeyValues, prefix_end
 from .keyspace import DEFAULT_APPLY_DELAY, Header, KeySpace
 from .snapshot import ImageBuilder, pack_entry
@@ -75,10 +79,13 @@ class Writer:
         state_dir: Optional[str] = None,
         persist_interval: float = DEFAULT_PERSIST_INTERVAL,
         decoder_name: Optional[str] = None,
+        changes_keep: int = DEFAULT_KEEP,
+        changes_bytes: int = DEFAULT_BYTES,
     ) -> None:
         if client is None and endpoints is None:
             raise ValueError("Writer needs an etcd client or endpoints")
         self.keyspace = KeySpace(prefix, self._decode)  # validates prefix before any side effect
+        self.changelog = ChangeLog(changes_keep, changes_bytes)  # validates the sizes
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
         self._user_decoder = decoder or (lambda kv: kv.value)
@@ -97,6 +104,11 @@ class Writer:
         self.publications = 0
         self.publish_failures = 0
         self.last_publish_seconds = 0.0
+        #: Keys changed by watch updates, and values the decoder rejected (metrics).
+        self.keys_changed = 0
+        self.decode_failures = 0
+        #: Called with the seconds each successful publication took (metrics.py).
+        self.publish_hooks: list = []
         self.loaded = threading.Event()
         self._stop = threading.Event()
         self._threads: list = []
@@ -136,10 +148,14 @@ class Writer:
 
     # -- decode + pack ------------------------------------------------------------
     def _decode(self, kv: KeyValue) -> Any:
-        decoded = self._user_decoder(kv)
-        # Packing here makes "not msgpack-serializable" a decode failure, and the
-        # packed bytes are reused by _publish instead of packing twice.
-        packed = pack_entry(kv.key, decoded, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+        try:
+            decoded = self._user_decoder(kv)
+            # Packing here makes "not msgpack-serializable" a decode failure, and the
+            # packed bytes are reused by _publish instead of packing twice.
+            packed = pack_entry(kv.key, decoded, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+        except Exception:
+            self.decode_failures += 1
+            raise
         self._pending[kv.key] = (kv.mod_revision, packed)
         return decoded
 
@@ -161,6 +177,9 @@ class Writer:
         ks = self.keyspace
         rev = ks.header.revision
         changed = ks.changed_keys
+        self.changelog.record(rev, changed)
+        if changed is not None:
+            self.keys_changed += len(changed)
         try:
             if changed is None:
                 self.builder.reset(((kv.key, self._packed(kv)) for kv in ks.key_values), rev)
@@ -186,7 +205,14 @@ class Writer:
             self.publisher.set_source(segment.SOURCE_ETCD)
         parts, total = self.builder.parts()
         try:
-            self.publisher.publish(parts, total, rev, len(self.builder), stable=self.builder.stable_span())
+            self.publisher.publish(
+                parts,
+                total,
+                rev,
+                len(self.builder),
+                stable=self.builder.stable_span(),
+                feed=self.changelog.region(),
+            )
         except SegmentFullError as exc:
             self.publish_failures += 1
             log.error("publication of %r at revision %d failed: %s", self.name, rev, exc)
@@ -202,6 +228,8 @@ class Writer:
                 self._take_capture(parts, total)
         self.publications += 1
         self.last_publish_seconds = time.perf_counter() - t0
+        for hook in self.publish_hooks:
+            hook(self.last_publish_seconds)
         log.debug(
             "published %r revision %d: %d keys, %d bytes in %.2f ms",
             self.name,
@@ -233,7 +261,11 @@ class Writer:
         self.publisher.set_source(segment.SOURCE_DISK)
         try:
             with self.keyspace.lock:
-                self.publisher.publish([sf.image], len(sf.image), sf.revision, sf.count)
+                # A restored snapshot is a load: its change set is "everything".
+                self.changelog.record(sf.revision, None)
+                self.publisher.publish(
+                    [sf.image], len(sf.image), sf.revision, sf.count, feed=self.changelog.region()
+                )
         except SegmentFullError as exc:
             self.publish_failures += 1
             log.error("publication of the state file of %r failed: %s", self.name, exc)
@@ -286,8 +318,14 @@ class Writer:
             )
             parts, total = self.builder.parts()
             try:
+                self.changelog.record(sf.revision, None)
                 self.publisher.publish(
-                    parts, total, sf.revision, len(self.builder), stable=self.builder.stable_span()
+                    parts,
+                    total,
+                    sf.revision,
+                    len(self.builder),
+                    stable=self.builder.stable_span(),
+                    feed=self.changelog.region(),
                 )
                 self.publications += 1
             except SegmentFullError as exc:
