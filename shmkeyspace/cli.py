@@ -200,6 +200,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove the segments when the writer stops [SHMKEYSPACE_UNLINK_ON_EXIT=1]",
     )
     w.add_argument(
+        "--changes-keep",
+        type=_non_negative_int,
+        default=_env("CHANGES_KEEP", "1024"),
+        metavar="N",
+        help="publications the change feed keeps for Reader.changes/watch; 0 disables it "
+        "[SHMKEYSPACE_CHANGES_KEEP, default 1024]",
+    )
+    w.add_argument(
+        "--changes-bytes",
+        type=_non_negative_int,
+        default=_env("CHANGES_BYTES", "262144"),
+        metavar="B",
+        help="bytes of changed keys the change feed keeps (copied into every publication) "
+        "[SHMKEYSPACE_CHANGES_BYTES, default 262144]",
+    )
+    w.add_argument(
+        "--metrics-port",
+        type=_positive_int,
+        default=_env("METRICS_PORT"),
+        metavar="PORT",
+        help="serve Prometheus metrics at http://ADDR:PORT/metrics (needs shmkeyspace[metrics]) "
+        "[SHMKEYSPACE_METRICS_PORT]",
+    )
+    w.add_argument(
+        "--metrics-addr",
+        default=_env("METRICS_ADDR", "127.0.0.1"),
+        metavar="ADDR",
+        help="address the metrics server binds [SHMKEYSPACE_METRICS_ADDR, default 127.0.0.1]",
+    )
+    w.add_argument(
         "--exit-with-parent",
         action="store_true",
         help="exit (cleanly) when the process that started this one dies; used by the "
@@ -327,6 +357,16 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {s!r}")
+    return v
+
+
+def _non_negative_int(s: str) -> int:
+    try:
+        v = int(s)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
     return v
 
 
@@ -483,7 +523,27 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         state_dir=args.state_dir,
         persist_interval=args.persist_interval,
         decoder_name=args.decoder,
+        changes_keep=args.changes_keep,
+        changes_bytes=args.changes_bytes,
     )
+    metrics_server = None
+    if args.metrics_port:
+        try:
+            from .metrics import serve_writer_metrics
+        except ImportError:
+            writer.unlink_on_exit = fresh
+            writer.stop()
+            raise CliError(
+                "--metrics-port needs prometheus_client: pip install 'shmkeyspace[metrics]'"
+            ) from None
+        try:
+            metrics_server, _ = serve_writer_metrics(writer, args.metrics_port, args.metrics_addr)
+        except OSError as exc:
+            writer.unlink_on_exit = fresh
+            writer.stop()
+            raise CliError(
+                f"cannot serve metrics on {args.metrics_addr}:{args.metrics_port}: {exc}"
+            ) from None
     stop = threading.Event()
     state = {"loading": True, "started": False}
 
@@ -553,6 +613,8 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return EXIT_OK
     finally:
         writer.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if runner is not None:
             runner.join(5.0)
         for s, h in old.items():

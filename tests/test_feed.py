@@ -434,8 +434,10 @@ def test_aio_wait_for_revision_and_watch(etcd_server, client, prefix, shm_name):
                 return revs
 
             task = loop.run_in_executor(None, churn)
-            async for item_rev, keys in aio.watch(r, prefix=f"{prefix}/a/", since=rev, timeout=2.0):
+            item_rev = 0
+            async for item_rev_, keys in aio.watch(r, prefix=f"{prefix}/a/", since=rev, timeout=30.0):
                 got.extend(keys)
+                item_rev = item_rev_
                 if f"{prefix}/a/k4" in keys:
                     break
             revs = await task
