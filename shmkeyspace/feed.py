@@ -39,7 +39,7 @@ import bisect
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Iterable, Iterator, Optional, Tuple
 
 import msgpack
 from xxhash import xxh3_64_intdigest
@@ -201,30 +201,39 @@ def read_changes(buf: Any, off: int, length: int, since: int, image_revision: in
             floor=floor,
             revision=revision,
         )
-    table = bytes(buf[off + FEED_HEAD.size : off + FEED_HEAD.size + n * FEED_ENTRY.size])
-    revs = [FEED_ENTRY.unpack_from(table, i * FEED_ENTRY.size)[0] for i in range(n)]
+    tstart = off + FEED_HEAD.size
+    # (revision, offset | length << 32) pairs: one cast, no per-entry struct calls.
+    table = memoryview(bytes(buf[tstart : tstart + n * FEED_ENTRY.size])).cast("q")
+    revs = table[0::2].tolist()
     first = bisect.bisect_right(revs, since)
-    parts: List[list] = []
-    for i in range(first, n):
-        _, eoff, elen = FEED_ENTRY.unpack_from(table, i * FEED_ENTRY.size)
-        if eoff < FEED_HEAD.size + n * FEED_ENTRY.size or eoff + elen > length:
-            raise CorruptSegmentError(f"change feed entry {i} lies outside its region")
-        try:
-            keys = unpackb(bytes(buf[off + eoff : off + eoff + elen]))  # parse a copy
-        except ValueError as exc:
-            raise CorruptSegmentError(f"undecodable change feed entry {i}: {exc}") from None
-        if not isinstance(keys, list):
-            raise CorruptSegmentError(f"change feed entry {i} is not a list")
-        parts.append(keys)
-    if len(parts) == 1:
+    if first == n:
+        return Changes((), since, revision)
+    locs = table[1::2].tolist()[first:]
+    start = locs[0] & 0xFFFFFFFF
+    end = start
+    for loc in locs:
+        o, m = loc & 0xFFFFFFFF, (loc >> 32) & 0xFFFFFFFF
+        if o != end:
+            raise CorruptSegmentError("change feed bodies are not contiguous")
+        end = o + m
+    if start < FEED_HEAD.size + n * FEED_ENTRY.size or end > length:
+        raise CorruptSegmentError("change feed entry lies outside its region")
+    k = n - first
+    # The bodies are back to back: one copy, then one unpack of them as a single
+    # msgpack array (never a parse of shared memory in place).
+    try:
+        parts = unpackb(b"\xdd" + k.to_bytes(4, "big") + bytes(buf[off + start : off + end]))
+    except ValueError as exc:
+        raise CorruptSegmentError(f"undecodable change feed entry: {exc}") from None
+    if len(parts) != k or set(map(type, parts)) - {list}:
+        raise CorruptSegmentError("change feed entries are not lists of keys")
+    if k == 1:
         return Changes(parts[0], since, revision)
-    merged = set()
-    for p in parts:
-        merged.update(p)
+    merged = set().union(*parts)
     try:
         out = sorted(merged)
     except TypeError:  # str and bytes keys together: order by the raw bytes
-        out = sorted(merged, key=lambda k: k.encode("utf-8") if type(k) is str else k)
+        out = sorted(merged, key=_raw)
     return Changes(out, since, revision)
 
 
