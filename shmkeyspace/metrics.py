@@ -144,9 +144,9 @@ class WriterCollector(Collector):
         )
         yield _counter(
             "shmkeyspace_writer_reloads",
-            "Full reloads after the first load (compaction).",
+            "Full loads from etcd after the first snapshot (compaction, a discarded state file).",
             n,
-            max(0, w.loads - 1),
+            max(0, w.full_loads - (0 if w.restored is not None else 1)),
         )
         yield _gauge("shmkeyspace_writer_keys", "Keys in the published snapshot.", n, keys)
         yield _gauge("shmkeyspace_writer_bytes", "Bytes of the published snapshot image.", n, nbytes)
