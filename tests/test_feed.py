@@ -450,3 +450,30 @@ def test_aio_wait_for_revision_and_watch(etcd_server, client, prefix, shm_name):
 
         asyncio.run(main())
         r.close()
+
+
+def test_warm_start_from_the_state_file_is_a_load_for_the_feed(
+    etcd_server, client, prefix, shm_name, tmp_path
+):
+    """A snapshot restored from disk has "everything" as its change set, like a load."""
+    for i in range(5):
+        client.put(f"{prefix}/k{i}", str(i))
+    d = str(tmp_path / "state")
+    with Writer(shm_name, prefix, client=client, apply_delay=0.002, state_dir=d) as w:
+        w.start()
+        r = Reader(shm_name)
+        early = r.revision
+        rev = int(client.put(f"{prefix}/k1", "x").header.revision)
+        assert r.wait_for_revision(rev, 30)
+        assert r.changes(early) == [f"{prefix}/k1"]
+        w.persist_now()
+    with Writer(shm_name, prefix, client=client, apply_delay=0.002, state_dir=d) as w2:
+        w2.start()
+        assert w2.restored is not None
+        with pytest.raises(ChangesTooOldError):
+            r.changes(early)  # before the restored snapshot: unknown
+        base = r.revision
+        rev = int(client.put(f"{prefix}/k2", "y").header.revision)
+        assert r.wait_for_revision(rev, 30)
+        assert list(r.changes(base)) == [f"{prefix}/k2"]
+    r.close()
