@@ -37,6 +37,17 @@ writer uid they were told to trust, and nobody else may write it, and a data
 segment only if it has the control segment's owner. Each check is an fstat of the
 fd that is then mapped.
 
+Wake-ups: after each even seq store the writer issues FUTEX_WAKE on the low 32
+bits of the seq word (futex.py, shared futexes keyed by the shm page, so readers'
+read-only mappings at other addresses share them); readers sleep with FUTEX_WAIT
+on the value they last loaded, so a publication between their load and their
+sleep returns at once. The wake is unconditional (readers cannot count themselves
+in a read-only mapping; it costs one syscall, ~1-4 us, with nobody waiting).
+
+Change feed: each publication may write a feed region (feed.py) after its image
+in the same buffer, at ``offset + feed_offset(length)``; the record's last word is
+its length. It is covered by the same seqlock as the image.
+
 Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on the control segment's
 fd for its whole life; the kernel drops it when the process dies, even on
 SIGKILL, so a restarted writer takes over and a second live one is refused.
