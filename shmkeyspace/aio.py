@@ -46,9 +46,11 @@ _SLICE = 0.5  # longest kernel sleep while futures wait: cancelled ones are drop
 class _Notifier:
     """Resolves futures when the seq word of snapshot ``name`` changes. Thread-safe."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, owner_uid: int) -> None:
         self.name = name
-        self._ctrl = segment.ControlView(name)  # our own mapping: the Reader may close its own
+        # Our own mapping (the Reader may close its own), trusting the owner the
+        # Reader already checked.
+        self._ctrl = segment.ControlView(name, owner_uid)
         self._words = self._ctrl.words
         self._addr = self._ctrl.seq_address()
         self._cond = threading.Condition()
@@ -98,19 +100,19 @@ def _resolve(fut: "asyncio.Future[None]") -> None:
         fut.set_result(None)
 
 
-_notifiers: Dict[str, _Notifier] = {}
+_notifiers: Dict[Tuple[str, int], _Notifier] = {}
 _notifiers_lock = threading.Lock()
 _notifiers_pid = os.getpid()
 
 
-def _notifier(name: str) -> _Notifier:
+def _notifier(name: str, owner_uid: int) -> _Notifier:
     global _notifiers, _notifiers_pid
     with _notifiers_lock:
         if _notifiers_pid != os.getpid():  # forked: the threads did not come along
             _notifiers, _notifiers_pid = {}, os.getpid()
-        n = _notifiers.get(name)
+        n = _notifiers.get((name, owner_uid))
         if n is None:
-            n = _notifiers[name] = _Notifier(name)
+            n = _notifiers[name, owner_uid] = _Notifier(name, owner_uid)
         return n
 
 
@@ -121,7 +123,7 @@ async def wait_for_revision(reader: "Reader", revision: int, timeout: Optional[f
     resumed ~0.1-0.3 ms after the publication (bench/bench_feed.py).
     """
     loop = asyncio.get_running_loop()
-    n = _notifier(reader.name)
+    n = _notifier(reader.name, reader.owner_uid)
     deadline = None if timeout is None else loop.time() + timeout
     while True:
         seen = n.seq()  # before the check: a publication after it resolves the future

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple, Union
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -175,12 +175,15 @@ def serve_writer_metrics(
 class ReaderCollector(Collector):
     """What a Reader of snapshot ``name`` sees (see module doc). Thread-safe to scrape.
 
-    ``stale_after`` is passed to :meth:`Reader.health`. A snapshot that does not
+    ``stale_after`` is passed to :meth:`Reader.health`, ``writer_uid`` to the Reader. A snapshot that does not
     exist (yet) exports ``shmkeyspace_reader_writer_alive 0`` and nothing else.
     """
 
-    def __init__(self, name: str, stale_after: Optional[float] = None) -> None:
+    def __init__(
+        self, name: str, stale_after: Optional[float] = None, writer_uid: Union[int, str, None] = None
+    ) -> None:
         self.name = segment.validate_name(name)
+        self.writer_uid = writer_uid
         self.stale_after = stale_after
         self._reader: Optional["Reader"] = None
         import threading
@@ -194,7 +197,7 @@ class ReaderCollector(Collector):
                 if self._reader is None:
                     from .reader import Reader
 
-                    self._reader = Reader(n, cache_size=0)
+                    self._reader = Reader(n, cache_size=0, writer_uid=self.writer_uid)
                 h = self._reader.health(self.stale_after)
             except (ShmKeyspaceError, OSError) as exc:
                 log.debug("reader metrics of %r unavailable: %s", n, exc)

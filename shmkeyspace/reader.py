@@ -150,6 +150,8 @@ class Reader:
                     raise
                 time.sleep(0.02)
         self._words: Any = self._ctrl.words
+        #: The uid owning the snapshot's segments (checked at attach, see trust.py).
+        self.owner_uid: int = self._ctrl.owner_uid
         self._seq_addr = self._ctrl.seq_address()
         self._deriver: Optional[Deriver] = None
         self._data: Optional[segment.DataView] = None
