@@ -556,8 +556,6 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
             raise _Interrupted()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    failure: List[BaseException] = []
-    runner: Optional[threading.Thread] = None
     try:
         try:
             # Fail static: a valid state file is published before etcd is asked
@@ -593,30 +591,17 @@ def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if stop.is_set():
             return EXIT_OK
 
-        def run() -> None:
-            try:
-                writer.run()
-            except BaseException as exc:
-                failure.append(exc)
-                log.debug("writer stopped", exc_info=True)
-
-        runner = threading.Thread(target=run, name="shmkeyspace-writer", daemon=True)
-        # Writer.stop() joins its threads before closing the client, so the watch
-        # ends quietly instead of failing on a closed channel.
-        writer._threads.append(runner)
-        runner.start()
+        writer.start()  # loaded: runs the watch on the writer's own thread
         while not stop.wait(0.5):
-            if not runner.is_alive():
+            if writer.wait(0):
                 break
-        if failure:
-            raise CliError(f"writer {name!r} stopped: {_describe(failure[0])}")
+        if writer.error is not None:
+            raise CliError(f"writer {name!r} stopped: {_describe(writer.error)}")
         return EXIT_OK
     finally:
         writer.stop()
         if metrics_server is not None:
             metrics_server.shutdown()
-        if runner is not None:
-            runner.join(5.0)
         for s, h in old.items():
             signal.signal(s, h)
         if state["started"]:

@@ -91,3 +91,11 @@ class ChangesTooOldError(ShmKeyspaceError):
         self.since = since
         self.floor = floor
         self.revision = revision
+
+
+class ImageTooLargeError(ShmKeyspaceError, ValueError):
+    """A snapshot image would exceed the image size limit (the format's 4 GiB, or lower).
+
+    The writer logs it, keeps the last published snapshot and retries on the
+    next change (fewer keys or smaller values may fit again).
+    """

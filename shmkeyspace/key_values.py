@@ -12,7 +12,7 @@ Complexities below are for n keys in the collection; the backing store is a
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Any, Iterable, Iterator, NamedTuple, Optional, Tuple, Union, overload
+from typing import Any, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union, overload
 
 from sortedcontainers import SortedKeyList
 
@@ -111,6 +111,11 @@ class KeyValues:
         kv._list.update(items)
         return kv
 
+    @classmethod
+    def loader(cls) -> "KeyValuesLoader":
+        """A loader that builds a KeyValues from items added in key order (KeySpace's load)."""
+        return KeyValuesLoader()
+
     # -- Gazette's API -----------------------------------------------------
     def search(self, key: Key) -> Tuple[int, bool]:
         """Return ``(index, found)``: where ``key`` is, or would be inserted. O(log n)."""
@@ -133,6 +138,11 @@ class KeyValues:
         """Keys starting with ``prefix``. O(log n + k)."""
         p = to_key(prefix)
         return self.range(p, prefix_end(p))
+
+    def mod_revision(self, key: Key) -> Optional[int]:
+        """The mod_revision of ``key``, or None if absent. O(log n)."""
+        kv = self.get(key)
+        return None if kv is None else kv.mod_revision
 
     def copy(self) -> "KeyValues":
         """An independent KeyValues holding the same (immutable) KeyValue items. O(n)."""
@@ -166,3 +176,20 @@ class KeyValues:
         old = self._list[i]
         del self._list[i]
         return old
+
+
+class KeyValuesLoader:
+    """Collects a load's KeyValues (added in key order); :meth:`finish` makes the KeyValues."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: List[KeyValue] = []
+
+    def add(self, kv: KeyValue) -> None:
+        self._items.append(kv)
+
+    def finish(self) -> KeyValues:
+        kvs = KeyValues._from_sorted(self._items)
+        self._items = []
+        return kvs

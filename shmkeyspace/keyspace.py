@@ -28,7 +28,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
 
 from .errors import ShmKeyspaceError
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
@@ -39,11 +39,40 @@ log = logging.getLogger(__name__)
 Decoder = Callable[[KeyValue], Any]
 Observer = Callable[[], None]
 
+
+class Store(Protocol):
+    """Where a KeySpace keeps its keys (``key_values``); :class:`KeyValues` by default.
+
+    The KeySpace decides what changes (the Gazette rules live only in
+    :meth:`KeySpace.apply` and :meth:`KeySpace.load`); a store only records it.
+    The writer uses a store of packed entries instead of decoded KeyValues.
+    """
+
+    def __len__(self) -> int: ...
+    def mod_revision(self, key: bytes) -> Optional[int]: ...
+    def upsert(self, kv: KeyValue) -> Any: ...
+    def remove(self, key: bytes) -> Any: ...
+
+
+class StoreLoader(Protocol):
+    """Builds a Store from a load's decoded KeyValues, added in key order."""
+
+    def add(self, kv: KeyValue) -> None: ...
+    def finish(self) -> Any: ...
+
+
 #: Gazette's default Nagle-like delay before applying watch responses.
 DEFAULT_APPLY_DELAY = 0.030
-#: Keys per Range request of a paginated load. gRPC's default receive limit is
-#: 4 MiB; a page that exceeds it is split in half and retried.
-DEFAULT_PAGE_SIZE = 2000
+#: Keys of the first Range page of a load. Later pages are sized by bytes
+#: (PAGE_BYTES over the bytes per key seen so far): etcd 3.5 walks the rest of
+#: the range to count it on every limited page, so small pages make a load
+#: quadratic (measured, 1M keys: 5k-key pages 33.8 s, 100k-key pages 4.1 s).
+FIRST_PAGE = 10_000
+#: Target bytes per Range page: half the writer's gRPC receive limit (64 MiB,
+#: shmkeyspace.etcd.GRPC_OPTIONS); ~150k keys of ~110 B values. A page over a
+#: client's limit fails RESOURCE_EXHAUSTED: it is halved and retried, and the
+#: byte budget shrinks with it.
+PAGE_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -108,7 +137,12 @@ class KeySpace:
     form plus one trailing ``/`` for exactly the keys under a directory.
     """
 
-    def __init__(self, root: str, decoder: Optional[Decoder] = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        decoder: Optional[Decoder] = None,
+        store: Callable[[], StoreLoader] = KeyValues.loader,
+    ) -> None:
         if not isinstance(root, str) or not root:
             raise ValueError(f"KeySpace root must be a non-empty str, got {root!r}")
         clean = posixpath.normpath(root)
@@ -124,7 +158,9 @@ class KeySpace:
         self.lock = threading.RLock()
         self._cond = threading.Condition(self.lock)
         self.header = Header()
-        self.key_values = KeyValues()
+        self._new_store = store
+        #: The keys (a :class:`KeyValues` unless another ``store`` was given).
+        self.key_values: Any = store().finish()
         #: Called in order after every update, with ``lock`` held.
         self.observers: List[Observer] = []
         #: Nagle-like delay in seconds before applying watch responses.
@@ -191,13 +227,13 @@ class KeySpace:
                     if not key.startswith(self.root_key):
                         log.error("watch event for key %r outside root %r: skipped", key, self.root)
                         continue
-                    cur = kvs.get(key)
-                    if mod <= self.header.revision or (cur is not None and cur.mod_revision >= mod):
+                    cur = kvs.mod_revision(key)
+                    if mod <= self.header.revision or (cur is not None and cur >= mod):
                         log.error(
                             "stale event for key %r (mod_revision %d, mirror at %d): skipped",
                             key,
                             mod,
-                            max(self.header.revision, cur.mod_revision if cur else 0),
+                            max(self.header.revision, cur or 0),
                         )
                         continue
                     if _is_delete(ev):
@@ -257,16 +293,21 @@ class KeySpace:
         self,
         client: Any,
         rev: int = 0,
-        page_size: int = DEFAULT_PAGE_SIZE,
+        page_size: Optional[int] = None,
         progress: Optional[Callable[[int], None]] = None,
+        page_bytes: int = PAGE_BYTES,
     ) -> None:
         """Load every key under root at revision ``rev`` (0: now), page by page.
 
         All pages are read at one revision, so the result is a consistent cut; it
-        replaces the current contents in one update. ``progress(n)`` is called
-        with the count loaded so far after each page.
+        replaces the current contents in one update. The first page asks
+        FIRST_PAGE keys, later ones about ``page_bytes`` (see PAGE_BYTES), never
+        more than ``page_size`` keys when given (tests force many pages so);
+        the next page is fetched while this one is decoded. ``progress(n)`` is
+        called with the count loaded so far after each page. Cost: etcd's count
+        walk per page (few pages) plus the decoder's, linear in keys and bytes.
         """
-        header, kvs, excluded = self._fetch(client, rev, page_size, progress)
+        header, kvs, excluded = self._fetch(client, rev, page_size, page_bytes, progress)
         with self.lock:
             self.header = header
             self.etcd_revision = max(self.etcd_revision, header.revision)
@@ -274,29 +315,39 @@ class KeySpace:
             self._excluded = excluded
             self._on_update(None)
 
-    def _fetch(self, client: Any, rev: int, page_size: int, progress: Optional[Callable[[int], None]]):
-        start = self.root_key
+    def _fetch(
+        self,
+        client: Any,
+        rev: int,
+        page_size: Optional[int],
+        page_bytes: int,
+        progress: Optional[Callable[[int], None]],
+    ) -> Tuple[Header, Any, Set[bytes]]:
         end = prefix_end(self.root_key) or b"\0"
-        header = None
-        items: List[KeyValue] = []
+        loader = self._new_store()
         excluded: Set[bytes] = set()
-        limit = page_size
+        decode = self._decode
+        n = 0
+        cap = page_size or (1 << 62)
+        asked = min(cap, FIRST_PAGE)
+        resp, got_limit = _range_page(client, self.root_key, end, asked, rev)
+        header = _patch_header(Header(), resp.header, reset=True)
+        # etcd's header carries the store's current revision, not the one asked
+        # for: a load at rev=R is exact at R (as Gazette records it).
+        rev = rev or int(resp.header.revision)
+        header = replace(header, revision=rev)
+        budget = page_bytes
         while True:
-            try:
-                resp = client.get_range_response(start, end, limit=limit, revision=rev or None)
-            except Exception as exc:
-                code = getattr(exc, "code", None)
-                if callable(code) and getattr(code(), "name", "") == "RESOURCE_EXHAUSTED" and limit > 1:
-                    limit = max(1, limit // 2)
-                    log.info("etcd page too large for the gRPC receive limit: retrying with %d keys", limit)
-                    continue
-                raise
-            if header is None:
-                header = _patch_header(Header(), resp.header, reset=True)
-                # etcd's header carries the store's current revision, not the one
-                # asked for: a load at rev=R is exact at R (as Gazette records it).
-                rev = rev or int(resp.header.revision)
-                header = replace(header, revision=rev)
+            nxt: Optional[_Prefetch] = None
+            if resp.more and resp.kvs:
+                per_key = max(1, resp.ByteSize() // len(resp.kvs))
+                if got_limit < asked:  # RESOURCE_EXHAUSTED: what fits is the budget now
+                    budget = min(budget, per_key * got_limit)
+                asked = max(1, min(cap, budget // per_key))
+                start = bytes(resp.kvs[-1].key) + b"\0"
+                # Overlap: etcd (on another core) serves the next page while this
+                # one is decoded here.
+                nxt = _Prefetch(client, start, end, asked, rev)
             for kv in resp.kvs:
                 raw = KeyValue(
                     bytes(kv.key),
@@ -307,18 +358,20 @@ class KeySpace:
                     int(kv.lease),
                     None,
                 )
-                dec = self._decode(raw)
+                dec = decode(raw)
                 if dec is None:
                     excluded.add(raw.key)
                 else:
-                    items.append(dec)
+                    loader.add(dec)
+            n += len(resp.kvs)
             if progress is not None:
-                progress(len(items) + len(excluded))
-            if not resp.more or not resp.kvs:
+                progress(n)
+            if nxt is None:
                 break
-            start = bytes(resp.kvs[-1].key) + b"\0"
-            limit = page_size
-        return header, KeyValues._from_sorted(items), excluded
+            resp, got_limit = nxt.result()
+            if not resp.kvs:
+                break
+        return header, loader.finish(), excluded
 
     def watch(self, client: Any, stop: Optional[threading.Event] = None, max_backoff: float = 5.0) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
@@ -488,3 +541,45 @@ def _describe(exc: BaseException) -> str:
         except Exception:
             pass
     return f"{type(exc).__name__}: {exc}"
+
+
+def _range_page(client: Any, start: bytes, end: bytes, limit: int, rev: int) -> Tuple[Any, int]:
+    """One Range page of at most ``limit`` keys; halves ``limit`` on RESOURCE_EXHAUSTED.
+
+    Returns the response and the limit that was finally asked.
+    """
+    while True:
+        try:
+            return client.get_range_response(start, end, limit=limit, revision=rev or None), limit
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            if callable(code) and getattr(code(), "name", "") == "RESOURCE_EXHAUSTED" and limit > 1:
+                limit = max(1, limit // 2)
+                log.info("etcd page too large for the gRPC receive limit: retrying with %d keys", limit)
+                continue
+            raise
+
+
+class _Prefetch:
+    """A Range page fetched on a thread of its own; :meth:`result` joins it."""
+
+    def __init__(self, client: Any, start: bytes, end: bytes, limit: int, rev: int) -> None:
+        self._out: Optional[Tuple[Any, int]] = None
+        self._err: Optional[BaseException] = None
+        self._t = threading.Thread(
+            target=self._run, args=(client, start, end, limit, rev), daemon=True, name="shmkeyspace-page"
+        )
+        self._t.start()
+
+    def _run(self, client: Any, start: bytes, end: bytes, limit: int, rev: int) -> None:
+        try:
+            self._out = _range_page(client, start, end, limit, rev)
+        except BaseException as exc:
+            self._err = exc
+
+    def result(self) -> Tuple[Any, int]:
+        self._t.join()
+        if self._err is not None:
+            raise self._err
+        assert self._out is not None
+        return self._out

@@ -17,11 +17,9 @@ O(1); a range search bisects the (reader-cached) fences then at most
 log2(FENCE) entries, O(log n), then reads entries in key order. Every offset a
 reader takes from an image is checked against the image's bounds first.
 
-The writer keeps an :class:`ImageBuilder` in its own memory and updates it per
-changed key: entries are appended to the arena (never repacked when unchanged),
-table slots are rewritten in place, and the arena is compacted back into key
-order once enough of it is garbage. Publishing copies the image into shared
-memory; nothing in the builder is shared.
+The writer builds images with :class:`shmkeyspace.builder.ImageBuilder`, in its
+own memory, updated per changed key; publishing copies the image into shared
+memory.
 """
 
 from __future__ import annotations
@@ -30,8 +28,7 @@ import bisect
 import mmap
 import struct
 import sys
-from array import array
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, List, Optional
 
 import msgpack
 import ormsgpack
@@ -49,7 +46,8 @@ FORMAT_VERSION = 1
 # magic, version, fence_step, revision, count, then (offset, size) of arena,
 # table (size = slots), order, fences; total length; index checksum.
 HEADER = struct.Struct("<8sIIqQQQQQQQQQQQ")
-_HASHED_HEAD = HEADER.size - 8  # the checksum covers the header up to itself
+#: The checksum covers the header up to itself.
+HASHED_HEAD = HEADER.size - 8
 HEADER_SIZE = 128
 FENCE = 32
 MAX_IMAGE = 1 << 32  # u32 offsets
@@ -106,262 +104,16 @@ def index_checksum(head, table, order, fences) -> int:
     Entry payloads are not covered (see README, Reliability).
     """
     h = xxh3_64()
-    h.update(memoryview(head)[:_HASHED_HEAD])
+    h.update(memoryview(head)[:HASHED_HEAD])
     h.update(table)
     h.update(order)
     h.update(fences)
     return h.intdigest()
 
 
-def _align(n: int) -> int:
+def align(n: int) -> int:
+    """``n`` rounded up to the alignment of the index regions."""
     return (n + ALIGN - 1) & ~(ALIGN - 1)
-
-
-class ImageBuilder:
-    """Writer-side, incrementally maintained snapshot image. Not thread-safe.
-
-    ``keys`` is the sorted list of raw keys; ``_loc[key] = (offset, length, hash)``
-    locates each entry in ``arena``.
-    """
-
-    def __init__(self) -> None:
-        self.revision = 0
-        self.keys: List[bytes] = []
-        self._loc: Dict[bytes, Tuple[int, int, int]] = {}
-        self.arena = bytearray()
-        self._garbage = 0
-        self._appended = 0  # entries written out of key order since the last compaction
-        self._table = bytearray(16 * 8)
-        self._slots = 8
-        self._order = array("I")
-        self._fences = b"\x90"
-        self._fences_dirty = True
-        self.epoch = 0  # bumped whenever the arena is rebuilt (it only grows in between)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    # -- full rebuild -------------------------------------------------------------
-    def reset(self, items: Iterable[Tuple[bytes, bytes]], revision: int) -> None:
-        """Replace everything with ``items``: (key, packed entry) in key order."""
-        self._reset(((k, p, key_hash(k)) for k, p in items), revision)
-
-    def _reset(self, items: Iterable[Tuple[bytes, Union[bytes, bytearray], int]], revision: int) -> None:
-        self.revision = revision
-        self.epoch += 1
-        self.keys = []
-        self._loc = {}
-        arena = bytearray()
-        keys, loc = self.keys, self._loc
-        for key, packed, h in items:
-            loc[key] = (len(arena), len(packed), h)
-            keys.append(key)
-            arena += packed
-        if len(arena) >= MAX_IMAGE:
-            raise ValueError(f"snapshot arena of {len(arena)} bytes exceeds the 4 GiB format limit")
-        self.arena = arena
-        self._garbage = 0
-        self._appended = 0
-        self._rebuild_table()
-        self._rebuild_order()
-        self._fences_dirty = True
-
-    def _rebuild_table(self) -> None:
-        # Keys are unique, so a rebuild only looks for free slots (no key
-        # compares), in a list, then packs the table in one go: ~10x faster
-        # than slot-by-slot struct packing, which made compaction a stall.
-        n = len(self.keys)
-        slots = 8
-        while slots < 2 * n + 2:
-            slots *= 2
-        mask = slots - 1
-        taken = bytearray(slots)
-        flat = array("Q", bytes(16 * slots))
-        loc = self._loc
-        for key in self.keys:
-            off, length, h = loc[key]
-            i = h & mask
-            while taken[i]:
-                i = (i + 1) & mask
-            taken[i] = 1
-            flat[2 * i] = h
-            flat[2 * i + 1] = off | (length << 32)
-        self._slots = slots
-        self._table = bytearray(flat.tobytes())
-
-    def _rebuild_order(self) -> None:
-        order = array("I")
-        loc = self._loc
-        for key in self.keys:
-            o, n, _ = loc[key]
-            order.append(o)
-            order.append(n)
-        self._order = order
-
-    # -- hash table ----------------------------------------------------------------
-    def _find_slot(self, key: bytes, h: int) -> int:
-        """Slot index of ``key``; -1 if absent."""
-        mask = self._slots - 1
-        t = self._table
-        i = h & mask
-        while True:
-            sh, ol = _SLOT.unpack_from(t, 16 * i)
-            if sh == 0:
-                return -1
-            if sh == h and self._key_at(ol & 0xFFFFFFFF) == key:
-                return i
-            i = (i + 1) & mask
-
-    def _key_at(self, off: int) -> bytes:
-        return raw_key(self.arena, off, len(self.arena))
-
-    def _insert_slot(self, key: bytes, off: int, length: int, h: int) -> None:
-        mask = self._slots - 1
-        t = self._table
-        i = h & mask
-        while True:
-            sh, ol = _SLOT.unpack_from(t, 16 * i)
-            if sh == 0 or (sh == h and self._key_at(ol & 0xFFFFFFFF) == key):
-                _SLOT.pack_into(t, 16 * i, h, off | (length << 32))
-                return
-            i = (i + 1) & mask
-
-    def _delete_slot(self, i: int) -> None:
-        # Backward-shift deletion keeps linear probing tombstone-free.
-        mask = self._slots - 1
-        t = self._table
-        j = i
-        while True:
-            j = (j + 1) & mask
-            sh, ol = _SLOT.unpack_from(t, 16 * j)
-            if sh == 0:
-                break
-            home = sh & mask
-            # Move j into the hole at i unless j's home lies cyclically in (i, j].
-            if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
-                _SLOT.pack_into(t, 16 * i, sh, ol)
-                i = j
-        _SLOT.pack_into(t, 16 * i, 0, 0)
-
-    # -- incremental update ----------------------------------------------------------
-    def apply(self, changes: Dict[bytes, Optional[bytes]], revision: int) -> None:
-        """Apply ``{key: packed entry, or None to delete}``. O(1) per key plus O(n) memmoves."""
-        self.revision = revision
-        if len(changes) > max(64, len(self.keys) // 8):
-            # Big batch: one sorted rebuild beats thousands of list inserts.
-            merged = dict(zip(self.keys, (self._packed(k) for k in self.keys)))
-            for k, p in changes.items():
-                if p is None:
-                    merged.pop(k, None)
-                else:
-                    merged[k] = p
-            self.reset(((k, merged[k]) for k in sorted(merged)), revision)
-            return
-        grow = sum(1 for k, p in changes.items() if p is not None and k not in self._loc)
-        if 2 * (len(self.keys) + grow) + 2 > self._slots:
-            for k, p in changes.items():
-                self._apply_one(k, p, table=False)
-            self._rebuild_table()
-        else:
-            for k, p in changes.items():
-                self._apply_one(k, p, table=True)
-        if self._garbage > len(self.arena) // 2 or self._appended > max(1024, len(self.keys) // 4):
-            self.compact()
-
-    def _packed(self, key: bytes) -> bytes:
-        o, n, _ = self._loc[key]
-        return bytes(self.arena[o : o + n])
-
-    def _apply_one(self, key: bytes, packed: Optional[bytes], table: bool) -> None:
-        old = self._loc.get(key)
-        pos = bisect.bisect_left(self.keys, key)
-        if packed is None:
-            if old is None:
-                return
-            if table:
-                self._delete_slot(self._find_slot(key, old[2]))
-            del self.keys[pos]
-            del self._order[2 * pos : 2 * pos + 2]
-            del self._loc[key]
-            self._garbage += old[1]
-            self._fences_dirty = True
-            return
-        off = len(self.arena)
-        if off + len(packed) >= MAX_IMAGE:
-            raise ValueError("snapshot arena would exceed the 4 GiB format limit")
-        self.arena += packed
-        h = old[2] if old is not None else key_hash(key)
-        loc = (off, len(packed), h)
-        self._loc[key] = loc
-        self._appended += 1
-        if old is None:
-            self.keys.insert(pos, key)
-            self._order[2 * pos : 2 * pos] = array("I", (off, len(packed)))
-            self._fences_dirty = True
-        else:
-            self._garbage += old[1]
-            self._order[2 * pos] = off
-            self._order[2 * pos + 1] = len(packed)
-        if table:
-            self._insert_slot(key, off, len(packed), h)
-
-    def compact(self) -> None:
-        """Rewrite the arena in key order without garbage (makes ranges contiguous)."""
-        loc, arena = self._loc, self.arena
-        self._reset([(k, arena[o : o + n], h) for k in self.keys for o, n, h in (loc[k],)], self.revision)
-
-    # -- output ------------------------------------------------------------------------
-    def stable_span(self) -> Tuple[int, int, int]:
-        """``(epoch, start, end)``: images of one epoch agree on bytes [start, end).
-
-        Between rebuilds the arena is append-only (updates append, deletes leave
-        garbage) and starts right after the header, so Publisher.publish need
-        not copy what a buffer already holds.
-        """
-        return self.epoch, HEADER_SIZE, HEADER_SIZE + len(self.arena)
-
-    def parts(self) -> Tuple[List[Any], int]:
-        """The image as a list of bytes-like parts and its total length."""
-        if self._fences_dirty:
-            self._fences = msgpack.packb(self.keys[::FENCE], use_bin_type=True)
-            self._fences_dirty = False
-        n = len(self.keys)
-        arena_off = HEADER_SIZE
-        arena_len = len(self.arena)
-        table_off = _align(arena_off + arena_len)
-        order_off = table_off + len(self._table)
-        order_len = 8 * n
-        fence_off = order_off + order_len
-        fence_len = len(self._fences)
-        total = fence_off + fence_len
-        head = bytearray(HEADER_SIZE)
-        HEADER.pack_into(
-            head,
-            0,
-            MAGIC,
-            FORMAT_VERSION,
-            FENCE,
-            self.revision,
-            n,
-            arena_off,
-            arena_len,
-            table_off,
-            self._slots,
-            order_off,
-            order_len,
-            fence_off,
-            fence_len,
-            total,
-            0,
-        )
-        pad = bytes(table_off - arena_off - arena_len)
-        # A copy, not a memoryview: an exported array could not be resized later.
-        order = self._order.tobytes()
-        struct.pack_into("<Q", head, _HASHED_HEAD, index_checksum(head, self._table, order, self._fences))
-        return [head, self.arena, pad, self._table, order, self._fences], total
-
-
-_SLOT = struct.Struct("<QQ")
 
 
 def raw_key(buf: Any, off: int, end: int) -> bytes:
@@ -538,3 +290,14 @@ class ImageView:
             mv = getattr(self, name, None)
             if isinstance(mv, memoryview):
                 mv.release()
+
+
+def __getattr__(name: str) -> Any:
+    # ImageBuilder moved to shmkeyspace.builder (issue 11); this keeps
+    # ``from shmkeyspace.snapshot import ImageBuilder`` in branches written
+    # before the move working. New code imports it from shmkeyspace.builder.
+    if name == "ImageBuilder":
+        from .builder import ImageBuilder
+
+        return ImageBuilder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

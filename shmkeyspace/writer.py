@@ -1,23 +1,30 @@
 """Writer: one process per snapshot name per host that mirrors etcd into shared memory.
 
-Owns a :class:`KeySpace` (load + watch of one prefix), an :class:`ImageBuilder`
-kept in step with it, and the :class:`Publisher` of the name. It promises:
+Owns a :class:`KeySpace` (load + watch of one prefix, with Gazette's rules)
+whose store is an :class:`ImageBuilder` of packed entries, and the
+:class:`Publisher` of the name. It promises:
 
 * exclusivity: constructing a second Writer for a live name raises
   WriterExistsError naming the running writer's pid;
+* per key it keeps what publishing needs (the packed entry and its
+  mod_revision), not a decoded mirror: the KeySpace's decoder is the user's
+  decoder followed by :func:`pack_entry`, so a value msgpack cannot carry is
+  rejected like any decode failure (logged, key left out, recoverable);
 * every KeySpace update becomes one publication, made as an observer (under the
-  KeySpace lock), from per-key packed entries: unchanged entries are never
-  repacked;
-* values the decoder returns that msgpack cannot serialize are rejected like
-  any decode failure (logged, key left out, recoverable);
-* a full /dev/shm is logged and the last snapshot stays published; the next
-  update retries;
-* a heartbeat every ``heartbeat_interval`` seconds, so readers can tell a live
-  writer from a dead one;
+  KeySpace lock); the changed keys of each are in :attr:`PublishStats.changed_keys`;
+* a failed publication (a full /dev/shm, the image size limit) is logged and
+  counted; the changes stay pending in the store, the last snapshot stays
+  published, and the publication is retried at the next update or heartbeat:
+  the writer never dies of it, and what it publishes is always a whole state;
+* a heartbeat every ``heartbeat_interval`` seconds from the start of the load,
+  so readers can tell a live writer from a dead one;
 * each publication carries the change feed (feed.py): the keys the last
   ``changes_keep`` updates changed, at most ``changes_bytes`` of them, and wakes
   readers sleeping on the seq word (futex.py).
 
+Lifecycle: :meth:`run` blocks (load, then watch) and raises the fatal error,
+also kept in :attr:`error`; :meth:`start` runs it on a thread once loaded;
+:meth:`stop` ends it. ``on_publish(stats)`` is called after every publication.
 On exit the segments stay (readers keep the last snapshot and see the writer as
 dead; a restarted writer takes over in place) unless ``unlink_on_exit``.
 
@@ -40,19 +47,117 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from . import segment, state
-from .errors import SegmentFullError, StateFileError
+from .builder import Changes, ImageBuilder
+from .errors import ImageTooLargeError, SegmentFullError, StateFileError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
-from .key_values import KeyValue, KeyValues, prefix_end
+from .key_values import KeyValue, prefix_end
 from .keyspace import DEFAULT_APPLY_DELAY, Header, KeySpace
-from .snapshot import ImageBuilder, pack_entry
+from .snapshot import MAX_IMAGE, pack_entry
 
 #: Default seconds between two writes of the state file (``--persist-interval``).
 DEFAULT_PERSIST_INTERVAL = 5.0
 
 log = logging.getLogger(__name__)
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class PublishStats:
+    """What one publication did, handed to ``on_publish`` (times in ns)."""
+
+    revision: int
+    keys: int
+    image_bytes: int
+    #: Keys changed by this publication; None for a full load or reload.
+    changed_keys: Optional[Collection[bytes]]
+    #: Wall clock (perf_counter_ns) when the image became visible to readers.
+    t_published: int
+    #: Thread CPU / wall time from the first event of the batch to publication
+    #: (KeySpace.apply's decode + pack, then the builder and the copy).
+    cpu_batch: int
+    wall_batch: int
+    #: The observer's part: builder update, parts (index + checksum), copy to shm.
+    cpu_apply: int
+    cpu_parts: int
+    cpu_publish: int
+    wall_apply: int
+    wall_parts: int
+    wall_publish: int
+    wall_total: int
+    publications: int
+    publish_failures: int
+
+    @property
+    def changed(self) -> Optional[int]:
+        return None if self.changed_keys is None else len(self.changed_keys)
+
+
+class PackedStore:
+    """The writer's KeySpace store: an ImageBuilder plus the current batch's changes.
+
+    KeySpace.apply records upserts and removals here (the Gazette rules stay in
+    KeySpace); the Writer's observer moves them into the builder at publication.
+    A KeyValue it receives carries the packed entry as ``decoded``.
+    """
+
+    __slots__ = ("builder", "pending", "t_first")
+
+    def __init__(self, builder: ImageBuilder) -> None:
+        self.builder = builder
+        self.pending: Changes = {}
+        #: (thread CPU ns, perf_counter ns) of the batch's first event, for stats.
+        self.t_first: Optional[tuple] = None
+
+    def __len__(self) -> int:
+        n = len(self.builder)
+        for k, p in self.pending.items():
+            n += (p is not None) - (k in self.builder)
+        return n
+
+    def mod_revision(self, key: bytes) -> Optional[int]:
+        if self.t_first is None:
+            self.t_first = (time.thread_time_ns(), time.perf_counter_ns())
+        p = self.pending.get(key, _MISSING)
+        if p is _MISSING:
+            return self.builder.mod_revision(key)
+        return None if p is None else p[1]  # type: ignore[index]
+
+    def upsert(self, kv: KeyValue) -> None:
+        self.pending[kv.key] = (kv.decoded, kv.mod_revision)
+
+    def remove(self, key: bytes) -> None:
+        self.pending[key] = None
+
+    def take(self) -> Changes:
+        changes, self.pending = self.pending, {}
+        return changes
+
+    def restore(self, changes: Changes) -> None:
+        """Put back changes the builder could not take (newer pending ones win)."""
+        changes.update(self.pending)
+        self.pending = changes
+
+
+class _PackedLoader:
+    """KeySpace store loader: appends a load's packed entries straight into a new builder."""
+
+    __slots__ = ("builder",)
+
+    def __init__(self, max_image: int = MAX_IMAGE) -> None:
+        self.builder = ImageBuilder()
+        self.builder.max_image = max_image
+        self.builder.begin()
+
+    def add(self, kv: KeyValue) -> None:
+        self.builder.add_sorted(kv.key, kv.decoded, kv.mod_revision)
+
+    def finish(self) -> PackedStore:
+        self.builder.finish(0)  # the revision is the KeySpace header's, set at publication
+        return PackedStore(self.builder)
 
 
 class Writer:
@@ -76,6 +181,8 @@ class Writer:
         gid: Optional[int] = None,
         heartbeat_interval: float = 0.5,
         unlink_on_exit: bool = False,
+        on_publish: Optional[Callable[[PublishStats], None]] = None,
+        max_image_bytes: int = MAX_IMAGE,
         state_dir: Optional[str] = None,
         persist_interval: float = DEFAULT_PERSIST_INTERVAL,
         decoder_name: Optional[str] = None,
@@ -84,12 +191,13 @@ class Writer:
     ) -> None:
         if client is None and endpoints is None:
             raise ValueError("Writer needs an etcd client or endpoints")
-        self.keyspace = KeySpace(prefix, self._decode)  # validates prefix before any side effect
+        self._max_image = max_image_bytes
+        # validates prefix before any side effect
+        self.keyspace = KeySpace(prefix, self._decode, store=lambda: _PackedLoader(self._max_image))
         self.changelog = ChangeLog(changes_keep, changes_bytes)  # validates the sizes
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
         self._user_decoder = decoder or (lambda kv: kv.value)
-        self._pending: Dict[bytes, Tuple[int, bytes]] = {}
         self._client = client
         self._own_client = client is None
         self._endpoints = endpoints
@@ -98,8 +206,9 @@ class Writer:
         self.publisher.set_heartbeat_interval(heartbeat_interval)
         self.heartbeat_interval = heartbeat_interval
         self.unlink_on_exit = unlink_on_exit
-        self.builder = ImageBuilder()
         self.keyspace.observers.append(self._publish)
+        #: Called after every publication (under the KeySpace lock: keep it short).
+        self.on_publish = on_publish
         #: Publications made, failed, and the wall time of the last one (seconds).
         self.publications = 0
         self.publish_failures = 0
@@ -110,8 +219,14 @@ class Writer:
         #: Called with the seconds each successful publication took (metrics.py).
         self.publish_hooks: list = []
         self.loaded = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._unpublished = False  # the builder or store holds state not yet published
+        self._failing = 0  # failed publications in a row
         self._stop = threading.Event()
-        self._threads: list = []
+        self._done = threading.Event()
+        self._threads: List[threading.Thread] = []
+        self._hb: Optional[threading.Thread] = None
+        self._pt: Optional[threading.Thread] = None  # the persist thread
         self._closed = False
         # -- fail static ----------------------------------------------------------
         self.mode, self.gid = mode, gid
@@ -138,7 +253,7 @@ class Writer:
         # etcd must show the same at the file's revision (see _history_differs).
         self._fingerprint: Optional[Tuple[bytes, int, int, int]] = None
         self._catchup: Optional[Tuple[int, int, int]] = None  # (etcd rev, count, max mod_revision)
-        self._dirty = False
+        self._dirty = False  # published since the last state file capture
         self._capture: Optional[Tuple[Any, ...]] = None
         self._persist_cond = threading.Condition()
         self._write_lock = threading.Lock()
@@ -146,53 +261,90 @@ class Writer:
         if self.state_dir:
             state.remove_temps(self.state_dir, self.name)  # we hold the writer lock now
 
-    # -- decode + pack ------------------------------------------------------------
-    def _decode(self, kv: KeyValue) -> Any:
+    # -- decode + pack (the KeySpace's decoder) -----------------------------------
+    def _decode(self, kv: KeyValue) -> bytes:
+        # Packing here makes "not msgpack-serializable" a decode failure, and the
+        # KeySpace keeps the packed entry (not the decoded value) in its store.
         try:
-            decoded = self._user_decoder(kv)
-            # Packing here makes "not msgpack-serializable" a decode failure, and the
-            # packed bytes are reused by _publish instead of packing twice.
-            packed = pack_entry(kv.key, decoded, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+            return pack_entry(
+                kv.key, self._user_decoder(kv), kv.create_revision, kv.mod_revision, kv.version, kv.lease
+            )
         except Exception:
             self.decode_failures += 1
             raise
-        self._pending[kv.key] = (kv.mod_revision, packed)
-        return decoded
 
-    def _packed(self, kv: KeyValue) -> bytes:
-        p = self._pending.get(kv.key)
-        if p is not None and p[0] == kv.mod_revision:
-            return p[1]
-        return pack_entry(kv.key, kv.decoded, kv.create_revision, kv.mod_revision, kv.version, kv.lease)
+    # -- state --------------------------------------------------------------------
+    @property
+    def error(self) -> Optional[BaseException]:
+        """The error :meth:`run` stopped on, or None (still running, or stopped cleanly)."""
+        return self._error
+
+    @property
+    def revision(self) -> int:
+        """The revision the writer's state is exact at (KeySpace header)."""
+        return self.keyspace.header.revision
+
+    @property
+    def key_count(self) -> int:
+        with self.keyspace.lock:
+            return len(self.keyspace.key_values)
+
+    @property
+    def max_image_bytes(self) -> int:
+        """The largest image the writer publishes; a bigger one is a failed publication."""
+        return self._max_image
+
+    @max_image_bytes.setter
+    def max_image_bytes(self, n: int) -> None:
+        with self.keyspace.lock:
+            self._max_image = n
+            self.keyspace.key_values.builder.max_image = n
+
+    @property
+    def apply_delay(self) -> float:
+        return self.keyspace.watch_apply_delay
+
+    @apply_delay.setter
+    def apply_delay(self, seconds: float) -> None:
+        self.keyspace.watch_apply_delay = seconds
 
     # -- publishing (KeySpace observer: runs with keyspace.lock held) --------------
     def _publish(self) -> None:
+        store: PackedStore = self.keyspace.key_values
         if self._closed:
-            # stop() ran while a watch batch was in flight (run() on a thread that
-            # stop() does not join, or a join that timed out): publishing now
-            # would recreate segments of a closed Publisher.
-            self._pending = {}
+            # stop() ran while a watch batch was in flight: publishing now would
+            # recreate segments of a closed Publisher.
+            store.pending = {}
             return
-        t0 = time.perf_counter()
-        ks = self.keyspace
-        rev = ks.header.revision
-        changed = ks.changed_keys
-        self.changelog.record(rev, changed)
+        changed = self.keyspace.changed_keys
+        c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+        self.changelog.record(self.keyspace.header.revision, changed)
         if changed is not None:
             self.keys_changed += len(changed)
+        t_first = store.t_first or (c0, w0)
+        store.t_first = None
+        changes = store.take() if changed is not None else None
+        self._try_publish(store, changes, changed is None, (c0, w0), t_first)
+
+    def _try_publish(
+        self, store: PackedStore, changes: Optional[Changes], full: bool, t0: tuple, t_first: tuple
+    ) -> bool:
+        ks = self.keyspace
+        rev = ks.header.revision
+        b = store.builder
+        c0, w0 = t0
         try:
-            if changed is None:
-                self.builder.reset(((kv.key, self._packed(kv)) for kv in ks.key_values), rev)
+            if changes:
+                b.apply_entries(changes, rev)
             else:
-                kvs = ks.key_values
-                changes = {}
-                for k in changed:
-                    kv = kvs.get(k)
-                    changes[k] = None if kv is None else self._packed(kv)
-                self.builder.apply(changes, rev)
-        finally:
-            self._pending = {}
-        if changed is None:
+                b.revision = rev
+        except ImageTooLargeError as exc:
+            store.restore(changes or {})
+            self._unpublished = True
+            self._failed(rev, exc)
+            return False
+        self._unpublished = True
+        if full:
             self.full_loads += 1
             self._catchup = None
             if self.restored is not None:
@@ -203,20 +355,18 @@ class Writer:
                     rev,
                 )
             self.publisher.set_source(segment.SOURCE_ETCD)
-        parts, total = self.builder.parts()
+        c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
         try:
+            parts, total = b.parts()
+            c2, w2 = time.thread_time_ns(), time.perf_counter_ns()
             self.publisher.publish(
-                parts,
-                total,
-                rev,
-                len(self.builder),
-                stable=self.builder.stable_span(),
-                feed=self.changelog.region(),
+                parts, total, rev, len(b), stable=b.stable_span(), feed=self.changelog.region()
             )
-        except SegmentFullError as exc:
-            self.publish_failures += 1
-            log.error("publication of %r at revision %d failed: %s", self.name, rev, exc)
-            return
+        except (SegmentFullError, ImageTooLargeError) as exc:
+            self._failed(rev, exc)
+            return False
+        self._unpublished = False
+        self._failing = 0
         if self._catchup is not None:
             self._check_caught_up()
         if self.state_dir:
@@ -226,18 +376,64 @@ class Writer:
                     self._persist_cond.notify_all()
             if self._capture is None and time.monotonic() >= self._next_persist:
                 self._take_capture(parts, total)
+        c3, w3 = time.thread_time_ns(), time.perf_counter_ns()
         self.publications += 1
-        self.last_publish_seconds = time.perf_counter() - t0
+        self.last_publish_seconds = (w3 - w0) / 1e9
         for hook in self.publish_hooks:
             hook(self.last_publish_seconds)
         log.debug(
             "published %r revision %d: %d keys, %d bytes in %.2f ms",
             self.name,
             rev,
-            len(self.builder),
+            len(b),
             total,
-            self.last_publish_seconds * 1e3,
+            (w3 - w0) / 1e6,
         )
+        if self.on_publish is not None:
+            stats = PublishStats(
+                revision=rev,
+                keys=len(b),
+                image_bytes=total,
+                changed_keys=None if full else (changes.keys() if changes else ()),
+                t_published=w3,
+                cpu_batch=c3 - t_first[0],
+                wall_batch=w3 - t_first[1],
+                cpu_apply=c1 - c0,
+                cpu_parts=c2 - c1,
+                cpu_publish=c3 - c2,
+                wall_apply=w1 - w0,
+                wall_parts=w2 - w1,
+                wall_publish=w3 - w2,
+                wall_total=w3 - w0,
+                publications=self.publications,
+                publish_failures=self.publish_failures,
+            )
+            try:
+                self.on_publish(stats)
+            except Exception:
+                log.exception("on_publish hook of %r failed", self.name)
+        return True
+
+    def _failed(self, rev: int, exc: BaseException) -> None:
+        self.publish_failures += 1
+        self._failing += 1
+        # Retries run every heartbeat: log the 1st, 2nd, 4th, ... of a streak.
+        log.log(
+            logging.ERROR if self._failing & (self._failing - 1) == 0 else logging.DEBUG,
+            "publication of %r at revision %d failed (%s); the last snapshot stays published, "
+            "retrying at the next update",
+            self.name,
+            rev,
+            exc,
+        )
+
+    def _retry_publish(self) -> None:
+        """Publish the builder's state if the last publication failed (heartbeat thread)."""
+        with self.keyspace.lock:
+            if self._unpublished and not self._closed:
+                store: PackedStore = self.keyspace.key_values
+                t = (time.thread_time_ns(), time.perf_counter_ns())
+                self._try_publish(store, store.take(), False, t, t)
 
     # -- fail static: state file -------------------------------------------------------
     _next_persist = 0.0
@@ -289,53 +485,39 @@ class Writer:
     def _rebuild(self) -> bool:
         """Rebuild the per-key state from the restored image; False (logged) if it is unusable.
 
-        O(n): every entry is unpacked and checked (state.entries). The builder's
-        own image then replaces the file's in shared memory (same data, same
-        revision), so what readers use from here on was built by this writer.
+        O(n): every entry is unpacked and checked (state.entries) and appended to
+        a new builder, the writer's store. The builder's own image then replaces
+        the file's in shared memory (same data, same revision), so what readers
+        use from here on was built by this writer.
         """
         sf = self.restored
         assert sf is not None
         t0 = time.monotonic()
-        items = []
-        packed = []
+        b = ImageBuilder()
+        b.max_image = self._max_image
+        b.begin()
         top: Optional[Tuple[bytes, int, int, int]] = None
         try:
-            for key, p, decoded, c, m, v, lease in state.entries(sf):
-                # The raw value is not persisted (readers never see it): b"".
-                items.append(KeyValue(key, b"", c, m, v, lease, decoded))
-                packed.append((key, p))
+            for key, p, _decoded, c, m, v, _lease in state.entries(sf):
+                b.add_sorted(key, p, m)
                 if top is None or m > top[2]:
                     top = (key, c, m, v)
-        except StateFileError as exc:
+            b.finish(sf.revision)
+        except (StateFileError, ImageTooLargeError, ValueError) as exc:
             log.error("state file ignored: %s; loading from etcd instead", exc)
             state.discard(self.state_dir or "", self.name)
             self._persisted = (0, 0)
             return False
         with self.keyspace.lock:
-            self.builder.reset(packed, sf.revision)
-            self.keyspace.restore(
-                Header(cluster_id=sf.cluster_id, revision=sf.revision), KeyValues._from_sorted(items)
-            )
-            parts, total = self.builder.parts()
-            try:
-                self.changelog.record(sf.revision, None)
-                self.publisher.publish(
-                    parts,
-                    total,
-                    sf.revision,
-                    len(self.builder),
-                    stable=self.builder.stable_span(),
-                    feed=self.changelog.region(),
-                )
-                self.publications += 1
-            except SegmentFullError as exc:
-                self.publish_failures += 1
-                log.error("publication of %r at revision %d failed: %s", self.name, sf.revision, exc)
+            self.keyspace.restore(Header(cluster_id=sf.cluster_id, revision=sf.revision), PackedStore(b))
+            self.changelog.record(sf.revision, None)  # a rebuilt snapshot is a load
+            t = (time.thread_time_ns(), time.perf_counter_ns())
+            self._try_publish(self.keyspace.key_values, None, False, t, t)
         sf.image = b""  # the builder holds it now
         self._fingerprint = top
         log.info(
             "rebuilt %d keys of %r from the state file in %.2f s",
-            len(items),
+            len(b),
             self.name,
             time.monotonic() - t0,
         )
@@ -510,11 +692,11 @@ class Writer:
         32 MB table copy), once per persist interval.
         """
         c0 = time.thread_time()
-        arena = self.builder.arena
+        arena = self._builder().arena
         frozen = [(p, len(p)) if p is arena else (bytes(p) if isinstance(p, bytearray) else p) for p in parts]
         hdr = self.keyspace.header
         with self._persist_cond:
-            self._capture = (frozen, total, hdr.cluster_id, hdr.revision, len(self.builder))
+            self._capture = (frozen, total, hdr.cluster_id, hdr.revision, len(self._builder()))
             self._dirty = False
             self._next_persist = time.monotonic() + self.persist_interval
             self._persist_cond.notify_all()
@@ -536,7 +718,7 @@ class Writer:
                 with self.keyspace.lock:
                     if self._closed or not self.keyspace.header.cluster_id:
                         continue
-                    parts, total = self.builder.parts()
+                    parts, total = self._builder().parts()
                     self._take_capture(parts, total)
                 continue
             self._write_state(cap)
@@ -605,7 +787,7 @@ class Writer:
             if self._closed or not hdr.cluster_id or (hdr.cluster_id, hdr.revision) == self._persisted:
                 cap = None
             else:
-                parts, total = self.builder.parts()
+                parts, total = self._builder().parts()
                 self._take_capture(parts, total)
                 with self._persist_cond:
                     cap, self._capture = self._capture, None
@@ -614,6 +796,9 @@ class Writer:
         else:
             with self._write_lock:
                 pass
+
+    def _builder(self) -> ImageBuilder:
+        return self.keyspace.key_values.builder
 
     # -- running --------------------------------------------------------------------
     def connect(self) -> Any:
@@ -624,8 +809,9 @@ class Writer:
         return self._client
 
     def load(self) -> None:
-        """Connect if needed and load the prefix (logging progress for big ones)."""
+        """Connect if needed and load the prefix, publishing it (progress logged for big ones)."""
         client = self.connect()
+        self._start_heartbeat()
         t0 = time.monotonic()
         last = [t0]
 
@@ -641,22 +827,26 @@ class Writer:
             "loaded %r at revision %d: %d keys in %.2fs; published as %r",
             self.keyspace.root,
             self.keyspace.header.revision,
-            len(self.keyspace.key_values),
+            self.key_count,
             time.monotonic() - t0,
             self.name,
         )
         self.loaded.set()
 
     def run(self) -> None:
-        """Load, then watch until :meth:`stop`. Blocks."""
-        hb = threading.Thread(target=self._heartbeat, daemon=True, name="shmkeyspace-heartbeat")
-        hb.start()
-        self._threads.append(hb)
-        if self.state_dir:
-            pt = threading.Thread(target=self._persist_loop, daemon=True, name="shmkeyspace-persist")
-            pt.start()
-            self._threads.append(pt)
+        """Load (or resume from the state file), then watch until :meth:`stop`. Blocks.
+
+        Raises the error that stopped the writer (also kept in :attr:`error`);
+        returns normally after :meth:`stop`.
+        """
         try:
+            self._start_heartbeat()
+            if self.state_dir and self._pt is None:
+                self._pt = threading.Thread(
+                    target=self._persist_loop, daemon=True, name="shmkeyspace-persist"
+                )
+                self._threads.append(self._pt)
+                self._pt.start()
             if not self.loaded.is_set():
                 if self.restore():
                     self._resume()
@@ -664,34 +854,54 @@ class Writer:
                         return
                 else:
                     self.load()
-            self.keyspace.watch(self._client, self._stop)
+            self.keyspace.watch(self.connect(), self._stop)
+        except BaseException as exc:
+            if self._stop.is_set():
+                log.debug("writer %r: error after stop ignored", self.name, exc_info=True)
+                return
+            self._error = exc
+            log.error("writer %r stopped on an unrecoverable error: %s", self.name, exc)
+            raise
         finally:
             self._stop.set()
+            self._done.set()
 
     def start(self) -> "Writer":
-        """Run in a background thread; returns once the first snapshot is published.
+        """Publish, then run the watch on a thread; returns once the first snapshot is published.
 
-        With a valid state file that is the file's snapshot, published before
-        etcd is contacted; else the first full load.
+        That is the state file's snapshot when there is a valid one (published
+        before etcd is contacted), else the first full load, made here.
         """
-        if not self.restore():
+        if not self.loaded.is_set() and not self.restore():
             self.load()
         t = threading.Thread(target=self._run_quietly, daemon=True, name="shmkeyspace-writer")
-        t.start()
         self._threads.append(t)
+        t.start()
         return self
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until :meth:`run` has ended (error or stop); False on timeout."""
+        return self._done.wait(timeout)
 
     def _run_quietly(self) -> None:
         try:
             self.run()
-        except Exception:
-            log.exception("writer %r stopped on an unrecoverable error", self.name)
+        except BaseException:
+            pass  # kept in self.error and logged by run()
+
+    def _start_heartbeat(self) -> None:
+        if self._hb is None and not self._closed:
+            self._hb = threading.Thread(target=self._heartbeat, daemon=True, name="shmkeyspace-heartbeat")
+            self._threads.append(self._hb)
+            self._hb.start()
 
     def _heartbeat(self) -> None:
         while not self._stop.is_set():
             if self.publisher.ctrl is None:
                 return
             self.publisher.heartbeat(self.keyspace.etcd_revision)
+            if self._unpublished:
+                self._retry_publish()
             self._stop.wait(self.heartbeat_interval)
 
     def stop(self) -> None:
@@ -709,8 +919,8 @@ class Writer:
             self.persist_now()  # the last publication survives a clean exit
         except Exception:
             log.exception("final write of the state file of %r failed", self.name)
-        self._closed = True
         with self.keyspace.lock:
+            self._closed = True
             self.publisher.close(unlink=self.unlink_on_exit)
         if self._own_client and self._client is not None:
             try:

@@ -42,8 +42,9 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, segment
+from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, ShmKeyspaceError
-from shmkeyspace.snapshot import HEADER, ImageBuilder, pack_entry
+from shmkeyspace.snapshot import HEADER, pack_entry
 
 PER_CASE_SECONDS = 5.0
 

@@ -107,7 +107,8 @@ print(json.dumps({"checked": c.checked, "bad": c.bad, "errors": errors[:20], "n_
 WIDE_PUBLISHER = r"""
 import sys
 from shmkeyspace import segment
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.builder import ImageBuilder
+from shmkeyspace.snapshot import pack_entry
 name, n = sys.argv[1], int(sys.argv[2])
 def m(r, i):
     return max(1, r - (r - i) % 64)
@@ -167,7 +168,8 @@ print(json.dumps({"checked": checked, "bad": bad, "retries": r.retries, "maxrev"
 SPIKY_PUBLISHER = r"""
 import os, sys, time, torture
 from shmkeyspace import segment
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.builder import ImageBuilder
+from shmkeyspace.snapshot import pack_entry
 name, count, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 spikes = {count * 2 // 10: 1_500_000, count * 4 // 10: 4_000_000, count * 6 // 10: 9_000_000}
 pub = segment.Publisher(name)
@@ -712,7 +714,8 @@ import json, logging, os, sys, time
 from shmkeyspace import Reader, Writer, segment
 from shmkeyspace.errors import SegmentFullError
 from shmkeyspace.etcd import connect
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.builder import ImageBuilder
+from shmkeyspace.snapshot import pack_entry
 endpoint, prefix = sys.argv[1], sys.argv[2]
 out = {"shm_bytes": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize}
 

@@ -23,8 +23,9 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer, segment, trust
+from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import InvalidNameError, InvalidSettingError, UntrustedSegmentError
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.snapshot import pack_entry
 
 BAD_NAMES = [
     "a/b",

@@ -15,6 +15,7 @@ import torture
 from conftest import PYTHON
 
 from shmkeyspace import Reader, Writer, segment
+from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import (
     CorruptSegmentError,
     InvalidNameError,
@@ -23,7 +24,7 @@ from shmkeyspace.errors import (
     SnapshotExpiredError,
     WriterExistsError,
 )
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.snapshot import pack_entry
 
 
 def _publish_small(pub: segment.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:

@@ -4,7 +4,7 @@ Every mode prints JSON lines on stdout (one per event or command reply) and
 treats end of stdin as "quit", so a dying parent never leaves workers behind.
 
 Modes:
-  writer ENDPOINT PREFIX NAME APPLY_DELAY   an instrumented shmkeyspace Writer
+  writer ENDPOINT PREFIX NAME APPLY_DELAY   a shmkeyspace Writer reporting its on_publish stats
   getloop KIND TARGET PREFIX N SEED         random gets for a given time after "go SECONDS"
   hold NAME CACHE_SIZE PREFIX N             a Reader that has touched every key, then idles
   mirror NAME                               an in-process dict of every decoded value, then idles
@@ -48,103 +48,35 @@ def rss() -> dict:
 # -- writer ----------------------------------------------------------------------------
 
 
-class Instrumented:
-    """Wraps a Writer's publication steps to record thread-CPU and wall time of each."""
-
-    PHASES = ("apply", "reset", "parts", "publish")
-
-    def __init__(self, w) -> None:
-        self.w = w
-        self.records: list = []
-        self._cur = None
-        self._ks_apply = None
-        b, p, ks = w.builder, w.publisher, w.keyspace
-        for obj, attr, phase in (
-            (b, "apply", "apply"),
-            (b, "reset", "reset"),
-            (b, "parts", "parts"),
-            (p, "publish", "publish"),
-        ):
-            setattr(obj, attr, self._phase(getattr(obj, attr), phase))
-        # The Writer registered its bound _publish as a KeySpace observer: wrap it there.
-        i = ks.observers.index(w._publish)
-        ks.observers[i] = self._observer(ks.observers[i])
-        ks.apply = self._ks_apply_wrap(ks.apply)
-        ks._fetch = self._timed_fetch(ks._fetch)
-        self.fetch = None
-
-    def _phase(self, fn, name):
-        def wrapped(*a, **kw):
-            cur = self._cur
-            if cur is None or cur.get("_in"):
-                return fn(*a, **kw)  # nested (compact -> reset): counted in the outer phase
-            cur["_in"] = True
-            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
-            try:
-                return fn(*a, **kw)
-            finally:
-                cur["cpu_" + name] = cur.get("cpu_" + name, 0) + time.thread_time_ns() - c0
-                cur["wall_" + name] = cur.get("wall_" + name, 0) + time.perf_counter_ns() - w0
-                cur["_in"] = False
-
-        return wrapped
-
-    def _observer(self, fn):
-        def wrapped():
-            ks = self.w.keyspace
-            changed = ks.changed_keys
-            cur = {"changed": None if changed is None else len(changed), "_in": False}
-            self._cur = cur
-            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
-            try:
-                fn()
-            finally:
-                cur["cpu_total"] = time.thread_time_ns() - c0
-                cur["wall_total"] = time.perf_counter_ns() - w0
-                cur["keys"] = len(self.w.builder)
-                cur["revision"] = ks.header.revision
-                cur["t_published"] = time.perf_counter_ns()
-                del cur["_in"]
-                self._cur = None
-                self.records.append(cur)
-                if self._ks_apply is not None:
-                    self._ks_apply["record"] = cur
-
-        return wrapped
-
-    def _ks_apply_wrap(self, fn):
-        def wrapped(*responses):
-            st = {"record": None}
-            self._ks_apply = st
-            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
-            try:
-                return fn(*responses)
-            finally:
-                rec = st["record"]
-                self._ks_apply = None
-                if rec is not None:
-                    rec["cpu_ks_apply"] = time.thread_time_ns() - c0
-                    rec["wall_ks_apply"] = time.perf_counter_ns() - w0
-                    rec["responses"] = len(responses)
-
-        return wrapped
-
-    def _timed_fetch(self, fn):
-        def wrapped(*a, **kw):
-            c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.fetch = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0}
-
-        return wrapped
-
-
 def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None:
     from shmkeyspace import Writer, decoders
     from shmkeyspace.etcd import connect
 
     client = connect(endpoint, client="pyetcd")
+    records: list = []
+
+    def on_publish(st) -> None:
+        # The fields bench/scenarios/writer.py and visibility.py summarise.
+        records.append(
+            {
+                "changed": st.changed,
+                "keys": st.keys,
+                "image_bytes": st.image_bytes,
+                "revision": st.revision,
+                "t_published": st.t_published,
+                "cpu_total": st.cpu_apply + st.cpu_parts + st.cpu_publish,
+                "wall_total": st.wall_total,
+                "cpu_apply": st.cpu_apply,
+                "wall_apply": st.wall_apply,
+                "cpu_parts": st.cpu_parts,
+                "wall_parts": st.wall_parts,
+                "cpu_publish": st.cpu_publish,
+                "wall_publish": st.wall_publish,
+                "cpu_ks_apply": st.cpu_batch,
+                "wall_ks_apply": st.wall_batch,
+            }
+        )
+
     w = Writer(
         name,
         prefix,
@@ -152,23 +84,20 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
         decoder=decoders.json,
         apply_delay=float(apply_delay),
         unlink_on_exit=True,
+        on_publish=on_publish,
     )
-    ins = Instrumented(w)
     c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
     w.start()
-    load = {
-        "cpu": time.thread_time_ns() - c0,
-        "wall": time.perf_counter_ns() - w0,
-        "fetch": ins.fetch,
-        "publish": ins.records[-1] if ins.records else None,
-    }
+    load = {"cpu": time.thread_time_ns() - c0, "wall": time.perf_counter_ns() - w0}
+    load["publish"] = records[-1] if records else None
+    last = records[-1] if records else {}
     emit(
         event="ready",
         pid=os.getpid(),
         load=load,
         mem=rss(),
-        keys=len(w.builder),
-        image_bytes=sum(len(p) for p in w.builder.parts()[0]),
+        keys=last.get("keys", 0),
+        image_bytes=last.get("image_bytes", 0),
     )
     try:
         for line in sys.stdin:
@@ -176,10 +105,12 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
             if not cmd:
                 continue
             if cmd[0] == "stats":
-                recs, ins.records = ins.records, []
+                n = len(records)  # appends race with this: take a prefix, keep the rest
+                recs = records[:n]
+                del records[:n]
                 emit(records=recs, mem=rss(), publications=w.publications, failures=w.publish_failures)
             elif cmd[0] == "delay":
-                w.keyspace.watch_apply_delay = float(cmd[1])
+                w.apply_delay = float(cmd[1])
                 emit(ok=True)
             elif cmd[0] == "clock":
                 emit(perf_counter_ns=time.perf_counter_ns())

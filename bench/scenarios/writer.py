@@ -79,7 +79,6 @@ def run(ctx) -> Dict[str, Any]:
         "load_cpu_s": load["cpu"],
         "load_rss_mb": load["mem"]["rss"] / MB,
         "writer_start_s": ready["load"]["wall"] / 1e9,
-        "writer_fetch_s": (ready["load"]["fetch"] or {}).get("wall", 0) / 1e9,
         "writer_first_publish_ms": ((ready["load"]["publish"] or {}).get("wall_total", 0)) / 1e6,
         "writer_rss_mb": ready["mem"]["rss"] / MB,
         "writer_anon_mb": ready["mem"].get("anon", 0) / MB,  # the Writer's heap, without shared memory

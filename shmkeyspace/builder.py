@@ -1,0 +1,434 @@
+"""ImageBuilder: the writer's private, incrementally maintained snapshot image.
+
+Owns the writer-side half of the snapshot format (:mod:`shmkeyspace.snapshot`
+owns the format itself): the arena of packed entries, the hash table, the order
+array and the fences, plus, per key, the entry's location and mod_revision (what
+the writer needs to apply etcd events without a decoded mirror). It promises:
+
+* images it hands out (:meth:`parts`) are valid snapshots of its keys, in key
+  order, at ``revision`` (:meth:`_check` verifies every coupled part);
+* a load (:meth:`begin` / :meth:`add_sorted` / :meth:`finish`) is linear in the
+  number of keys and bytes;
+* an update of one key (:meth:`apply`) is O(1) plus, for a new or deleted key,
+  an O(n) memmove of two pointer arrays; entries already in the arena are never
+  repacked (updates append, deletes leave garbage, :meth:`compact` rewrites the
+  arena in key order once enough of it is garbage);
+* every rebuild of the arena takes a new, process-wide unique ``epoch``, so
+  :meth:`stable_span` never promises bytes two different arenas do not share
+  (even across builders: a reload builds a new one);
+* an image that would exceed the format's 4 GiB offsets raises
+  :class:`ImageTooLargeError` and leaves the builder unchanged.
+
+Per key the builder keeps the key bytes (in ``keys`` and as the dict key of
+``_loc``) and one int ``offset | length << 32 | mod_revision << 64`` (~48 B,
+a third of a tuple of three ints); the hash is recomputed when needed (xxh3 of a
+short key, ~0.1 us). Not thread-safe.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import struct
+from array import array
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+
+import msgpack
+
+from .errors import ImageTooLargeError
+from .snapshot import (
+    FENCE,
+    FORMAT_VERSION,
+    HASHED_HEAD,
+    HEADER,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_IMAGE,
+    align,
+    index_checksum,
+    key_hash,
+    raw_key,
+)
+
+_SLOT = struct.Struct("<QQ")
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+# Epochs are unique across builders in one process: Publisher skips copying an
+# arena span a buffer already holds when the (generation, epoch, start) match.
+_epochs = itertools.count(1)
+
+Packed = Union[bytes, bytearray, memoryview]
+#: ``{key: (packed entry, mod_revision), or None to delete}``
+Changes = Dict[bytes, Optional[Tuple[Packed, int]]]
+
+
+class ImageBuilder:
+    """Writer-side snapshot image, updated per changed key (see module doc)."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        #: Raw keys in key order.
+        self.keys: List[bytes] = []
+        self._loc: Dict[bytes, int] = {}
+        self.arena = bytearray()
+        self._garbage = 0
+        self._appended = 0  # entries written out of key order since the last compaction
+        self._table = bytearray(16 * 8)
+        self._slots = 8
+        self._order = array("I")
+        self._fences = b"\x90"
+        self._fences_dirty = True
+        self.epoch = next(_epochs)  # new whenever the arena is rebuilt (it only grows in between)
+        self._loading = False
+        #: Largest image allowed (bytes); the format's limit unless lowered.
+        self.max_image = MAX_IMAGE
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._loc
+
+    # -- per-key facts -----------------------------------------------------------
+    def mod_revision(self, key: bytes) -> Optional[int]:
+        """The mod_revision ``key`` was stored with, or None if absent. O(1)."""
+        v = self._loc.get(key)
+        return None if v is None else v >> 64
+
+    def packed(self, key: bytes) -> bytes:
+        """The packed entry of ``key`` (KeyError if absent). O(entry)."""
+        v = self._loc[key]
+        o = v & _M32
+        return bytes(self.arena[o : o + ((v >> 32) & _M32)])
+
+    # -- full rebuild --------------------------------------------------------------
+    def begin(self) -> None:
+        """Start a load: clear everything; then :meth:`add_sorted` each entry, then :meth:`finish`."""
+        self.keys = []
+        self._loc = {}
+        self.arena = bytearray()
+        self._order = array("I")
+        self._garbage = 0
+        self._appended = 0
+        self._loading = True
+
+    def add_sorted(self, key: bytes, packed: Packed, mod_revision: int = 0) -> None:
+        """Append one entry of a load; keys must come in strictly increasing order. O(1)."""
+        arena = self.arena
+        off = len(arena)
+        n = len(packed)
+        if off + n >= self.max_image:
+            raise ImageTooLargeError(f"snapshot arena would exceed the {self.max_image}-byte image limit")
+        self._loc[key] = off | n << 32 | mod_revision << 64
+        self.keys.append(key)
+        arena += packed
+        self._order.append(off)
+        self._order.append(n)
+
+    def finish(self, revision: int) -> None:
+        """End a load: index what :meth:`add_sorted` appended, at ``revision``. O(n)."""
+        if len(self._loc) != len(self.keys):
+            raise ValueError("ImageBuilder load had a duplicate key")
+        self._loading = False
+        self.revision = revision
+        self.epoch = next(_epochs)
+        self._rebuild_table()
+        self._fences_dirty = True
+
+    def reset(self, items: Iterable[Tuple[bytes, Packed]], revision: int) -> None:
+        """Replace everything with ``items``: (key, packed entry) in key order."""
+        self._replace(((k, p, 0) for k, p in items), revision)
+
+    def _replace(self, items: Iterable[Tuple[bytes, Packed, int]], revision: int) -> None:
+        # Build aside and swap, so a failure (ImageTooLargeError) leaves self unchanged.
+        new = ImageBuilder()
+        new.max_image = self.max_image
+        new.begin()
+        for k, p, m in items:
+            new.add_sorted(k, p, m)
+        new.finish(revision)
+        self.__dict__.update(new.__dict__)
+
+    def _rebuild_table(self) -> None:
+        # Keys are unique, so a rebuild needs no key compares. Sorting the keys
+        # by home slot makes linear probing a running max (pos_i = max(home_i,
+        # pos_{i-1} + 1)), computed by itertools.accumulate in C: any layout where
+        # every slot between a key's home and its position is taken answers
+        # lookups and backward-shift deletes correctly. ~3x faster than probing
+        # slot by slot in Python (1M keys: 0.9 s -> 0.3 s).
+        n = len(self.keys)
+        slots = 8
+        while slots < 2 * n + 2:
+            slots *= 2
+        mask = slots - 1
+        loc = self._loc
+        entries = sorted(
+            ((h & mask, h, loc[k] & _M64) for k in self.keys for h in (key_hash(k),)), key=_first
+        )
+        flat = array("Q", bytes(16 * slots))
+        pos = -1
+        wrapped = []
+        for home, h, ol in entries:
+            pos = home if home > pos else pos + 1
+            if pos >= slots:
+                wrapped.append((h, ol))
+                continue
+            flat[2 * pos] = h
+            flat[2 * pos + 1] = ol
+        i = 0
+        for h, ol in wrapped:  # runs past the last slot continue at slot 0
+            while flat[2 * i]:
+                i += 1
+            flat[2 * i] = h
+            flat[2 * i + 1] = ol
+        self._slots = slots
+        self._table = bytearray(flat.tobytes())
+
+    # -- hash table ----------------------------------------------------------------
+    def _find_slot(self, key: bytes, h: int) -> int:
+        """Slot index of ``key``; -1 if absent."""
+        mask = self._slots - 1
+        t = self._table
+        i = h & mask
+        while True:
+            sh, ol = _SLOT.unpack_from(t, 16 * i)
+            if sh == 0:
+                return -1
+            if sh == h and self._key_at(ol & _M32) == key:
+                return i
+            i = (i + 1) & mask
+
+    def _key_at(self, off: int) -> bytes:
+        return raw_key(self.arena, off, len(self.arena))
+
+    def _insert_slot(self, key: bytes, ol: int, h: int) -> None:
+        mask = self._slots - 1
+        t = self._table
+        i = h & mask
+        while True:
+            sh, sol = _SLOT.unpack_from(t, 16 * i)
+            if sh == 0 or (sh == h and self._key_at(sol & _M32) == key):
+                _SLOT.pack_into(t, 16 * i, h, ol)
+                return
+            i = (i + 1) & mask
+
+    def _delete_slot(self, i: int) -> None:
+        # Backward-shift deletion keeps linear probing tombstone-free.
+        mask = self._slots - 1
+        t = self._table
+        j = i
+        while True:
+            j = (j + 1) & mask
+            sh, ol = _SLOT.unpack_from(t, 16 * j)
+            if sh == 0:
+                break
+            home = sh & mask
+            # Move j into the hole at i unless j's home lies cyclically in (i, j].
+            if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+                _SLOT.pack_into(t, 16 * i, sh, ol)
+                i = j
+        _SLOT.pack_into(t, 16 * i, 0, 0)
+
+    # -- incremental update ----------------------------------------------------------
+    def apply(self, changes: Dict[bytes, Optional[Packed]], revision: int) -> None:
+        """Apply ``{key: packed entry, or None to delete}`` (mod_revision unknown: 0)."""
+        self.apply_entries({k: None if p is None else (p, 0) for k, p in changes.items()}, revision)
+
+    def apply_entries(self, changes: Changes, revision: int) -> None:
+        """Apply ``{key: (packed entry, mod_revision), or None to delete}``.
+
+        O(1) per updated key; a new or deleted key also memmoves the key list and
+        order array (O(n) bytes, ~0.2 ms at 1M keys), so a batch with many new
+        keys is merged in one sorted rebuild instead. Raises ImageTooLargeError
+        (the builder unchanged) if the arena would pass the format limit.
+        """
+        loc = self._loc
+        added = 0
+        grow = 0
+        for k, p in changes.items():
+            if p is not None:
+                if k not in loc:
+                    grow += 1
+                added += len(p[0])
+        if len(self.arena) + added >= self.max_image:
+            raise ImageTooLargeError(
+                f"snapshot arena of {len(self.arena) + added} bytes would exceed the "
+                f"{self.max_image}-byte image limit"
+            )
+        n = len(self.keys)
+        inserts = grow + sum(1 for k, p in changes.items() if p is None and k in loc)
+        # A rebuild costs ~2 us a key; an insert or delete ~1 us + memmove of
+        # 12 B a key (measured): rebuild once inserts would cost more.
+        if inserts * (n // 50_000 + 1) > max(64, n // 4):
+            self._rebuild_with(changes, revision)
+            return
+        self.revision = revision
+        if 2 * (n + grow) + 2 > self._slots:
+            for k, p in changes.items():
+                self._apply_one(k, p, table=False)
+            self._rebuild_table()
+        else:
+            for k, p in changes.items():
+                self._apply_one(k, p, table=True)
+        if self._garbage > len(self.arena) // 2 or self._appended > max(1024, len(self.keys) // 4):
+            self.compact()
+
+    def _rebuild_with(self, changes: Changes, revision: int) -> None:
+        loc, arena = self._loc, self.arena
+        merged: Dict[bytes, Tuple[Packed, int]] = {}
+        for k in self.keys:
+            v = loc[k]
+            o = v & _M32
+            merged[k] = (arena[o : o + ((v >> 32) & _M32)], v >> 64)
+        for k, p in changes.items():
+            if p is None:
+                merged.pop(k, None)
+            else:
+                merged[k] = p
+        self._replace(((k, *merged[k]) for k in sorted(merged)), revision)
+
+    def _apply_one(self, key: bytes, entry: Optional[Tuple[Packed, int]], table: bool) -> None:
+        old = self._loc.get(key)
+        if entry is None:
+            if old is None:
+                return
+            pos = bisect.bisect_left(self.keys, key)
+            if table:
+                self._delete_slot(self._find_slot(key, key_hash(key)))
+            del self.keys[pos]
+            del self._order[2 * pos : 2 * pos + 2]
+            del self._loc[key]
+            self._garbage += (old >> 32) & _M32
+            self._fences_dirty = True
+            return
+        packed, mod = entry
+        off = len(self.arena)
+        n = len(packed)
+        self.arena += packed
+        ol = off | n << 32
+        self._loc[key] = ol | mod << 64
+        self._appended += 1
+        if old is None:
+            pos = bisect.bisect_left(self.keys, key)
+            self.keys.insert(pos, key)
+            self._order[2 * pos : 2 * pos] = array("I", (off, n))
+            self._fences_dirty = True
+        else:
+            self._garbage += (old >> 32) & _M32
+            # An update keeps its position: find it by bisect (O(log n) compares).
+            pos = bisect.bisect_left(self.keys, key)
+            self._order[2 * pos] = off
+            self._order[2 * pos + 1] = n
+        if table:
+            self._insert_slot(key, ol, key_hash(key))
+
+    def compact(self) -> None:
+        """Rewrite the arena in key order without garbage (makes ranges contiguous)."""
+        loc, arena = self._loc, self.arena
+        self._replace(
+            (
+                (k, arena[v & _M32 : (v & _M32) + ((v >> 32) & _M32)], v >> 64)
+                for k in self.keys
+                for v in (loc[k],)
+            ),
+            self.revision,
+        )
+
+    # -- output ------------------------------------------------------------------------
+    def stable_span(self) -> Tuple[int, int, int]:
+        """``(epoch, start, end)``: images of one epoch agree on bytes [start, end).
+
+        Between rebuilds the arena is append-only (updates append, deletes leave
+        garbage) and starts right after the header, so Publisher.publish need
+        not copy what a buffer already holds.
+        """
+        return self.epoch, HEADER_SIZE, HEADER_SIZE + len(self.arena)
+
+    def parts(self) -> Tuple[List[Any], int]:
+        """The image as a list of bytes-like parts and its total length.
+
+        Costs O(index): the order array is copied and the index checksummed
+        (~5 ms at 1M keys); the arena is handed out by reference.
+        """
+        if self._fences_dirty:
+            self._fences = msgpack.packb(self.keys[::FENCE], use_bin_type=True)
+            self._fences_dirty = False
+        n = len(self.keys)
+        arena_off = HEADER_SIZE
+        arena_len = len(self.arena)
+        table_off = align(arena_off + arena_len)
+        order_off = table_off + len(self._table)
+        order_len = 8 * n
+        fence_off = order_off + order_len
+        fence_len = len(self._fences)
+        total = fence_off + fence_len
+        if total >= self.max_image:
+            raise ImageTooLargeError(
+                f"snapshot image of {total} bytes exceeds the {self.max_image}-byte limit"
+            )
+        head = bytearray(HEADER_SIZE)
+        HEADER.pack_into(
+            head,
+            0,
+            MAGIC,
+            FORMAT_VERSION,
+            FENCE,
+            self.revision,
+            n,
+            arena_off,
+            arena_len,
+            table_off,
+            self._slots,
+            order_off,
+            order_len,
+            fence_off,
+            fence_len,
+            total,
+            0,
+        )
+        pad = bytes(table_off - arena_off - arena_len)
+        # A copy, not a memoryview: an exported array could not be resized later.
+        order = self._order.tobytes()
+        struct.pack_into("<Q", head, HASHED_HEAD, index_checksum(head, self._table, order, self._fences))
+        return [head, self.arena, pad, self._table, order, self._fences], total
+
+    # -- invariants ----------------------------------------------------------------------
+    def _check(self) -> None:
+        """Assert every coupled part agrees (tests call this; O(n))."""
+        assert not self._loading, "a load is in progress"
+        keys, loc, arena = self.keys, self._loc, self.arena
+        assert all(a < b for a, b in zip(keys, keys[1:])), "keys not strictly increasing"
+        assert len(loc) == len(keys) and all(k in loc for k in keys), "_loc and keys disagree"
+        assert len(self._order) == 2 * len(keys), "order length"
+        live = 0
+        for i, k in enumerate(keys):
+            v = loc[k]
+            o, n = v & _M32, (v >> 32) & _M32
+            assert (self._order[2 * i], self._order[2 * i + 1]) == (o, n), f"order[{i}] != loc of {k!r}"
+            assert o + n <= len(arena), f"entry of {k!r} outside the arena"
+            assert raw_key(arena, o, o + n) == k, f"arena entry of {k!r} holds another key"
+            live += n
+        assert self._garbage == len(arena) - live, f"garbage {self._garbage} != {len(arena) - live}"
+        slots = self._slots
+        assert slots >= 8 and slots & (slots - 1) == 0 and 2 * len(keys) + 2 <= slots, "table size"
+        assert len(self._table) == 16 * slots, "table bytes"
+        mask = slots - 1
+        used = 0
+        for i in range(slots):
+            h, ol = _SLOT.unpack_from(self._table, 16 * i)
+            if h == 0:
+                continue
+            used += 1
+            k = raw_key(arena, ol & _M32, len(arena))
+            assert k in loc and loc[k] & _M64 == ol and key_hash(k) == h, f"slot {i} is stale"
+            j = h & mask  # every slot from the home to i is taken (probing reaches i)
+            while j != i:
+                assert _SLOT.unpack_from(self._table, 16 * j)[0] != 0, f"slot {i} unreachable"
+                j = (j + 1) & mask
+        assert used == len(keys), f"{used} table slots for {len(keys)} keys"
+        if not self._fences_dirty:
+            assert msgpack.unpackb(self._fences) == keys[::FENCE], "fences stale"
+
+
+def _first(t: Tuple[int, int, int]) -> int:
+    return t[0]
