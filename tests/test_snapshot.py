@@ -106,13 +106,8 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes):
     ref = KeyValues(_kv(k, v, i + 1) for i, (k, v) in enumerate(data.items()))
     b = ImageBuilder()
     b.reset(((kv.key, _packed(kv)) for kv in ref), 1000)
-<<<<<<< HEAD
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
-=======
     b._check()
-    pub = segment.Publisher(shm_name)
-    try:
->>>>>>> e1f9d6a (Writer scale, first slice: ImageBuilder in its own module with _check(); KeySpace stores pluggable (KeyValues for library users, the writer's packed ImageBuilder store) so Gazette's rules stay in one place; loads in few large byte-sized pages with the next page prefetched while decoding (etcd 3.5 counts the rest of the range per limited page: small pages made 1M keys quadratic); Writer.run/error/wait/on_publish lifecycle, cli and bench use only that; a failed publication keeps its changes pending and is retried by the next update or heartbeat; ImageTooLargeError)
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish(pub, b)
         with Reader(shm_name, cache_size=0) as r:
             assert r.revision == 1000

@@ -21,8 +21,9 @@ import pytest
 from xxhash import xxh3_128
 
 from shmkeyspace import state
+from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import StateFileError
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.snapshot import pack_entry
 
 NAME, PREFIX, DECODER = "svc", "/svc", "json"
 
