@@ -217,3 +217,37 @@ def test_run_raises_its_fatal_error_and_keeps_it(client, prefix, shm_name):
 
 def test_image_too_large_error_type():
     assert issubclass(ImageTooLargeError, ValueError)
+
+
+def test_writer_scale_bench_smoke(tmp_path):
+    """bench/writer_scale.py --smoke runs end to end and writes well-formed results
+    (shape and sanity only: never whether a target is met)."""
+    import math
+    import os
+    import subprocess
+
+    from conftest import PYTHON, ROOT
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [PYTHON, os.path.join(ROOT, "bench", "writer_scale.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "writer_scale.json").read_text())["results"]["10000"]
+    assert "| writer spawn" in (tmp_path / "writer_scale.md").read_text()
+    for v in (
+        res["startup_s"],
+        res["image_mib"],
+        res["writer_uss_mib"],
+        res["burst"]["ratio"],
+        res["reload"]["s"],
+    ):
+        assert isinstance(v, float) and math.isfinite(v) and v > 0, res
+    assert res["raw_fetch"]["best_s"] <= res["raw_fetch"]["unlimited_s"]
+    assert res["reload"]["old_snapshot_served"] and res["reload"]["equal_to_etcd"], res["reload"]
+    assert res["one_key"]["cpu_ms_median"] >= 0
