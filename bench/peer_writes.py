@@ -29,7 +29,8 @@ import lmdb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from shmkeyspace import segment  # noqa: E402
-from shmkeyspace.snapshot import ImageBuilder, pack_entry  # noqa: E402
+from shmkeyspace.builder import ImageBuilder  # noqa: E402
+from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
 N = 100_000
 KEYS: List[bytes] = [b"/svc/g%04d/%06d" % (i // 100, i) for i in range(N)]

@@ -35,7 +35,8 @@ from xxhash import xxh3_64_intdigest  # noqa: E402
 
 from shmkeyspace import Reader, segment  # noqa: E402
 from shmkeyspace import reader as reader_mod  # noqa: E402
-from shmkeyspace.snapshot import ImageBuilder, pack_entry  # noqa: E402
+from shmkeyspace.builder import ImageBuilder  # noqa: E402
+from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
 
 class _Noop:

@@ -396,7 +396,8 @@ UNPRIVILEGED_PUBLISHER = r"""
 import json, os, sys
 from shmkeyspace import segment
 from shmkeyspace.errors import UntrustedSegmentError
-from shmkeyspace.snapshot import ImageBuilder, pack_entry
+from shmkeyspace.builder import ImageBuilder
+from shmkeyspace.snapshot import pack_entry
 name = sys.argv[1]
 os.setgroups([])
 os.setgid(65534)

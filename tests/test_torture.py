@@ -94,7 +94,8 @@ def test_generation_growth_under_live_readers(shm_name):
     larger ones (and a smaller one), and old generations are unlinked."""
     import os
 
-    from shmkeyspace.snapshot import ImageBuilder, pack_entry
+    from shmkeyspace.builder import ImageBuilder
+    from shmkeyspace.snapshot import pack_entry
 
     b = ImageBuilder()
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:

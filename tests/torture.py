@@ -79,7 +79,8 @@ def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int =
     Runs in a child process. Returns (and ``report.put``s) the last revision published.
     """
     from shmkeyspace import segment
-    from shmkeyspace.snapshot import ImageBuilder, pack_entry
+    from shmkeyspace.builder import ImageBuilder
+    from shmkeyspace.snapshot import pack_entry
 
     pub = segment.Publisher(name)
     b = ImageBuilder()
