@@ -32,9 +32,10 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from shmkeyspace import futex, segment  # noqa: E402
+from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.feed import ChangeLog  # noqa: E402
 from shmkeyspace.reader import Reader  # noqa: E402
-from shmkeyspace.snapshot import ImageBuilder, pack_entry  # noqa: E402
+from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

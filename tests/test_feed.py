@@ -274,7 +274,7 @@ with Reader(name) as r:
 PUBLISHER = r"""
 import signal, sys, time
 from shmkeyspace import segment
-from shmkeyspace.snapshot import ImageBuilder
+from shmkeyspace.builder import ImageBuilder
 name, rev = sys.argv[1], int(sys.argv[2])
 p = segment.Publisher(name)
 b = ImageBuilder()
