@@ -217,14 +217,22 @@ from shmkeyspace.keyspace import KeySpace
 endpoint, prefix, count, apply_delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 ready = [None] * count
 hist = [[] for _ in range(count)]
+retries = [0] * count
 stop = threading.Event()
 def host(i):
     ks = KeySpace(prefix, lambda kv: json.loads(kv.value))
     ks.watch_apply_delay = apply_delay
     h = hist[i]
     ks.observers.append(lambda: h.append((ks.header.revision, time.monotonic())))
-    c = connect(endpoint)
-    ks.load(c)
+    while True:  # a failed load is retried, as systemd would restart a writer
+        try:
+            c = connect(endpoint)
+            ks.load(c)
+            break
+        except Exception as exc:
+            retries[i] += 1
+            print(f"host {i}: load failed ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
+            time.sleep(0.5)
     ready[i] = time.monotonic()
     ks.watch(c, stop)
 threads = [threading.Thread(target=host, args=(i,), daemon=True) for i in range(count)]
@@ -232,7 +240,7 @@ for t in threads:
     t.start()
 while any(r is None for r in ready):
     time.sleep(0.01)
-print(json.dumps({"ready": ready}), flush=True)
+print(json.dumps({"ready": ready, "retries": sum(retries)}), flush=True)
 for line in sys.stdin:
     if line.strip() == "report":
         print(json.dumps({"hist": hist}), flush=True)
@@ -296,6 +304,7 @@ class MirrorFleet:
         self.k, self.per_proc = k, per_proc
         self.procs: List[subprocess.Popen] = []
         self.samples: List[Any] = []
+        self.load_retries = 0
 
     def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float) -> None:
         for start in range(0, self.k, self.per_proc):
@@ -316,7 +325,9 @@ class MirrorFleet:
             line = p.stdout.readline()
             if not line:
                 raise RuntimeError(f"mirror process exited with {p.wait()}")
-            ready += [t - t0 for t in json.loads(line)["ready"]]
+            msg = json.loads(line)
+            ready += [t - t0 for t in msg["ready"]]
+            self.load_retries += msg["retries"]
         return ready
 
     def pids(self) -> List[int]:
@@ -430,6 +441,7 @@ def run_one(
             row["cold_etcd_cpu_s"] = etcd.cpu_seconds() - cpu0
             row["cold_etcd_cpu_s_per_writer"] = row["cold_etcd_cpu_s"] / k
             row["cold_proxy_cpu_s"] = (proxy.cpu_seconds() - pcpu0) if proxy else None
+            row["cold_load_retries"] = getattr(fleet, "load_retries", 0)
         # -- idle: what K writers cost etcd with nothing changing (contact probes) ------
         time.sleep(1.0)
         wpids = fleet.pids() if k else []
