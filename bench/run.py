@@ -54,6 +54,10 @@ class Context:
         self.image_bytes = 0
         self.reader: Any = None  # default Reader() (per-reader cache on)
         self.reader_cold: Any = None  # Reader(cache_size=0)
+        # The same two with implementation="python" when the compiled path is the
+        # default (None otherwise: then reader/reader_cold are the Python path).
+        self.reader_py: Any = None
+        self.reader_cold_py: Any = None
         self.lmdb: Optional[LmdbPeer] = None
         self.dict_peer: Optional[DictPeer] = None
         self.etcd: Optional[EtcdPeer] = None
@@ -65,12 +69,15 @@ class Context:
 
         self.reader = Reader(self.cfg.name, wait=60)
         self.reader_cold = Reader(self.cfg.name, cache_size=0)
+        if Reader.implementation != "python":
+            self.reader_py = Reader(self.cfg.name, implementation="python")
+            self.reader_cold_py = Reader(self.cfg.name, cache_size=0, implementation="python")
 
     def close_readers(self) -> None:
-        for r in (self.reader, self.reader_cold):
+        for r in (self.reader, self.reader_cold, self.reader_py, self.reader_cold_py):
             if r is not None:
                 r.close()
-        self.reader = self.reader_cold = None
+        self.reader = self.reader_cold = self.reader_py = self.reader_cold_py = None
         gc.collect()
 
     def close(self) -> None:

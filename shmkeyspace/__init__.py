@@ -32,6 +32,7 @@ _EXPORTS = {
     "ChangesTooOldError": "errors",
     "Changes": "feed",
     "Derived": "derived",
+    "ReaderClosedError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -693,6 +693,8 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     with _open_reader(args.name) as r:
         h = r.health()
     info: Dict[str, Any] = dict(h._asdict())
+    # Which read path this installation uses ("c": compiled; "python": pure Python).
+    info["reader_implementation"] = r.implementation
     if args.endpoints:
         from .etcd import connect
 
@@ -735,6 +737,7 @@ def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         ("bytes", f"{h.bytes}  ({_human_bytes(h.bytes)}, generation {h.generation})"),
         ("published", f"{published}  ({age:.1f} s ago)"),
         ("publications", str(h.seq // 2)),
+        ("read path", f"{r.implementation}  (SHMKEYSPACE_PURE_PYTHON=1 forces python)"),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

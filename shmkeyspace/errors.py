@@ -99,3 +99,10 @@ class ImageTooLargeError(ShmKeyspaceError, ValueError):
     The writer logs it, keeps the last published snapshot and retries on the
     next change (fewer keys or smaller values may fit again).
     """
+
+
+class ReaderClosedError(ShmKeyspaceError, ValueError):
+    """A closed :class:`Reader`, or a view taken from one, was used.
+
+    A ValueError as well, like I/O on a closed file.
+    """

@@ -497,8 +497,8 @@ def reader() -> Reader:
     """This process's Reader of the configured snapshot, attached on first use.
 
     Raises SegmentNotFoundError while no snapshot has been published yet.
-    A Reader is not thread-safe: threaded workers (gthread) should guard it or
-    open one Reader per thread.
+    One Reader serves all threads of a worker (gthread, ``--threads N``): a
+    Reader is safe to share between threads, with no lock on its hot path.
     """
     r = _reader
     if r is not None and _reader_pid == os.getpid():

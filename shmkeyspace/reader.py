@@ -10,11 +10,16 @@ seqlock protocol in ``segment.py``). It promises:
 * memory or shapes that are not a valid snapshot raise CorruptSegmentError,
   never a wrong answer; a retry loop that keeps failing is bounded.
 
-Lifetimes: ``Reader`` is a context manager; ``close()`` unmaps deterministically.
-Entries are immutable tuples; their ``decoded`` values are fresh objects per call,
-except for the small per-reader cache of repeated ``get`` answers (valid for one
+Lifetimes: ``Reader`` is a context manager; ``close()`` unmaps deterministically
+when no other thread is inside a query (see the class doc). Entries are
+immutable tuples; their ``decoded`` values are fresh objects per call, except for
+the small per-reader cache of repeated ``get`` answers (valid for one
 publication), whose values callers must not mutate. A Reader is safe to use
-across ``fork()`` (mappings are inherited) but not from several threads at once.
+across ``fork()`` (mappings are inherited) and from any number of threads at once.
+
+This module is the seqlock retry and the lifetime; the queries themselves are
+the kernels of ``snapshot.ImageView`` or, when built, ``_speedups.Image`` (the
+same kernels in C) and ``_speedups.ReaderBase.get`` (the hot path of ``get``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import os
 import time
 from functools import partial
-from operator import add
 from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from xxhash import xxh3_64_intdigest
@@ -32,21 +36,30 @@ from .derived import Derived, Deriver
 from .errors import (
     ChangesTooOldError,
     CorruptSegmentError,
+    ReaderClosedError,
     SegmentNotFoundError,
-    ShmKeyspaceError,
     SnapshotExpiredError,
     UntrustedSegmentError,
 )
 from .key_values import prefix_end
-from .snapshot import ImageView
-from .snapshot import unpackb as _unpackb
+from .snapshot import ImageView, query_key, unpackb
+
+try:
+    if os.environ.get("SHMKEYSPACE_PURE_PYTHON", "") not in ("", "0"):
+        raise ImportError("SHMKEYSPACE_PURE_PYTHON is set")
+    from . import _speedups
+except ImportError:  # not built (no compiler at install time) or switched off
+    _speedups = None
 
 Key = Union[str, bytes]
 
 _new = tuple.__new__
-# What reading garbage can raise (unpacker errors are ValueErrors); a read that
-# raises one of these is retried if the writer moved, else reported as corrupt.
-_READ_ERRORS = (CorruptSegmentError, ValueError, TypeError, IndexError, KeyError, OverflowError)
+_SEQ = segment.SEQ_WORD
+# What the contents of shared memory can make a query kernel raise: its own
+# CorruptSegmentError and the unpacker's ValueErrors. A read that raises one of
+# these is retried if the writer moved, else reported as corrupt; anything else
+# (TypeError, KeyError, ...) is a bug in the reader and surfaces as itself.
+_READ_ERRORS = (CorruptSegmentError, ValueError)
 _MAX_RETRIES = 10_000
 _COPY_AFTER = 3  # retries of a query before it runs on a private copy of the image
 
@@ -86,17 +99,38 @@ class Health(NamedTuple):
     source: str = "unknown"
 
 
-def _to_query(key: Key):
-    """(raw bytes, the form entries store the key in)."""
-    if type(key) is str:
-        return key.encode("utf-8"), key
-    if isinstance(key, (bytes, bytearray, memoryview)):
-        kb = bytes(key)
-        try:
-            return kb, kb.decode("utf-8")
-        except UnicodeDecodeError:
-            return kb, kb
-    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+# -- the two implementations of the query kernels --------------------------------------
+# A kernel answers from one image (snapshot.ImageView, or its compiled twin
+# _speedups.Image) and knows nothing of the seqlock.
+
+
+def _py_lookup(kern: ImageView, key: Key) -> Optional[Entry]:
+    lst = kern.lookup(key)
+    return None if lst is None else _new(Entry, lst)
+
+
+def _py_range(kern: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
+    return list(map(_make_entry, kern.range(lo, hi)))
+
+
+def _py_kernel(view: ImageView) -> Any:
+    return view
+
+
+class _Impl(NamedTuple):
+    lookup: Callable[..., Optional[Entry]]
+    range: Callable[..., List[Entry]]
+    kernel: Callable[[ImageView], Any]
+
+
+_IMPLS = {"python": _Impl(_py_lookup, _py_range, _py_kernel)}
+if _speedups is not None:
+    _speedups.setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest)
+    _IMPLS["c"] = _Impl(_speedups.Image.lookup, _speedups.Image.range, _speedups.Image.of)
+
+#: The implementations this installation offers: "c" (the compiled extension) if it
+#: is built and SHMKEYSPACE_PURE_PYTHON is not set, and always "python".
+IMPLEMENTATIONS = tuple(sorted(_IMPLS))
 
 
 class _Closed:
@@ -106,19 +140,37 @@ class _Closed:
         self.name = name
 
     def __getitem__(self, i: int) -> int:
-        raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
+        raise ReaderClosedError(f"Reader of {self.name!r} is closed")
 
 
 class _Pub:
-    """One publication as this reader mapped it."""
+    """One publication as this reader mapped it. Immutable once made, so threads
+    can share it: a Reader swaps in a new one with one attribute store."""
 
-    __slots__ = ("seq", "view", "data", "revision", "gen")
+    __slots__ = ("seq", "view", "kern", "data", "revision", "gen", "cache")
 
-    def __init__(self, seq: int, view: ImageView, data: segment.DataView, revision: int, gen: int):
-        self.seq, self.view, self.data, self.revision, self.gen = seq, view, data, revision, gen
+    def __init__(self, seq: int, view: Any, kern: Any, data: Any, revision: int, gen: int):
+        self.seq, self.view, self.kern, self.data, self.revision, self.gen = (
+            seq,
+            view,
+            kern,
+            data,
+            revision,
+            gen,
+        )
+        self.cache: dict = {}  # key -> Entry, answers read under exactly this seq
 
 
-class Reader:
+_NO_PUB = _Pub(-1, None, None, None, 0, 0)
+
+
+# With the extension built, Reader derives from its ReaderBase, whose get() is
+# the hot path in C (a cache hit never runs Python) and calls self._get_slow()
+# for anything unusual; a Reader(implementation="python") calls _py_get instead.
+_Base: Any = _speedups.ReaderBase if _speedups is not None else object
+
+
+class Reader(_Base):
     """Attach to the snapshot published under ``name`` on this host.
 
     ``wait`` seconds: how long to wait for a first publication if there is none
@@ -131,21 +183,49 @@ class Reader:
     uid whose writer to trust besides root and this process's own; a snapshot
     owned by anyone else, or writable by anyone but its owner, raises
     UntrustedSegmentError (README, "Security").
+    ``implementation``: "c" or "python" to pick the query kernels; default
+    :attr:`Reader.implementation`.
+
+    Threads: one Reader may be shared by any number of threads, with no lock.
+    Everything a query uses is read once from ``self._pub``, an immutable
+    publication object that a thread following the writer replaces with one
+    attribute store; the per-publication cache is a dict (atomic operations).
+    ``close()`` only drops references: a query running in another thread keeps
+    the mappings it holds alive until it returns (no use-after-unmap), and the
+    next query raises ReaderClosedError. ``retries`` is approximate under threads.
     """
 
+    #: "c" when the compiled kernels are built and not switched off with
+    #: SHMKEYSPACE_PURE_PYTHON=1, else "python" (see README, "Which read path").
+    implementation: str = "c" if "c" in _IMPLS else "python"
+
     def __init__(
-        self, name: str, *, wait: float = 0.0, cache_size: int = 256, writer_uid: Union[int, str, None] = None
+        self,
+        name: str,
+        *,
+        wait: float = 0.0,
+        cache_size: int = 256,
+        writer_uid: Union[int, str, None] = None,
+        implementation: Optional[str] = None,
     ) -> None:
         self.name = segment.validate_name(name)
+        impl = implementation or type(self).implementation
+        if impl not in _IMPLS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, not {impl!r}")
+        self.implementation = impl
+        self._impl = _IMPLS[impl]
         deadline = time.monotonic() + wait
         while True:
             try:
                 self._ctrl: Optional[segment.ControlView] = segment.ControlView(name, writer_uid)
-                if self._ctrl.words[segment.OFF_SEQ // 8] >= 2:
+                if self._ctrl.words[_SEQ] >= 2:
                     break
                 self._ctrl.close()
                 raise SegmentNotFoundError(f"snapshot {name!r} has no publication yet (writer loading?)")
-            except SegmentNotFoundError:
+            except (SegmentNotFoundError, CorruptSegmentError):
+                # Corrupt too while waiting: a starting writer creates the control
+                # segment empty and sizes it a moment later (seen in the torture
+                # test on a loaded machine); past the deadline the error stands.
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
@@ -155,35 +235,42 @@ class Reader:
         self._seq_addr = self._ctrl.seq_address()
         self._deriver: Optional[Deriver] = None
         self._data: Optional[segment.DataView] = None
-        self._pub: Optional[_Pub] = None
-        self._view: Optional[ImageView] = None
-        self._pub_seq = -1
-        self._cache: dict = {}
-        self._cache_seq = -1
+        self._pub = _NO_PUB
         self._cache_size = cache_size
         self._fence = segment.NEEDS_FENCE
-        self._pid = os.getpid()
         #: Reads redone because the writer published under them (for tests/metrics).
         self.retries = 0
+        self._compiled = impl == "c"
+        if self._compiled:
+            self._core_attach(self._words, _SEQ, cache_size)
         self._current()  # map the current publication (retrying if it moves under us)
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
-        """Unmap everything. Idempotent; the Reader is unusable afterwards."""
-        if self._pub is not None:
-            self._pub.view.release()
-            self._pub = None
-        if self._data is not None:
-            self._data.close()
-            self._data = None
-        self._view = None
-        self._pub_seq = self._cache_seq = -1
-        if self._ctrl is not None:
-            self._words = _Closed(self.name)
-            self._seq_addr = 0
-            self._ctrl.close()
-            self._ctrl = None
-        self._cache = {}
+        """Unmap everything. Idempotent; the Reader and its snapshot views are
+        unusable afterwards (ReaderClosedError).
+
+        Mappings go when their last user does: at once when no other thread is
+        inside a query (CPython frees them by reference count), else when that
+        query returns. A SnapshotView keeps its image mapped until it is dropped.
+        """
+        self._words = _Closed(self.name)
+        self._seq_addr = 0  # futex.wait on 0 fails fast; a sleeping waiter times out (<= 1 s)
+        self._pub = _NO_PUB
+        if getattr(self, "_compiled", False):
+            self._core_close()
+        self._data = None
+        self._ctrl = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ctrl is None
+
+    def _control(self) -> segment.ControlView:
+        ctrl = self._ctrl
+        if ctrl is None:
+            raise ReaderClosedError(f"Reader of {self.name!r} is closed")
+        return ctrl
 
     def __enter__(self) -> "Reader":
         return self
@@ -200,39 +287,41 @@ class Reader:
     # -- publication tracking -------------------------------------------------------
     def _refresh(self, s1: int) -> _Pub:
         """Map and validate the publication named by seq value ``s1``."""
-        if self._ctrl is None:
-            raise ShmKeyspaceError(f"Reader of {self.name!r} is closed")
-        gen, seg_size, off, length, revision, count, _, _ = self._ctrl.record((s1 >> 1) & 1)
+        ctrl = self._ctrl
+        if ctrl is None:
+            raise ReaderClosedError(f"Reader of {self.name!r} is closed")
+        gen, seg_size, off, length, revision, count, _, _ = ctrl.active_record(s1)
         if gen == 0:
             raise CorruptSegmentError(f"snapshot {self.name!r}: publication record is empty")
         data = self._data
         if data is None or data.gen != gen:
-            data = segment.DataView(self.name, gen, seg_size, owner_uid=self._ctrl.owner_uid)
-            # Views into the old generation may still serve a SnapshotView; the
-            # mapping goes when the last of them does (DataView.close).
-            # Forget the old publication's seq too: if validation below fails and
-            # a (hostile) seq word goes back to it, _current must not return None.
-            self._pub = None
-            self._pub_seq = -1
-            if self._data is not None:
-                self._data.close()
+            # The old generation is not closed here: another thread or a
+            # SnapshotView may still read it. It is unmapped when its last
+            # publication object goes (CPython frees it by reference count).
+            data = segment.DataView(self.name, gen, seg_size, owner_uid=ctrl.owner_uid)
             self._data = data
         view = ImageView(data.buf, off, length)
         if view.revision != revision or view.count != count:
             raise CorruptSegmentError("publication record disagrees with its snapshot header")
-        self._pub = _Pub(s1, view, data, revision, gen)
-        self._view = view
-        self._pub_seq = s1
-        return self._pub
+        pub = _Pub(s1, view, self._impl.kernel(view), data, revision, gen)
+        self._pub = pub
+        if self._ctrl is None:  # closed by another thread meanwhile: keep nothing mapped
+            self._pub = _NO_PUB
+            self._data = None
+            raise ReaderClosedError(f"Reader of {self.name!r} is closed")
+        if self._compiled:
+            self._core_install(s1, pub.kern, pub.cache)
+        return pub
 
     def _current(self) -> "tuple[int, _Pub]":
         """(s1, publication) for a new read, following the writer if it moved."""
         for _ in range(_MAX_RETRIES):
-            s1 = self._words[2]
+            s1 = self._words[_SEQ]
             if self._fence:
                 segment.fence()
-            if s1 == self._pub_seq and self._pub is not None:
-                return s1, self._pub
+            pub = self._pub
+            if s1 == pub.seq:
+                return s1, pub
             try:
                 pub = self._refresh(s1)
             except (CorruptSegmentError, SegmentNotFoundError, UntrustedSegmentError):
@@ -252,42 +341,50 @@ class Reader:
         """True if the buffer read under ``s1`` may have been overwritten since."""
         if self._fence:
             segment.fence()
-        return self._words[2] - (s1 & ~1) > 2
+        return self._words[_SEQ] - (s1 & ~1) > 2
 
     # -- queries ---------------------------------------------------------------------
-    def get(self, key: Key) -> Optional[Entry]:
-        """The entry of ``key`` or None. O(1): one hash probe and one unpack.
+    def _py_get(self, key: Key) -> Optional[Entry]:
+        """The entry of ``key`` or None. O(1): one hash probe and one unpack; a
+        repeated key within one publication is one dict lookup.
 
         The fast path is a seq load, the probe, and a second seq load; anything
         unusual (a new publication, a retry, an error) takes :meth:`_consistent`.
+        With the extension built, ``Reader.get`` is ``_speedups.ReaderBase.get``,
+        the same steps in C (it calls this method for implementation="python").
         """
         words = self._words
-        s1 = words[2]
-        if s1 == self._cache_seq:
+        s1 = words[_SEQ]
+        pub = self._pub
+        if s1 == pub.seq:
             try:  # a subscript, not .get(): no method call on the hottest path
-                return self._cache[key]
+                return pub.cache[key]
             except KeyError:
                 pass
             except TypeError:  # unhashable: let _get_slow name the problem
                 return self._get_slow(key)
-        if s1 == self._pub_seq and not self._fence:
-            try:
-                e = _lookup(self._view, key)  # type: ignore[arg-type]  # set whenever _pub_seq is
-            except _READ_ERRORS:
-                return self._get_slow(key)
-            if words[2] == s1:
-                if self._cache_size:
-                    if self._cache_seq != s1 or len(self._cache) >= self._cache_size:
-                        self._cache = {}
-                        self._cache_seq = s1
-                    self._cache[key] = e
-                return e
+            if not self._fence:
+                try:
+                    lst = pub.kern.lookup(key)
+                except _READ_ERRORS:
+                    return self._get_slow(key)
+                if words[_SEQ] == s1:
+                    e = None if lst is None else _new(Entry, lst)
+                    if self._cache_size:
+                        cache = pub.cache
+                        if len(cache) >= self._cache_size:
+                            cache.clear()
+                        cache[key] = e
+                    return e
         return self._get_slow(key)
+
+    if _speedups is None:
+        get = _py_get
 
     def _get_slow(self, key: Key) -> Optional[Entry]:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
             raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
-        return self._consistent(_lookup, key)
+        return self._consistent(self._impl.lookup, key)
 
     def __getitem__(self, key: Key) -> Entry:
         e = self.get(key)
@@ -299,23 +396,26 @@ class Reader:
         return self.get(key) is not None
 
     def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
-        """Entries with ``from_key <= key < to_key`` in key order (``to_key=None``: to the end)."""
-        lo = _to_query(from_key)[0]
-        hi = None if to_key is None else _to_query(to_key)[0]
-        return self._consistent(_range, lo, hi)
+        """Entries with ``from_key <= key < to_key`` in key order (``to_key=None``: to the end).
+
+        O(log n + k) for k entries: a binary search, then one unpack per entry.
+        """
+        lo = query_key(from_key)[0]
+        hi = None if to_key is None else query_key(to_key)[0]
+        return self._consistent(self._impl.range, lo, hi)
 
     def prefixed(self, prefix: Key) -> List[Entry]:
-        """Entries whose key starts with ``prefix``, in key order."""
-        p = _to_query(prefix)[0]
-        return self._consistent(_range, p, prefix_end(p))
+        """Entries whose key starts with ``prefix``, in key order. O(log n + k)."""
+        p = query_key(prefix)[0]
+        return self._consistent(self._impl.range, p, prefix_end(p))
 
     def __len__(self) -> int:
-        return self._consistent(lambda v: v.count)
+        return self._current()[1].view.count
 
     @property
     def revision(self) -> int:
         """Revision of the snapshot currently published (see KeySpace.header)."""
-        return self._consistent(lambda v: v.revision)
+        return self._current()[1].revision
 
     def _consistent(self, fn, *args):
         for attempt in range(_MAX_RETRIES):
@@ -328,11 +428,11 @@ class Reader:
                 if img is None:
                     continue
                 try:
-                    return fn(ImageView(memoryview(img), 0, len(img)), *args)
+                    return fn(self._impl.kernel(ImageView(memoryview(img), 0, len(img))), *args)
                 except _READ_ERRORS as exc:
                     raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
             try:
-                out = fn(pub.view, *args)
+                out = fn(pub.kern, *args)
             except _READ_ERRORS as exc:
                 if self._moved(s1):
                     self.retries += 1
@@ -348,16 +448,18 @@ class Reader:
 
         Queries on the view raise SnapshotExpiredError once the writer has recycled
         its buffer (two publications later); ``copy=True`` takes a private copy of
-        the image instead, which never expires.
+        the image instead, which never expires. Both raise ReaderClosedError once
+        the Reader is closed.
         """
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
             if not copy:
-                return SnapshotView(self, s1, pub.view, None)
+                return SnapshotView(self, s1, pub.view, pub.kern, None)
             img = self._copy_image(s1, pub)
             if img is None:
                 continue
-            return SnapshotView(self, s1, ImageView(memoryview(img), 0, len(img)), img)
+            view = ImageView(memoryview(img), 0, len(img))
+            return SnapshotView(self, s1, view, self._impl.kernel(view), img)
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
 
     def _copy_image(self, s1: int, pub: _Pub) -> Optional[bytes]:
@@ -384,7 +486,7 @@ class Reader:
         seen = -1
         delay = 0.0005
         while True:
-            s = self._words[2]
+            s = self._words[_SEQ]
             if s != seen:
                 seen = s
                 if self._record_revision() >= revision:
@@ -401,16 +503,15 @@ class Reader:
             delay = min(0.004, delay * 2)
 
     def _seq_word(self) -> int:
-        return self._words[2]
+        return self._words[_SEQ]
 
     def _record_revision(self) -> int:
         """The published revision, from the publication record (no image mapping)."""
-        assert self._ctrl is not None
         for _ in range(_MAX_RETRIES):
-            s1 = self._words[2]
+            s1 = self._words[_SEQ]
             if self._fence:
                 segment.fence()
-            rev = self._ctrl.record((s1 >> 1) & 1)[4]
+            rev = self._control().active_record(s1)[4]
             if not self._moved(s1):
                 return rev
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable record after {_MAX_RETRIES} tries")
@@ -429,8 +530,7 @@ class Reader:
         since = int(since_revision)
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
-            assert self._ctrl is not None
-            rec = self._ctrl.record((s1 >> 1) & 1)
+            rec = self._control().active_record(s1)
             try:
                 out = feed.read_changes(
                     pub.data.buf, rec[2] + segment.feed_offset(rec[3]), rec[7], since, pub.revision
@@ -493,8 +593,7 @@ class Reader:
         limit = stale_after if stale_after is not None else max(2.0, 5 * interval)
         alive = pid != 0 and segment.writer_is_running(self.name) and age is not None and age < limit
         s1, pub = self._current()
-        assert self._ctrl is not None  # _current raised if closed
-        rec = self._ctrl.record((s1 >> 1) & 1)
+        rec = self._control().active_record(s1)
         etcd_rev = w[segment.OFF_ETCD_REV // 8]
         return Health(
             self.name,
@@ -516,14 +615,22 @@ class Reader:
 class SnapshotView:
     """One publication, for several consistent queries. See :meth:`Reader.snapshot`."""
 
-    def __init__(self, reader: Reader, seq: int, view: ImageView, private: Optional[bytes]) -> None:
+    def __init__(
+        self, reader: Reader, seq: int, view: ImageView, kern: Any, private: Optional[bytes]
+    ) -> None:
         self._reader = reader
         self._seq = seq
         self._view = view
+        self._kern = kern
+        self._impl = reader._impl
         self._private = private
         self.revision = view.revision
 
     def _check(self, out):
+        if self._reader.closed:
+            raise ReaderClosedError(
+                f"snapshot view of {self._reader.name!r} at revision {self.revision}: its Reader is closed"
+            )
         if self._private is None and self._reader._moved(self._seq):
             raise SnapshotExpiredError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
@@ -532,28 +639,32 @@ class SnapshotView:
         return out
 
     def _run(self, fn, *args):
+        self._check(None)
         try:
-            out = fn(self._view, *args)
+            out = fn(self._kern, *args)
         except _READ_ERRORS as exc:
             self._check(None)
             raise CorruptSegmentError(f"snapshot {self._reader.name!r}: {exc}") from None
         return self._check(out)
 
     def get(self, key: Key) -> Optional[Entry]:
-        return self._run(_lookup, key)
+        if not isinstance(key, (str, bytes, bytearray, memoryview)):
+            raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+        return self._run(self._impl.lookup, key)
 
     def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
-        return self._run(_range, _to_query(from_key)[0], None if to_key is None else _to_query(to_key)[0])
+        lo = query_key(from_key)[0]
+        return self._run(self._impl.range, lo, None if to_key is None else query_key(to_key)[0])
 
     def prefixed(self, prefix: Key) -> List[Entry]:
-        p = _to_query(prefix)[0]
-        return self._run(_range, p, prefix_end(p))
+        p = query_key(prefix)[0]
+        return self._run(self._impl.range, p, prefix_end(p))
 
     def __len__(self) -> int:
-        return self._view.count
+        return self._check(self._view.count)
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter(self._run(_range, b"", None))
+        return iter(self._run(self._impl.range, b"", None))
 
     def close(self) -> None:
         if self._private is not None:
@@ -564,69 +675,3 @@ class SnapshotView:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-# -- the query kernels, on one ImageView ------------------------------------------------
-
-
-def _lookup(view: ImageView, key: Key) -> Optional[Entry]:
-    if type(key) is str:
-        kb = key.encode("utf-8")
-        kq = key
-    else:
-        kb, kq = _to_query(key)
-    h = xxh3_64_intdigest(kb) or 1
-    table = view.table
-    mask = view.mask
-    i = (h & mask) << 1
-    sh = table[i]
-    probes = 0
-    while sh:
-        if sh == h:
-            ol = table[i + 1]
-            off = ol & 0xFFFFFFFF
-            end = off + (ol >> 32)
-            if end > view.arena_len:
-                raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
-            base = view.arena_base
-            lst = _unpackb(view.src[base + off : base + end])  # parse a copy, never shared memory
-            if lst[0] == kq:
-                if len(lst) != 6:
-                    raise CorruptSegmentError(f"entry at offset {off} has {len(lst)} fields, expected 6")
-                return _new(Entry, lst)
-        probes += 1
-        if probes > mask:  # a full table can only be a corrupt one
-            raise CorruptSegmentError("hash table has no empty slot")
-        i = (i + 2) & (mask << 1 | 1)
-        sh = table[i]
-    return None
-
-
-def _range(view: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
-    i = view.lower_bound(lo)
-    j = view.count if hi is None else view.lower_bound(hi)
-    if j <= i:
-        return []
-    order = view.order
-    offs = order[2 * i : 2 * j : 2].tolist()
-    lens = order[2 * i + 1 : 2 * j : 2].tolist()
-    start = offs[0]
-    total = sum(lens)
-    src, base = view.src, view.arena_base  # slices of src are private copies (ImageView doc)
-    n = j - i
-    if offs[-1] + lens[-1] - start == total and offs == sorted(offs):
-        # Entries lie back to back in key order (the arena is compacted in key
-        # order): unpack them as one msgpack array, in C.
-        if start + total > view.arena_len:
-            raise CorruptSegmentError("range runs past the arena")
-        lists = _unpackb(b"\xdd" + n.to_bytes(4, "big") + src[base + start : base + start + total])
-    else:
-        if max(map(add, offs, lens)) > view.arena_len:
-            raise CorruptSegmentError("range entry lies outside the arena")
-        lists = [_unpackb(src[base + o : base + o + m]) for o, m in zip(offs, lens)]
-    if len(lists) != n:
-        raise CorruptSegmentError("range unpacked to the wrong number of entries")
-    # C-level checks and construction: a Python call per entry was 40 % of a range.
-    if set(map(len, lists)) - {6}:
-        raise CorruptSegmentError("range holds an entry without exactly 6 fields")
-    return list(map(_make_entry, lists))

@@ -103,6 +103,8 @@ OFF_WAKE = 216  # 216..231: reserved for wake-up words (unused: the seq word is 
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, feed_len.
 # feed_len: bytes of the change feed region (feed.py) written right after the image,
 # at offset + feed_offset(length); 0 = no feed (writers before the feed wrote 0 here).
+#: Index of the seq word in :attr:`ControlView.words` (the readers' hot path).
+SEQ_WORD = OFF_SEQ // 8
 RECORD = struct.Struct("<QQQQqQQQ")
 U64 = struct.Struct("<Q")
 
@@ -231,11 +233,17 @@ class ControlView:
         self.words: Any = memoryview(self.mm)[:CTRL_SIZE].cast("Q")
 
     def record(self, slot: int) -> Tuple[int, ...]:
+        """Publication record ``slot`` (0 or 1): gen, seg_size, offset, length, revision,
+        count, publish_ns, feed_len."""
         return RECORD.unpack_from(self.mm, OFF_RECORDS + slot * RECORD.size)
 
     def seq_address(self) -> int:
         """Address of the seq word in this mapping, for :func:`futex.wait` (valid until close)."""
         return futex.address(self.mm, OFF_SEQ)
+
+    def active_record(self, seq: int) -> Tuple[int, ...]:
+        """The record a reader that loaded ``seq`` reads (see the seqlock protocol)."""
+        return self.record((seq >> 1) & 1)
 
     def close(self) -> None:
         if self.words is not None:

@@ -20,6 +20,14 @@ reader takes from an image is checked against the image's bounds first.
 The writer builds images with :class:`shmkeyspace.builder.ImageBuilder`, in its
 own memory, updated per changed key; publishing copies the image into shared
 memory.
+
+This module owns the reading side of the format: :class:`ImageView` with its
+query kernels (``lookup``, ``range``); ``shmkeyspace/_speedups.c`` is a compiled
+copy of those kernels and must change together with them. The kernels answer
+from one image and know nothing of the seqlock: ``reader.py`` runs them between
+its seq checks and retries when the writer moved. Anything they raise because of
+what the bytes hold is a CorruptSegmentError or a ValueError (the unpacker's
+errors); any other exception is a bug in this code and is not retried.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import bisect
 import mmap
 import struct
 import sys
-from typing import Any, List, Optional
+from operator import add
+from typing import Any, List, Optional, Tuple
 
 import msgpack
 import ormsgpack
@@ -111,6 +120,22 @@ def index_checksum(head, table, order, fences) -> int:
     return h.intdigest()
 
 
+def query_key(key: Any) -> Tuple[bytes, Any]:
+    """(raw bytes, the form an entry stores the key in) of a query key.
+
+    Raises TypeError for anything but str and bytes-like keys.
+    """
+    if type(key) is str:
+        return key.encode("utf-8"), key
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        kb = bytes(key)
+        try:
+            return kb, kb.decode("utf-8")
+        except UnicodeDecodeError:
+            return kb, kb
+    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+
+
 def align(n: int) -> int:
     """``n`` rounded up to the alignment of the index regions."""
     return (n + ALIGN - 1) & ~(ALIGN - 1)
@@ -172,6 +197,9 @@ class ImageView:
         "_fence_region",
         "src",
         "arena_base",
+        "offset",
+        "table_off",
+        "order_off",
     )
 
     def __init__(self, buf: memoryview, offset: int, length: int) -> None:
@@ -240,7 +268,11 @@ class ImageView:
         if not (isinstance(src, (mmap.mmap, bytes)) and len(src) == buf.nbytes):
             src = bytes(buf)  # a view of something else: one private copy
         self.src = src
+        # Offsets of the image and its regions in ``src`` (the compiled kernels' view).
+        self.offset = offset
         self.arena_base = offset + arena_off
+        self.table_off = offset + table_off
+        self.order_off = offset + order_off
         self.table = img[table_off : table_off + 16 * slots].cast("Q")
         self.mask = slots - 1
         self.slots = slots
@@ -257,6 +289,8 @@ class ImageView:
                 raise CorruptSegmentError(f"undecodable fence index: {exc}") from None
             if not isinstance(f, list) or len(f) != (self.count + self.fence_step - 1) // self.fence_step:
                 raise CorruptSegmentError("fence index does not match the entry count")
+            if set(map(type, f)) - {bytes}:  # bisect would raise TypeError comparing them
+                raise CorruptSegmentError("fence index holds a key that is not bytes")
             self._fences = f
         return self._fences
 
@@ -284,6 +318,72 @@ class ImageView:
             else:
                 hi = mid
         return lo
+
+    def lookup(self, key: Any) -> Optional[list]:
+        """The entry of ``key`` (a 6-item list) or None. O(1): one probe, one unpack."""
+        if type(key) is str:
+            kb = key.encode("utf-8")
+            kq = key
+        else:
+            kb, kq = query_key(key)
+        h = xxh3_64_intdigest(kb) or 1
+        table = self.table
+        mask = self.mask
+        i = (h & mask) << 1
+        sh = table[i]
+        probes = 0
+        while sh:
+            if sh == h:
+                ol = table[i + 1]
+                off = ol & 0xFFFFFFFF
+                end = off + (ol >> 32)
+                if end > self.arena_len:
+                    raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
+                base = self.arena_base
+                lst = unpackb(self.src[base + off : base + end])  # parse a copy, never shared memory
+                if type(lst) is not list or len(lst) != 6:
+                    raise CorruptSegmentError(f"entry at offset {off} is not a 6-field array")
+                if lst[0] == kq:
+                    return lst
+            probes += 1
+            if probes > mask:  # a full table can only be a corrupt one
+                raise CorruptSegmentError("hash table has no empty slot")
+            i = (i + 2) & (mask << 1 | 1)
+            sh = table[i]
+        return None
+
+    def range(self, lo: bytes, hi: Optional[bytes]) -> List[list]:
+        """Entries (6-item lists) with ``lo <= key < hi`` (``hi=None``: to the end), in key order.
+
+        O(log n + k): two lower_bound searches and one unpack of the k entries.
+        """
+        i = self.lower_bound(lo)
+        j = self.count if hi is None else self.lower_bound(hi)
+        if j <= i:
+            return []
+        order = self.order
+        offs = order[2 * i : 2 * j : 2].tolist()
+        lens = order[2 * i + 1 : 2 * j : 2].tolist()
+        start = offs[0]
+        total = sum(lens)
+        src, base = self.src, self.arena_base  # slices of src are private copies (class doc)
+        n = j - i
+        if offs[-1] + lens[-1] - start == total and offs == sorted(offs):
+            # Entries lie back to back in key order (the arena is compacted in key
+            # order): unpack them as one msgpack array, in C.
+            if start + total > self.arena_len:
+                raise CorruptSegmentError("range runs past the arena")
+            lists = unpackb(b"\xdd" + n.to_bytes(4, "big") + src[base + start : base + start + total])
+        else:
+            if max(map(add, offs, lens)) > self.arena_len:
+                raise CorruptSegmentError("range entry lies outside the arena")
+            lists = [unpackb(src[base + o : base + o + m]) for o, m in zip(offs, lens)]
+        if len(lists) != n:
+            raise CorruptSegmentError("range unpacked to the wrong number of entries")
+        # C-level checks: a Python call per entry was 40 % of a range.
+        if set(map(type, lists)) != {list} or set(map(len, lists)) != {6}:
+            raise CorruptSegmentError("range holds an entry that is not a 6-field array")
+        return lists
 
     def release(self) -> None:
         for name in ("table", "order", "arena", "_fence_region", "buf"):

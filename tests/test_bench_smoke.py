@@ -16,12 +16,24 @@ import subprocess
 import pytest
 from conftest import PYTHON, ROOT
 
+from shmkeyspace.reader import IMPLEMENTATIONS
+
 RUN = os.path.join(ROOT, "bench", "run.py")
-TARGET_IDS = {"get_cold", "get_repeated", "range100", "pss_extra_reader", "visibility_p50", "publish_1key"}
+TARGET_IDS = {
+    "get_cold",
+    "get_repeated",
+    "range100",
+    "prefix100",
+    "pss_extra_reader",
+    "visibility_p50",
+    "publish_1key",
+}
 READ_SYSTEMS = [
     "shmkeyspace",
+    *(["shmkeyspace (python)"] if "c" in IMPLEMENTATIONS else []),
     "shmkeyspace snapshot/batch",
     "lmdb txn/op",
+    "lmdb long txn",
     "lmdb txn/batch",
     "dict",
     "etcd (pyetcd)",

@@ -42,6 +42,7 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, segment
+from shmkeyspace import reader as reader_mod
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, ShmKeyspaceError
 from shmkeyspace.snapshot import HEADER, pack_entry
@@ -477,11 +478,13 @@ def _progress(path: str, case: dict) -> None:
     os.ftruncate(fd, len(data))
 
 
-def _run_child(name: str, seed: int, cases: int, tmp_path, watchdog: float) -> dict:
+def _run_child(name: str, seed: int, cases: int, tmp_path, watchdog: float, impl: str) -> dict:
+    """Run the fuzz loop in a child process with Reader implementation ``impl``
+    (a crash of the compiled path is a signal death there, a test failure here)."""
     progress = str(tmp_path / f"fuzz-progress-{seed}.json")
     proc = subprocess.Popen(
         [hp.PYTHON, os.path.abspath(__file__), name, str(seed), str(cases), progress],
-        env=hp.child_env(),
+        env=hp.child_env({"SHMKEYSPACE_PURE_PYTHON": "1" if impl == "python" else "0"}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -501,17 +504,20 @@ def _run_child(name: str, seed: int, cases: int, tmp_path, watchdog: float) -> d
             else f"exit code {proc.returncode}"
         )
         pytest.fail(f"fuzz child {how}; last case: {last}\nstderr: {err[-3000:]}")
-    return hp.last_json(out)
+    res = hp.last_json(out)
+    assert res["implementation"] == impl, res["implementation"]
+    return res
 
 
 # -- tests ------------------------------------------------------------------------------
 
 
-def test_fuzzed_segments_raise_only_own_errors(shm_name, tmp_path):
+@pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
+def test_fuzzed_segments_raise_only_own_errors(shm_name, tmp_path, impl):
     cases = hp.scaled(2000, 100_000, "SHMKEYSPACE_FUZZ_CASES")
     seed = int(os.environ.get("SHMKEYSPACE_FUZZ_SEED", "0")) or random.randrange(1, 2**31)
     t0 = time.monotonic()
-    res = _run_child(shm_name, seed, cases, tmp_path, watchdog=120 + cases * 0.05)
+    res = _run_child(shm_name, seed, cases, tmp_path, watchdog=120 + cases * 0.05, impl=impl)
     stats, failures = res["stats"], res["failures"]
     hp.report_counts(
         "fuzzed segments",
@@ -532,13 +538,14 @@ def test_fuzzed_segments_raise_only_own_errors(shm_name, tmp_path):
     assert stats["answered_same"] > 0 and stats["truncations"] > 0, stats
 
 
+@pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
 @pytest.mark.parametrize("seed", [2103379687])
-def test_fuzz_regressions(shm_name, tmp_path, seed):
+def test_fuzz_regressions(shm_name, tmp_path, seed, impl):
     """Seeds that once failed. 2103379687: a bit flip in the fence region before a
     long-lived reader first parsed its (lazily cached) fences left it answering
     prefixed() wrongly after the bytes were restored; fences are now copied and
     checksummed together when a publication is validated."""
-    res = _run_child(shm_name, seed, 20, tmp_path, watchdog=120)
+    res = _run_child(shm_name, seed, 20, tmp_path, watchdog=120, impl=impl)
     assert res["failures"] == [], json.dumps(res["failures"][:5], indent=1, default=str)
     assert res["stats"]["cases"] == 20
 
@@ -666,6 +673,7 @@ if __name__ == "__main__":
     name, seed, cases, progress = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     try:
         result = fuzz(name, seed, cases, progress)
+        result["implementation"] = Reader.implementation
     finally:
         try:
             segment.unlink_all(name)

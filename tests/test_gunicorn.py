@@ -14,6 +14,7 @@ Proves, with workers/gunicorn.conf.py and examples/wsgi_app.py unchanged:
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -385,12 +386,16 @@ def test_external_writer(etcd_server, client, prefix, shm_name, python_env, tmp_
             fleet_env(python_env, etcd_server, prefix, shm_name, SHMKEYSPACE_EXTERNAL_WRITER="1"),
             tmp_path,
             workers=2,
+            extra_args=("--threads", "4"),  # gthread workers: one Reader shared by 4 threads
         )
         gu.wait_up()
         workers, writer = gu.wait_children(2, n_writers=0)  # with an external writer the master starts none
         time.sleep(0.5)
         assert gu.children() == (workers, set())
         gu.poll_all(f"/get?key={key}", workers, value_is(7, rev))
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # concurrent requests into those threads
+            answers = list(pool.map(lambda _: gu.request(f"/get?key={key}"), range(64)))
+        assert all(value_is(7, rev)(*a) for a in answers), answers
         status, body = gu.request("/health")
         assert body["writer_pid"] == os.getpid()  # this test process is the writer
         rev = client.put(key, json.dumps({"v": 8})).header.revision

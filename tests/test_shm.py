@@ -15,16 +15,18 @@ import torture
 from conftest import PYTHON
 
 from shmkeyspace import Reader, Writer, segment
+from shmkeyspace import reader as reader_mod
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import (
     CorruptSegmentError,
     InvalidNameError,
+    ReaderClosedError,
     SegmentNotFoundError,
     ShmKeyspaceError,
     SnapshotExpiredError,
     WriterExistsError,
 )
-from shmkeyspace.snapshot import pack_entry
+from shmkeyspace.snapshot import ImageView, pack_entry
 
 
 def _publish_small(pub: segment.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:
@@ -72,6 +74,56 @@ def test_reader_errors_are_clear(shm_name):
             r.get("/s/0001")
         with pytest.raises(TypeError, match="key must be str or bytes"):
             Reader(shm_name).get(42)
+
+
+@pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
+def test_closed_reader_invalidates_its_views(shm_name, impl):
+    pub = segment.Publisher(shm_name)
+    try:
+        _publish_small(pub, ImageBuilder(), 5)
+        r = Reader(shm_name, implementation=impl)
+        views = [r.snapshot(), r.snapshot(copy=True)]
+        assert all(v.get("/s/0001") is not None for v in views)
+        r.close()
+        r.close()  # idempotent
+        for v in views:
+            for query in (
+                lambda: v.get("/s/0001"),
+                lambda: v.range("", None),
+                lambda: len(v),
+                lambda: list(v),
+            ):
+                with pytest.raises(ReaderClosedError, match="closed"):
+                    query()
+        for query in (lambda: r.get("/s/0001"), lambda: r.prefixed("/s"), r.health, lambda: r.revision):
+            with pytest.raises(ReaderClosedError, match="closed"):
+                query()
+    finally:
+        pub.close(unlink=True)
+
+
+def test_reader_bug_is_not_reported_as_corruption(shm_name, monkeypatch):
+    """Only what memory contents can cause is retried/turned into CorruptSegmentError:
+    a TypeError or KeyError from a bug in the reader surfaces as itself."""
+    pub = segment.Publisher(shm_name)
+    try:
+        _publish_small(pub, ImageBuilder(), 5)
+        with Reader(shm_name, implementation="python", cache_size=0) as r:
+            for exc in (TypeError("bug"), KeyError("bug")):
+
+                def broken(self, *a, exc=exc):
+                    raise exc
+
+                monkeypatch.setattr(ImageView, "lookup", broken)
+                monkeypatch.setattr(ImageView, "range", broken)
+                with pytest.raises(type(exc), match="bug"):
+                    r.get("/s/0001")
+                with pytest.raises(type(exc), match="bug"):
+                    r.range("/s/", None)
+            monkeypatch.undo()
+            assert r.get("/s/0001") is not None
+    finally:
+        pub.close(unlink=True)
 
 
 def _kill_mid_publish(name: str) -> None:
@@ -289,7 +341,6 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
     mapping: C/Rust parsers assume their input holds still, and the writer may be
     rewriting it (the fenced-path soak segfaulted when entries were parsed in place).
     The seqlock then decides whether the copy is usable."""
-    from shmkeyspace import reader as reader_mod
     from shmkeyspace import snapshot as snapshot_mod
 
     seen = []
@@ -298,8 +349,7 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
         seen.append(type(data))
         return real(data, *a, **kw)
 
-    real = reader_mod._unpackb
-    monkeypatch.setattr(reader_mod, "_unpackb", recording_unpackb)
+    real = snapshot_mod.unpackb
     monkeypatch.setattr(snapshot_mod, "unpackb", recording_unpackb)
     b = ImageBuilder()
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
@@ -309,7 +359,7 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
         parts, total = b.parts()
         pub.publish(parts, total, 2, len(b), stable=b.stable_span())
         for cache in (0, 16):
-            with Reader(shm_name, cache_size=cache) as r:
+            with Reader(shm_name, cache_size=cache, implementation="python") as r:
                 r._fence = cache == 16  # the fenced (aarch64) path as well
                 assert r.get("/s/0005").decoded == "moved" and r.get("/s/0100").decoded == [1, 100]
                 assert len(r.range("/s/0000", "/s/0010")) == 10 and len(r.prefixed("/s/01")) == 100

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shmkeyspace import reader as reader_mod
 from shmkeyspace import segment
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import NotSerializableError
@@ -31,7 +32,12 @@ values = st.one_of(
     st.binary(max_size=20),
     st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
     st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=3),
+    st.booleans(),
+    st.floats(allow_nan=False),
+    st.recursive(st.none() | st.text(max_size=3), lambda c: st.lists(c, max_size=3), max_leaves=6),
 )
+# Every test that reads runs each Reader implementation ("c" only where it is built).
+impls = pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
 
 
 def _kv(key: bytes, value, rev: int) -> KeyValue:
@@ -102,14 +108,15 @@ def _norm(v):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.dictionaries(key_bytes, values, max_size=120), probes=st.lists(key_bytes, max_size=15))
-def test_reader_matches_key_values_after_reset(shm_name, data, probes):
+@impls
+def test_reader_matches_key_values_after_reset(shm_name, data, probes, impl):
     ref = KeyValues(_kv(k, v, i + 1) for i, (k, v) in enumerate(data.items()))
     b = ImageBuilder()
     b.reset(((kv.key, _packed(kv)) for kv in ref), 1000)
     b._check()
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish(pub, b)
-        with Reader(shm_name, cache_size=0) as r:
+        with Reader(shm_name, cache_size=0, implementation=impl) as r:
             assert r.revision == 1000
             _check(r, ref, probes)
 
@@ -121,7 +128,8 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes):
     ),
     probes=st.lists(key_bytes, max_size=10),
 )
-def test_incremental_apply_matches_reference(shm_name, steps, probes):
+@impls
+def test_incremental_apply_matches_reference(shm_name, steps, probes, impl):
     """Apply random put/delete batches one by one; the reader always equals the reference."""
     ref = KeyValues()
     b = ImageBuilder()
@@ -133,13 +141,14 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes):
             b._check()
             _publish(pub, b)
             if with_reader is None:
-                with_reader = Reader(shm_name, cache_size=16)
+                with_reader = Reader(shm_name, cache_size=16, implementation=impl)
             assert with_reader.revision == rev
             _check(with_reader, ref, probes)
         with_reader.close()
 
 
-def test_hash_table_survives_heavy_churn(shm_name):
+@impls
+def test_hash_table_survives_heavy_churn(shm_name, impl):
     """Thousands of inserts and deletes through the incremental path (backward-shift
     deletion, table growth, compaction) keep every key findable."""
     rnd = random.Random(7)
@@ -155,7 +164,7 @@ def test_hash_table_survives_heavy_churn(shm_name):
                 b._check()
         b._check()
         _publish(pub, b)
-        with Reader(shm_name, cache_size=0) as r:
+        with Reader(shm_name, cache_size=0, implementation=impl) as r:
             _check(r, ref, rnd.sample(universe, 50))
             assert [e.key for e in r.range(b"", None)] == [entry_key(kv.key) for kv in ref]
 

@@ -16,10 +16,22 @@ import pytest
 import torture
 
 from shmkeyspace import Reader, segment
+from shmkeyspace import reader as reader_mod
 
 
-@pytest.mark.parametrize("fenced", [False, True], ids=["x86-path", "fenced-path"])
-def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
+def _paths():
+    """The Python reader's x86 and fenced (aarch64) paths, and the compiled one
+    (acquire loads/fences on every CPU: it has no separate fenced path)."""
+    out = [("python", False), ("python", True)]
+    if "c" in reader_mod.IMPLEMENTATIONS:
+        out.append(("c", False))
+    return out
+
+
+@pytest.mark.parametrize(
+    "impl,fenced", _paths(), ids=lambda v: {False: "x86-path", True: "fenced-path"}.get(v, v)
+)
+def test_no_torn_reads_under_continuous_publication(shm_name, impl, fenced):
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     last = ctx.Value("q", 0)
@@ -30,7 +42,7 @@ def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
     try:
         Reader(shm_name, wait=20).close()  # first publication is there
         readers = [
-            ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out, fenced))
+            ctx.Process(target=torture.hammer, args=(shm_name, 48, seconds, seed, out, fenced, impl))
             for seed in range(3)
         ]
         for p in readers:
@@ -48,7 +60,7 @@ def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
     bad = [b for r in results for b in r["bad"]]
     checked = sum(r["checked"] for r in results)
     hp.report_counts(
-        f"seqlock torture ({'fenced' if fenced else 'x86'} reader path)",
+        f"seqlock torture ({impl} {'fenced' if fenced else 'x86'} reader path)",
         faults=last.value,
         answers=checked,
         inconsistencies=len(bad),
@@ -56,6 +68,7 @@ def test_no_torn_reads_under_continuous_publication(shm_name, fenced):
         seconds=seconds,
     )
     assert bad == [], bad
+    assert {r["implementation"] for r in results} == {impl}
     assert checked > 300, results
     # The race was real: every reader saw the snapshot move, and reads were retried.
     assert all(r["revisions"] > 5 for r in results), results

@@ -156,7 +156,9 @@ class Checker:
         self.checked += 1
 
 
-def hammer(name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool = False) -> None:
+def hammer(
+    name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool = False, impl: Optional[str] = None
+) -> None:
     """A reader process: random get/range/prefixed/snapshot, every answer checked.
 
     ``fenced`` forces the reader's weak-memory path (barriers, no fast path) that
@@ -166,7 +168,7 @@ def hammer(name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool
 
     rnd = random.Random(seed)
     c = Checker(big_kib)
-    r = Reader(name, wait=10, cache_size=rnd.choice([0, 64]))
+    r = Reader(name, wait=10, cache_size=rnd.choice([0, 64]), implementation=impl)
     r._fence = fenced
     ops = 0
     try:
@@ -182,6 +184,7 @@ def hammer(name: str, big_kib: int, seconds: float, seed: int, out, fenced: bool
             "expired": c.expired,
             "ops": ops,
             "pid": os.getpid(),
+            "implementation": r.implementation,
         }
     )
     r.close()

@@ -20,15 +20,17 @@ import msgpack
 from . import common
 from .common import median, time_batches, time_budget, time_loop
 
-SHM = "shmkeyspace"
+SHM = "shmkeyspace"  # the default Reader: the compiled path when it is built
+SHM_PY = "shmkeyspace (python)"  # Reader(implementation="python"), when SHM is compiled
 SHM_BATCH = "shmkeyspace snapshot/batch"
 LMDB = "lmdb txn/op"
+LMDB_LONG = "lmdb long txn"
 LMDB_BATCH = "lmdb txn/batch"
 LMDB_MSGPACK = "lmdb txn/op, msgpack.unpackb"
 DICT = "dict"
 ETCD = "etcd (pyetcd)"
 SMD = "shared-memory-dict"
-SYSTEMS = [SHM, SHM_BATCH, LMDB, LMDB_BATCH, LMDB_MSGPACK, DICT, ETCD, SMD]
+SYSTEMS = [SHM, SHM_PY, SHM_BATCH, LMDB, LMDB_LONG, LMDB_BATCH, LMDB_MSGPACK, DICT, ETCD, SMD]
 SCENARIOS = ["get_cold", "get_repeated", "range100", "prefix100"]
 BATCH = 100
 
@@ -101,6 +103,15 @@ def run(ctx) -> List[Dict[str, Any]]:
     cold = [[keys[i] for i in r.sample(range(n), m)] for _ in range(R)]
     cold_b = [[k.encode() for k in ks] for ks in cold]
     reader, lm, d = ctx.reader_cold, ctx.lmdb, ctx.dict_peer
+    lml = lm.long_txn()
+    impl = f"{reader.implementation} path"
+    py_cold, py_warm = ctx.reader_cold_py, ctx.reader_py  # None unless the default is compiled
+
+    def with_py(jobs, reader_py, fn, args):
+        if reader_py is not None:
+            jobs[SHM_PY] = (partial(T, fn(reader_py)), args)
+        return jobs
+
     # When the Reader unpacks with something faster than msgpack, also show lmdb + msgpack.
     lm_msgpack = None if lm.unpackb is msgpack.unpackb else lm.with_unpacker(msgpack.unpackb)
 
@@ -116,16 +127,29 @@ def run(ctx) -> List[Dict[str, Any]]:
         return common.time_interleaved(jobs)
 
     t = timed(
-        {
-            SHM: (partial(T, reader.get), cold),
-            SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), cold),
-            LMDB: (partial(T, lm.get), cold_b),
-            LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), cold_b),
-            **({LMDB_MSGPACK: (partial(T, lm_msgpack.get), cold_b)} if lm_msgpack is not None else {}),
-            DICT: (partial(T, d.get), cold),
-        }
+        with_py(
+            {
+                SHM: (partial(T, reader.get), cold),
+                SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), cold),
+                LMDB: (partial(T, lm.get), cold_b),
+                LMDB_LONG: (partial(T, lml.get), cold_b),
+                LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), cold_b),
+                **({LMDB_MSGPACK: (partial(T, lm_msgpack.get), cold_b)} if lm_msgpack is not None else {}),
+                DICT: (partial(T, d.get), cold),
+            },
+            py_cold,
+            lambda r: r.get,
+            cold,
+        )
     )
-    rows.append(_row(cfg, "get_cold", SHM, t[SHM], m * R, "Reader(cache_size=0)"))
+    rows.append(_row(cfg, "get_cold", SHM, t[SHM], m * R, f"Reader(cache_size=0), {impl}"))
+    if SHM_PY in t:
+        rows.append(
+            _row(cfg, "get_cold", SHM_PY, t[SHM_PY], m * R, "Reader(cache_size=0, implementation='python')")
+        )
+    rows.append(
+        _row(cfg, "get_cold", LMDB_LONG, t[LMDB_LONG], m * R, "one read txn for every get (fastest mode)")
+    )
     rows.append(_row(cfg, "get_cold", SHM_BATCH, t[SHM_BATCH], m * R, f"one snapshot() per {BATCH} gets"))
     rows.append(_row(cfg, "get_cold", LMDB, t[LMDB], m * R, "read txn per get"))
     rows.append(_row(cfg, "get_cold", LMDB_BATCH, t[LMDB_BATCH], m * R, f"one read txn per {BATCH} gets"))
@@ -159,15 +183,24 @@ def run(ctx) -> List[Dict[str, Any]]:
     same_b = [[ks[0].encode()] * len(ks) for ks in same]
     it = st.repeated_iters * R
     t = timed(
-        {
-            SHM: (partial(T, ctx.reader.get), same),
-            SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), same),
-            LMDB: (partial(T, lm.get), same_b),
-            LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), same_b),
-            DICT: (partial(T, d.get), same),
-        }
+        with_py(
+            {
+                SHM: (partial(T, ctx.reader.get), same),
+                SHM_BATCH: (partial(TB, shm_batch, batch=BATCH), same),
+                LMDB: (partial(T, lm.get), same_b),
+                LMDB_LONG: (partial(T, lml.get), same_b),
+                LMDB_BATCH: (partial(TB, lm.get_batch, batch=BATCH), same_b),
+                DICT: (partial(T, d.get), same),
+            },
+            py_warm,
+            lambda r: r.get,
+            same,
+        )
     )
-    rows.append(_row(cfg, "get_repeated", SHM, t[SHM], it, "Reader() default cache"))
+    rows.append(_row(cfg, "get_repeated", SHM, t[SHM], it, f"Reader() default cache, {impl}"))
+    if SHM_PY in t:
+        rows.append(_row(cfg, "get_repeated", SHM_PY, t[SHM_PY], it, "Reader(implementation='python')"))
+    rows.append(_row(cfg, "get_repeated", LMDB_LONG, t[LMDB_LONG], it, "one read txn for every get"))
     rows.append(
         _row(cfg, "get_repeated", SHM_BATCH, t[SHM_BATCH], it, f"one snapshot() per {BATCH} gets (no cache)")
     )
@@ -193,18 +226,29 @@ def run(ctx) -> List[Dict[str, Any]]:
     lows = [[keys[i].encode() for i in s] for s in starts]
     it = st.range_iters * R
     t = timed(
-        {
-            SHM: (partial(T, lambda b: reader.range(b[0], b[1])), bounds),
-            LMDB: (partial(T, lambda b: lm.range(b, L)), lows),
-            **(
-                {LMDB_MSGPACK: (partial(T, lambda b: lm_msgpack.range(b, L)), lows)}
-                if lm_msgpack is not None
-                else {}
-            ),
-            DICT: (partial(T, lambda b: d.range_to(b[0], b[1])), bounds),
-        }
+        with_py(
+            {
+                SHM: (partial(T, lambda b: reader.range(b[0], b[1])), bounds),
+                LMDB: (partial(T, lambda b: lm.range(b, L)), lows),
+                LMDB_LONG: (partial(T, lambda b: lml.range(b, L)), lows),
+                **(
+                    {LMDB_MSGPACK: (partial(T, lambda b: lm_msgpack.range(b, L)), lows)}
+                    if lm_msgpack is not None
+                    else {}
+                ),
+                DICT: (partial(T, lambda b: d.range_to(b[0], b[1])), bounds),
+            },
+            py_cold,
+            lambda r: lambda b: r.range(b[0], b[1]),
+            bounds,
+        )
     )
-    rows.append(_row(cfg, "range100", SHM, t[SHM], it, "Reader.range(from, to)"))
+    rows.append(_row(cfg, "range100", SHM, t[SHM], it, f"Reader.range(from, to), {impl}"))
+    if SHM_PY in t:
+        rows.append(_row(cfg, "range100", SHM_PY, t[SHM_PY], it, "implementation='python'"))
+    rows.append(
+        _row(cfg, "range100", LMDB_LONG, t[LMDB_LONG], it, "cursor set_range + 100 next + unpack, one txn")
+    )
     rows.append(
         _row(cfg, "range100", LMDB, t[LMDB], it, "cursor set_range + 100 next + unpack, txn per range")
     )
@@ -232,14 +276,24 @@ def run(ctx) -> List[Dict[str, Any]]:
         [common.group_prefix(cfg.prefix, r.randrange(groups)) for _ in range(st.range_iters)]
         for _ in range(R)
     ]
+    bprefixes = [[p.encode() for p in ps] for ps in prefixes]
     t = timed(
-        {
-            SHM: (partial(T, reader.prefixed), prefixes),
-            LMDB: (partial(T, lm.prefixed), [[p.encode() for p in ps] for ps in prefixes]),
-            DICT: (partial(T, d.prefixed), prefixes),
-        }
+        with_py(
+            {
+                SHM: (partial(T, reader.prefixed), prefixes),
+                LMDB: (partial(T, lm.prefixed), bprefixes),
+                LMDB_LONG: (partial(T, lml.prefixed), bprefixes),
+                DICT: (partial(T, d.prefixed), prefixes),
+            },
+            py_cold,
+            lambda r: r.prefixed,
+            prefixes,
+        )
     )
-    rows.append(_row(cfg, "prefix100", SHM, t[SHM], it, "Reader.prefixed(p)"))
+    rows.append(_row(cfg, "prefix100", SHM, t[SHM], it, f"Reader.prefixed(p), {impl}"))
+    if SHM_PY in t:
+        rows.append(_row(cfg, "prefix100", SHM_PY, t[SHM_PY], it, "implementation='python'"))
+    rows.append(_row(cfg, "prefix100", LMDB_LONG, t[LMDB_LONG], it, "cursor, one txn for every listing"))
     rows.append(
         _row(cfg, "prefix100", LMDB, t[LMDB], it, "cursor set_range + next while key < prefix end + unpack")
     )
@@ -255,6 +309,7 @@ def run(ctx) -> List[Dict[str, Any]]:
         )
     )
     rows.append(_na(cfg, "prefix100", SMD, "no ordered queries"))
+    lml.close()
     return rows
 
 

@@ -1,0 +1,1187 @@
+/*
+ * shmkeyspace._speedups: the compiled read path (optional; see reader.py).
+ *
+ * Owns nothing of the format: it is a C copy of the query kernels of
+ * snapshot.ImageView (lookup, range) and of the hot path of Reader.get, and
+ * must change together with snapshot.py. The pure-Python path stays the
+ * reference; both run the same tests (tests/test_speedups.py, the property,
+ * torture, thread and fuzz suites are parametrized over implementations).
+ *
+ * Types:
+ *   Image  one validated image (built from a snapshot.ImageView by Image.of):
+ *          holds a buffer export of the mapping (so the mapping cannot be
+ *          unmapped under it: mmap.close() raises BufferError while an Image
+ *          lives) and the offsets of its regions. lookup(key), range(lo, hi)
+ *          answer from it and know nothing of the seqlock, exactly like the
+ *          Python kernels: the caller checks seq around them.
+ *   ReaderBase  the base class of reader.Reader: its get() is Reader.get's hot
+ *          path: seq load, the per-publication cache (a dict), the probe, the
+ *          copy-out, a second seq load, the unpack. Anything unusual (new
+ *          publication, retry, error, closed) calls self._get_slow(key).
+ *
+ * Safety rules (the same as the Python path's, see ImageView's doc):
+ *   - never parse shared memory in place: an entry is copied into private
+ *     memory first, every length is read once into a local and bounds-checked
+ *     before use; the parser only ever sees the private copy;
+ *   - every offset taken from the image is checked against the image bounds;
+ *     a table probe is bounded by the table size;
+ *   - everything a call touches is kept alive by a reference it holds for the
+ *     whole call (another thread may close the Reader or install a new
+ *     publication while this call allocates and the GC runs Python code).
+ *
+ * Memory ordering (the reader half of the seqlock in segment.py):
+ *     s1 = load_acquire(seq); copy entry bytes; fence_acquire; s2 = load(seq)
+ *   The acquire load keeps the copy after s1; the acquire fence keeps the copy
+ *   (prior loads) before the s2 load. x86-64 (TSO): loads are not reordered
+ *   with other loads, so both compile to plain MOVs and the builtins only stop
+ *   the compiler from moving loads across them. aarch64: load-acquire is LDAR
+ *   and the acquire fence is DMB ISHLD, which is what a weakly ordered reader
+ *   needs; the writer (segment.Publisher._store_seq) issues full barriers
+ *   around each seq store. Data bytes may be read torn; the seq check decides
+ *   whether the private copy is used.
+ *
+ * Threads: methods run with the GIL held and never release it; free-threaded
+ * builds re-enable the GIL when this module is imported (no Py_mod_gil slot).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#if PY_VERSION_HEX < 0x03090000
+#error "shmkeyspace._speedups needs Python >= 3.9"
+#endif
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *Py_NewRef(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+#endif
+
+static PyObject *EntryType = NULL;      /* reader.Entry (a tuple subclass) */
+static PyObject *CorruptError = NULL;   /* errors.CorruptSegmentError */
+static PyObject *Unpackb = NULL;        /* snapshot.unpackb, for types this decoder leaves to it */
+static PyObject *Xxh3Long = NULL;       /* xxhash.xxh3_64_intdigest, for keys over 240 bytes */
+
+/* ------------------------------------------------------------------------- */
+/* xxh3_64 (seed 0) of inputs up to 240 bytes, as the reference xxHash 0.8    */
+/* computes it (snapshot.key_hash); longer keys go to the xxhash module.      */
+/* Checked against xxhash for every length 0..300 in tests/test_speedups.py.  */
+
+#define P32_1 0x9E3779B1U
+#define P32_2 0x85EBCA77U
+#define P64_1 0x9E3779B185EBCA87ULL
+#define P64_2 0xC2B2AE3D27D4EB4FULL
+#define P64_3 0x165667B19E3779F9ULL
+#define PMX_1 0x165667919E3779F9ULL
+#define PMX_2 0x9FB21C651E98DF25ULL
+
+static const uint8_t kSecret[136] = {
+    0xb8, 0xfe, 0x6c, 0x39, 0x23, 0xa4, 0x4b, 0xbe, 0x7c, 0x01, 0x81, 0x2c, 0xf7, 0x21, 0xad, 0x1c,
+    0xde, 0xd4, 0x6d, 0xe9, 0x83, 0x90, 0x97, 0xdb, 0x72, 0x40, 0xa4, 0xa4, 0xb7, 0xb3, 0x67, 0x1f,
+    0xcb, 0x79, 0xe6, 0x4e, 0xcc, 0xc0, 0xe5, 0x78, 0x82, 0x5a, 0xd0, 0x7d, 0xcc, 0xff, 0x72, 0x21,
+    0xb8, 0x08, 0x46, 0x74, 0xf7, 0x43, 0x24, 0x8e, 0xe0, 0x35, 0x90, 0xe6, 0x81, 0x3a, 0x26, 0x4c,
+    0x3c, 0x28, 0x52, 0xbb, 0x91, 0xc3, 0x00, 0xcb, 0x88, 0xd0, 0x65, 0x8b, 0x1b, 0x53, 0x2e, 0xa3,
+    0x71, 0x64, 0x48, 0x97, 0xa2, 0x0d, 0xf9, 0x4e, 0x38, 0x19, 0xef, 0x46, 0xa9, 0xde, 0xac, 0xd8,
+    0xa8, 0xfa, 0x76, 0x3f, 0xe3, 0x9c, 0x34, 0x3f, 0xf9, 0xdc, 0xbb, 0xc7, 0xc7, 0x0b, 0x4f, 0x1d,
+    0x8a, 0x51, 0xe0, 0x4b, 0xcd, 0xb4, 0x59, 0x31, 0xc8, 0x9f, 0x7e, 0xc9, 0xd9, 0x78, 0x73, 0x64,
+    0xea, 0xc5, 0xac, 0x83, 0x34, 0xd3, 0xeb, 0xc3,
+};
+
+static inline uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; } /* LE host */
+static inline uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline uint64_t mul128_fold64(uint64_t a, uint64_t b)
+{
+    __uint128_t p = (__uint128_t)a * b;
+    return (uint64_t)p ^ (uint64_t)(p >> 64);
+}
+
+static inline uint64_t xxh64_avalanche(uint64_t h)
+{
+    h ^= h >> 33; h *= P64_2; h ^= h >> 29; h *= P64_3; h ^= h >> 32;
+    return h;
+}
+
+static inline uint64_t xxh3_avalanche(uint64_t h)
+{
+    h ^= h >> 37; h *= PMX_1; h ^= h >> 32;
+    return h;
+}
+
+static inline uint64_t rrmxmx(uint64_t h, uint64_t len)
+{
+    h ^= rotl64(h, 49) ^ rotl64(h, 24);
+    h *= PMX_2;
+    h ^= (h >> 35) + len;
+    h *= PMX_2;
+    return h ^ (h >> 28);
+}
+
+static inline uint64_t mix16(const uint8_t *in, const uint8_t *sec)
+{
+    return mul128_fold64(rd64(in) ^ rd64(sec), rd64(in + 8) ^ rd64(sec + 8));
+}
+
+static uint64_t xxh3_short(const uint8_t *in, size_t len)
+{
+    const uint8_t *s = kSecret;
+    if (len <= 16) {
+        if (len > 8) {
+            uint64_t lo = rd64(in) ^ (rd64(s + 24) ^ rd64(s + 32));
+            uint64_t hi = rd64(in + len - 8) ^ (rd64(s + 40) ^ rd64(s + 48));
+            uint64_t acc = len + __builtin_bswap64(lo) + hi + mul128_fold64(lo, hi);
+            return xxh3_avalanche(acc);
+        }
+        if (len >= 4) {
+            uint64_t in1 = rd32(in), in2 = rd32(in + len - 4);
+            uint64_t keyed = (in2 + (in1 << 32)) ^ (rd64(s + 8) ^ rd64(s + 16));
+            return rrmxmx(keyed, len);
+        }
+        if (len) {
+            uint32_t c = ((uint32_t)in[0] << 16) | ((uint32_t)in[len >> 1] << 24) | in[len - 1] |
+                         ((uint32_t)len << 8);
+            return xxh64_avalanche((uint64_t)c ^ (uint64_t)(rd32(s) ^ rd32(s + 4)));
+        }
+        return xxh64_avalanche(rd64(s + 56) ^ rd64(s + 64));
+    }
+    if (len <= 128) {
+        uint64_t acc = len * P64_1;
+        if (len > 32) {
+            if (len > 64) {
+                if (len > 96) {
+                    acc += mix16(in + 48, s + 96);
+                    acc += mix16(in + len - 64, s + 112);
+                }
+                acc += mix16(in + 32, s + 64);
+                acc += mix16(in + len - 48, s + 80);
+            }
+            acc += mix16(in + 16, s + 32);
+            acc += mix16(in + len - 32, s + 48);
+        }
+        acc += mix16(in, s);
+        acc += mix16(in + len - 16, s + 16);
+        return xxh3_avalanche(acc);
+    }
+    /* 129..240 */
+    {
+        uint64_t acc = len * P64_1, acc_end;
+        unsigned rounds = (unsigned)(len / 16), i;
+        for (i = 0; i < 8; i++)
+            acc += mix16(in + 16 * i, s + 16 * i);
+        acc_end = mix16(in + len - 16, s + 136 - 17);
+        acc = xxh3_avalanche(acc);
+        for (i = 8; i < rounds; i++)
+            acc_end += mix16(in + 16 * i, s + 16 * (i - 8) + 3);
+        return xxh3_avalanche(acc + acc_end);
+    }
+}
+
+/* key_hash(): xxh3_64 or 1 (0 marks an empty slot). -1 with an exception set on error. */
+static int key_hash(const uint8_t *k, Py_ssize_t n, uint64_t *out)
+{
+    uint64_t h;
+    if (n <= 240) {
+        h = xxh3_short(k, (size_t)n);
+    } else {
+        PyObject *b = PyBytes_FromStringAndSize((const char *)k, n), *r;
+        if (b == NULL)
+            return -1;
+        r = PyObject_CallOneArg(Xxh3Long, b);
+        Py_DECREF(b);
+        if (r == NULL)
+            return -1;
+        h = PyLong_AsUnsignedLongLong(r);
+        Py_DECREF(r);
+        if (h == (uint64_t)-1 && PyErr_Occurred())
+            return -1;
+    }
+    *out = h ? h : 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* msgpack decoding of a private copy                                         */
+
+#define MAX_DEPTH 200 /* deeper values go to the unpacker (C recursion stays bounded) */
+
+typedef struct {
+    const uint8_t *p, *end;
+    int depth;
+    int punt; /* set (without an exception) for what this decoder leaves to Unpackb */
+} Cur;
+
+static PyObject *corrupt(const char *msg)
+{
+    PyErr_SetString(CorruptError, msg);
+    return NULL;
+}
+
+static inline int need(Cur *c, size_t n)
+{
+    if ((size_t)(c->end - c->p) < n) {
+        corrupt("msgpack value runs past its entry");
+        return -1;
+    }
+    return 0;
+}
+
+static inline uint64_t be(const uint8_t *p, int n)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static PyObject *dec(Cur *c);
+
+/* Map keys repeat across entries ("host", "port", ...): a direct-mapped cache of
+   short key strings saves an allocation, a UTF-8 decode and, on dict insert, the
+   string hash (a cached str keeps its hash). ormsgpack does the same; without it
+   this decoder was no faster than ormsgpack on dict values. Filled and read with
+   the GIL held, no Python code runs between its loads and stores. */
+#define KC_SLOTS 512
+#define KC_MAXLEN 32
+static struct {
+    PyObject *s;
+    size_t len;
+    uint8_t bytes[KC_MAXLEN];
+} kcache[KC_SLOTS];
+
+static PyObject *map_key(Cur *c, size_t n)
+{
+    PyObject *s;
+    unsigned slot;
+    if (n == 0 || n > KC_MAXLEN)
+        return NULL; /* not cacheable: the caller decodes */
+    slot = (unsigned)(xxh3_short(c->p, n) & (KC_SLOTS - 1));
+    if (kcache[slot].s != NULL && kcache[slot].len == n && memcmp(kcache[slot].bytes, c->p, n) == 0) {
+        c->p += n;
+        return Py_NewRef(kcache[slot].s);
+    }
+    s = PyUnicode_DecodeUTF8((const char *)c->p, (Py_ssize_t)n, NULL);
+    if (s == NULL)
+        return NULL;
+    c->p += n;
+    Py_XSETREF(kcache[slot].s, Py_NewRef(s));
+    kcache[slot].len = n;
+    memcpy(kcache[slot].bytes, c->p - n, n);
+    return s;
+}
+
+/* A map key: str from the cache when short, else any value (dec). */
+static PyObject *dec_key(Cur *c)
+{
+    size_t n;
+    uint8_t t;
+    if (need(c, 1) < 0)
+        return NULL;
+    t = *c->p;
+    if (t >= 0xa1 && t <= 0xbf) {
+        n = t & 0x1f;
+    } else if (t == 0xd9 && c->end - c->p >= 2) {
+        n = c->p[1];
+        if (n == 0 || n > KC_MAXLEN)
+            return dec(c);
+        if ((size_t)(c->end - c->p) < 2 + n)
+            return dec(c); /* dec reports the truncation */
+        c->p += 2;
+        return map_key(c, n);
+    } else {
+        return dec(c);
+    }
+    if ((size_t)(c->end - c->p) < 1 + n)
+        return dec(c);
+    c->p += 1;
+    return map_key(c, n);
+}
+
+static PyObject *dec_array(Cur *c, uint64_t n)
+{
+    PyObject *l;
+    if (n > (uint64_t)(c->end - c->p)) /* every element takes at least one byte */
+        return corrupt("msgpack array longer than its entry");
+    l = PyList_New((Py_ssize_t)n);
+    if (l == NULL)
+        return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *v = dec(c);
+        if (v == NULL) {
+            Py_DECREF(l);
+            return NULL;
+        }
+        PyList_SET_ITEM(l, (Py_ssize_t)i, v);
+    }
+    return l;
+}
+
+static PyObject *dec_map(Cur *c, uint64_t n)
+{
+    PyObject *d;
+    if (n > (uint64_t)(c->end - c->p) / 2)
+        return corrupt("msgpack map longer than its entry");
+    d = PyDict_New();
+    if (d == NULL)
+        return NULL;
+    for (uint64_t i = 0; i < n; i++) {
+        PyObject *k = dec_key(c), *v;
+        if (k == NULL) {
+            Py_DECREF(d);
+            return NULL;
+        }
+        if (!PyUnicode_CheckExact(k)) { /* the readers' unpacker decides about other keys */
+            Py_DECREF(k);
+            Py_DECREF(d);
+            c->punt = 1;
+            return NULL;
+        }
+        v = dec(c);
+        if (v == NULL || PyDict_SetItem(d, k, v) < 0) {
+            Py_DECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyObject *dec_str(Cur *c, size_t n)
+{
+    PyObject *s;
+    if (need(c, n) < 0)
+        return NULL;
+    s = PyUnicode_DecodeUTF8((const char *)c->p, (Py_ssize_t)n, NULL);
+    c->p += n;
+    return s;
+}
+
+static PyObject *dec_bin(Cur *c, size_t n)
+{
+    PyObject *b;
+    if (need(c, n) < 0)
+        return NULL;
+    b = PyBytes_FromStringAndSize((const char *)c->p, (Py_ssize_t)n);
+    c->p += n;
+    return b;
+}
+
+static PyObject *dec(Cur *c)
+{
+    uint8_t t;
+    PyObject *r;
+    if (need(c, 1) < 0)
+        return NULL;
+    t = *c->p++;
+    if (t <= 0x7f)
+        return PyLong_FromLong(t);
+    if (t >= 0xe0)
+        return PyLong_FromLong((int8_t)t);
+    if (t >= 0xa0 && t <= 0xbf)
+        return dec_str(c, t & 0x1f);
+    if (t <= 0x9f) {
+        if (++c->depth > MAX_DEPTH) {
+            c->punt = 1;
+            return NULL;
+        }
+        r = t >= 0x90 ? dec_array(c, t & 0x0f) : dec_map(c, t & 0x0f);
+        c->depth--;
+        return r;
+    }
+    switch (t) {
+    case 0xc0: Py_RETURN_NONE;
+    case 0xc2: Py_RETURN_FALSE;
+    case 0xc3: Py_RETURN_TRUE;
+    case 0xc4: case 0xc5: case 0xc6: {
+        int w = t == 0xc4 ? 1 : t == 0xc5 ? 2 : 4;
+        if (need(c, w) < 0)
+            return NULL;
+        c->p += w;
+        return dec_bin(c, (size_t)be(c->p - w, w));
+    }
+    case 0xca: {
+        uint32_t u;
+        float f;
+        if (need(c, 4) < 0)
+            return NULL;
+        u = (uint32_t)be(c->p, 4);
+        c->p += 4;
+        memcpy(&f, &u, 4);
+        return PyFloat_FromDouble(f);
+    }
+    case 0xcb: {
+        uint64_t u;
+        double d;
+        if (need(c, 8) < 0)
+            return NULL;
+        u = be(c->p, 8);
+        c->p += 8;
+        memcpy(&d, &u, 8);
+        return PyFloat_FromDouble(d);
+    }
+    case 0xcc: case 0xcd: case 0xce: case 0xcf: {
+        int w = 1 << (t - 0xcc);
+        if (need(c, w) < 0)
+            return NULL;
+        c->p += w;
+        return PyLong_FromUnsignedLongLong(be(c->p - w, w));
+    }
+    case 0xd0: case 0xd1: case 0xd2: case 0xd3: {
+        int w = 1 << (t - 0xd0);
+        uint64_t u;
+        int64_t v;
+        if (need(c, w) < 0)
+            return NULL;
+        u = be(c->p, w);
+        c->p += w;
+        if (w < 8 && (u >> (8 * w - 1)) & 1)
+            u |= ~(uint64_t)0 << (8 * w); /* sign-extend */
+        memcpy(&v, &u, 8);
+        return PyLong_FromLongLong(v);
+    }
+    case 0xd9: case 0xda: case 0xdb: {
+        int w = t == 0xd9 ? 1 : t == 0xda ? 2 : 4;
+        if (need(c, w) < 0)
+            return NULL;
+        c->p += w;
+        return dec_str(c, (size_t)be(c->p - w, w));
+    }
+    case 0xdc: case 0xdd: case 0xde: case 0xdf: {
+        int w = (t == 0xdc || t == 0xde) ? 2 : 4;
+        uint64_t n;
+        if (need(c, w) < 0)
+            return NULL;
+        n = be(c->p, w);
+        c->p += w;
+        if (++c->depth > MAX_DEPTH) {
+            c->punt = 1;
+            return NULL;
+        }
+        r = t <= 0xdd ? dec_array(c, n) : dec_map(c, n);
+        c->depth--;
+        return r;
+    }
+    default: /* ext types, 0xc1: the unpacker's business */
+        c->punt = 1;
+        return NULL;
+    }
+}
+
+static int raw_key(const uint8_t *p, size_t n, const uint8_t **k, size_t *kn);
+
+/* Entry from a list the unpacker returned (the rare types). */
+static PyObject *entry_from_unpacker(const uint8_t *p, size_t n)
+{
+    PyObject *b, *lst, *e;
+    b = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n);
+    if (b == NULL)
+        return NULL;
+    lst = PyObject_CallOneArg(Unpackb, b);
+    Py_DECREF(b);
+    if (lst == NULL)
+        return NULL;
+    if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) != 6) {
+        Py_DECREF(lst);
+        return corrupt("entry is not a 6-field array");
+    }
+    e = ((PyTypeObject *)EntryType)->tp_alloc((PyTypeObject *)EntryType, 6);
+    if (e != NULL) {
+        for (int i = 0; i < 6; i++) {
+            PyObject *v = PyList_GET_ITEM(lst, i);
+            Py_INCREF(v);
+            PyTuple_SET_ITEM(e, i, v);
+        }
+    }
+    Py_DECREF(lst);
+    return e;
+}
+
+/* One Entry from the private copy [p, p+n): a 6-element array. ``same_key``:
+   the query key whose raw bytes find_entry matched against this entry's key,
+   reused instead of decoding an equal key (when it has the stored type), or NULL. */
+static PyObject *decode_entry(const uint8_t *p, size_t n, PyObject *same_key)
+{
+    Cur c = {p, p + n, 0, 0};
+    PyObject *e;
+    int first = 0;
+    if (n < 1 || p[0] != 0x96)
+        return corrupt("entry is not a 6-field array");
+    c.p++;
+    e = ((PyTypeObject *)EntryType)->tp_alloc((PyTypeObject *)EntryType, 6);
+    if (e == NULL)
+        return NULL;
+    if (same_key != NULL && n >= 2) {
+        const uint8_t *k;
+        size_t kn;
+        uint8_t t = p[1];
+        int is_str = (t >= 0xa0 && t <= 0xbf) || t == 0xd9 || t == 0xda || t == 0xdb;
+        if (((is_str && PyUnicode_CheckExact(same_key)) || (!is_str && PyBytes_CheckExact(same_key))) &&
+            raw_key(p, n, &k, &kn) == 0) {
+            c.p = k + kn;
+            PyTuple_SET_ITEM(e, 0, Py_NewRef(same_key));
+            first = 1;
+        }
+    }
+    for (int i = first; i < 6; i++) {
+        PyObject *v = dec(&c);
+        if (v == NULL) {
+            Py_DECREF(e);
+            if (c.punt && !PyErr_Occurred())
+                return entry_from_unpacker(p, n);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(e, i, v);
+    }
+    return e;
+}
+
+/* The raw key of the entry at the private copy [p, p+n) (header parse only): 0 ok, -1 corrupt. */
+static int raw_key(const uint8_t *p, size_t n, const uint8_t **k, size_t *kn)
+{
+    size_t start, len;
+    uint8_t t;
+    if (n < 2 || p[0] != 0x96)
+        return -1;
+    t = p[1];
+    if (t >= 0xa0 && t <= 0xbf) {
+        start = 2;
+        len = t - 0xa0;
+    } else if (t == 0xd9 || t == 0xc4) {
+        if (n < 3)
+            return -1;
+        start = 3;
+        len = p[2];
+    } else if (t == 0xda || t == 0xc5) {
+        if (n < 4)
+            return -1;
+        start = 4;
+        len = (size_t)be(p + 2, 2);
+    } else if (t == 0xdb || t == 0xc6) {
+        if (n < 6)
+            return -1;
+        start = 6;
+        len = (size_t)be(p + 2, 4);
+    } else {
+        return -1;
+    }
+    if (len > n - start)
+        return -1;
+    *k = p + start;
+    *kn = len;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Image                                                                      */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer buf;        /* export of the mapping (or of a private copy) */
+    const uint8_t *arena; /* arena start */
+    uint64_t arena_len;
+    const uint8_t *table;
+    uint64_t mask;
+    const uint8_t *order;
+    uint64_t count;
+} Image;
+
+static PyTypeObject ImageType;
+
+static void Image_dealloc(Image *self)
+{
+    if (self->buf.obj != NULL)
+        PyBuffer_Release(&self->buf);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int attr_u64(PyObject *o, const char *name, uint64_t *out)
+{
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* Image.of(view): the compiled kernels over a validated snapshot.ImageView. */
+static PyObject *Image_of(PyObject *cls, PyObject *view)
+{
+    uint64_t arena_base, arena_len, table_off, slots, order_off, count;
+    PyObject *src;
+    Image *im;
+    (void)cls;
+    if (attr_u64(view, "arena_base", &arena_base) < 0 || attr_u64(view, "arena_len", &arena_len) < 0 ||
+        attr_u64(view, "table_off", &table_off) < 0 || attr_u64(view, "slots", &slots) < 0 ||
+        attr_u64(view, "order_off", &order_off) < 0 || attr_u64(view, "count", &count) < 0)
+        return NULL;
+    src = PyObject_GetAttrString(view, "src");
+    if (src == NULL)
+        return NULL;
+    im = PyObject_New(Image, &ImageType);
+    if (im == NULL) {
+        Py_DECREF(src);
+        return NULL;
+    }
+    im->buf.obj = NULL;
+    if (PyObject_GetBuffer(src, &im->buf, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(src);
+        Py_DECREF(im);
+        return NULL;
+    }
+    Py_DECREF(src);
+    {
+        uint64_t blen = (uint64_t)im->buf.len;
+        /* ImageView validated these; check again against this buffer (cheap). */
+        if (slots < 8 || (slots & (slots - 1)) || slots > blen / 16 || count >= slots ||
+            arena_base > blen || arena_len > blen - arena_base || table_off > blen - 16 * slots ||
+            order_off > blen || count > (blen - order_off) / 8) {
+            Py_DECREF(im);
+            return corrupt("image regions lie outside their buffer");
+        }
+        im->arena = (const uint8_t *)im->buf.buf + arena_base;
+        im->arena_len = arena_len;
+        im->table = (const uint8_t *)im->buf.buf + table_off;
+        im->mask = slots - 1;
+        im->order = (const uint8_t *)im->buf.buf + order_off;
+        im->count = count;
+    }
+    return (PyObject *)im;
+}
+
+/* The raw bytes of a query key; *tmp gets a reference to release if one was made. */
+static int query_bytes(PyObject *key, const uint8_t **k, Py_ssize_t *n, PyObject **tmp)
+{
+    *tmp = NULL;
+    if (PyUnicode_Check(key)) {
+        const char *s = PyUnicode_AsUTF8AndSize(key, n);
+        if (s == NULL)
+            return -1;
+        *k = (const uint8_t *)s;
+        return 0;
+    }
+    if (PyBytes_Check(key)) {
+        *k = (const uint8_t *)PyBytes_AS_STRING(key);
+        *n = PyBytes_GET_SIZE(key);
+        return 0;
+    }
+    if (PyByteArray_Check(key) || PyMemoryView_Check(key)) {
+        *tmp = PyBytes_FromObject(key);
+        if (*tmp == NULL)
+            return -1;
+        *k = (const uint8_t *)PyBytes_AS_STRING(*tmp);
+        *n = PyBytes_GET_SIZE(*tmp);
+        return 0;
+    }
+    PyErr_Format(PyExc_TypeError, "key must be str or bytes, not %.100s", Py_TYPE(key)->tp_name);
+    return -1;
+}
+
+typedef struct {
+    uint8_t *p;
+    size_t cap;
+    uint8_t local[512];
+} Scratch;
+
+static inline void scratch_init(Scratch *s)
+{
+    s->p = s->local;
+    s->cap = sizeof(s->local);
+}
+
+static inline int scratch_fit(Scratch *s, size_t n)
+{
+    if (n <= s->cap)
+        return 0;
+    if (s->p != s->local)
+        PyMem_Free(s->p);
+    s->p = PyMem_Malloc(n);
+    if (s->p == NULL) {
+        s->p = s->local;
+        PyErr_NoMemory();
+        return -1;
+    }
+    s->cap = n;
+    return 0;
+}
+
+static inline void scratch_free(Scratch *s)
+{
+    if (s->p != s->local)
+        PyMem_Free(s->p);
+}
+
+/* Find key in im; copy its entry into *s. 1 found (*len set), 0 absent, -1 error. */
+static int find_entry(Image *im, const uint8_t *k, Py_ssize_t kn, Scratch *s, size_t *len)
+{
+    uint64_t h, i, probes = 0;
+    if (key_hash(k, kn, &h) < 0)
+        return -1;
+    i = h & im->mask;
+    for (;;) {
+        uint64_t sh = rd64(im->table + 16 * i);
+        if (sh == 0)
+            return 0;
+        if (sh == h) {
+            uint64_t ol = rd64(im->table + 16 * i + 8);
+            uint64_t off = ol & 0xFFFFFFFFu, n = ol >> 32;
+            const uint8_t *ek;
+            size_t ekn;
+            if (off + n > im->arena_len) {
+                corrupt("hash slot points outside the arena");
+                return -1;
+            }
+            if (scratch_fit(s, n) < 0)
+                return -1;
+            memcpy(s->p, im->arena + off, n); /* the private copy every later step reads */
+            if (raw_key(s->p, n, &ek, &ekn) < 0) {
+                corrupt("entry is not a 6-field array with a str/bin key");
+                return -1;
+            }
+            if (ekn == (size_t)kn && memcmp(ek, k, ekn) == 0) {
+                *len = n;
+                return 1;
+            }
+        }
+        if (++probes > im->mask) {
+            corrupt("hash table has no empty slot");
+            return -1;
+        }
+        i = (i + 1) & im->mask;
+    }
+}
+
+/* Image.lookup(key) -> Entry | None. O(1). */
+static PyObject *Image_lookup(Image *self, PyObject *key)
+{
+    const uint8_t *k;
+    Py_ssize_t kn;
+    PyObject *tmp, *out = NULL;
+    Scratch s;
+    size_t n = 0;
+    int found;
+    if (query_bytes(key, &k, &kn, &tmp) < 0)
+        return NULL;
+    scratch_init(&s);
+    found = find_entry(self, k, kn, &s, &n);
+    if (found > 0)
+        out = decode_entry(s.p, n, key);
+    else if (found == 0)
+        out = Py_NewRef(Py_None);
+    scratch_free(&s);
+    Py_XDECREF(tmp);
+    return out;
+}
+
+/* Position of the first entry whose key is >= k: 0 ok, -1 error. O(log n). */
+static int lower_bound(Image *im, const uint8_t *k, size_t kn, uint64_t *pos)
+{
+    uint64_t lo = 0, hi = im->count;
+    uint8_t head[6];
+    while (lo < hi) {
+        uint64_t mid = (lo + hi) >> 1;
+        uint64_t off = rd32(im->order + 8 * mid), n = rd32(im->order + 8 * mid + 4);
+        size_t hn, ekn, m;
+        const uint8_t *ek;
+        int c;
+        if (off + n > im->arena_len) {
+            corrupt("entry lies outside the arena");
+            return -1;
+        }
+        /* The entry's head is copied and parsed privately; the key bytes are
+           then compared once, in place, with a length fixed by that copy and
+           checked against the entry's bounds (nothing re-reads a length). */
+        hn = n < sizeof(head) ? n : sizeof(head);
+        memcpy(head, im->arena + off, hn);
+        {
+            uint8_t t = hn >= 2 && head[0] == 0x96 ? head[1] : 0;
+            size_t start, len;
+            if (t >= 0xa0 && t <= 0xbf) {
+                start = 2;
+                len = t - 0xa0;
+            } else if ((t == 0xd9 || t == 0xc4) && hn >= 3) {
+                start = 3;
+                len = head[2];
+            } else if ((t == 0xda || t == 0xc5) && hn >= 4) {
+                start = 4;
+                len = (size_t)be(head + 2, 2);
+            } else if ((t == 0xdb || t == 0xc6) && hn >= 6) {
+                start = 6;
+                len = (size_t)be(head + 2, 4);
+            } else {
+                corrupt("entry is not a 6-field array with a str/bin key");
+                return -1;
+            }
+            if (start > n || len > n - start) {
+                corrupt("key runs past its entry");
+                return -1;
+            }
+            ek = im->arena + off + start;
+            ekn = len;
+        }
+        m = ekn < kn ? ekn : kn;
+        c = memcmp(ek, k, m);
+        if (c < 0 || (c == 0 && ekn < kn))
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    *pos = lo;
+    return 0;
+}
+
+/* Image.range(lo, hi) -> [Entry]: lo <= key < hi (hi None: to the end). O(log n + k). */
+static PyObject *Image_range(Image *self, PyObject *args)
+{
+    PyObject *lo, *hi, *out;
+    uint64_t i, j, total = 0;
+    Scratch s;
+    size_t pos;
+    if (!PyArg_ParseTuple(args, "SO:range", &lo, &hi))
+        return NULL;
+    if (hi != Py_None && !PyBytes_Check(hi)) {
+        PyErr_SetString(PyExc_TypeError, "range bounds must be bytes");
+        return NULL;
+    }
+    if (lower_bound(self, (const uint8_t *)PyBytes_AS_STRING(lo), (size_t)PyBytes_GET_SIZE(lo), &i) < 0)
+        return NULL;
+    if (hi == Py_None)
+        j = self->count;
+    else if (lower_bound(self, (const uint8_t *)PyBytes_AS_STRING(hi), (size_t)PyBytes_GET_SIZE(hi), &j) < 0)
+        return NULL;
+    if (j <= i)
+        return PyList_New(0);
+    for (uint64_t x = i; x < j; x++) {
+        uint64_t off = rd32(self->order + 8 * x), n = rd32(self->order + 8 * x + 4);
+        if (off + n > self->arena_len)
+            return corrupt("range entry lies outside the arena");
+        total += n;
+    }
+    if (total > self->arena_len)
+        return corrupt("range is larger than the arena");
+    scratch_init(&s);
+    if (scratch_fit(&s, (size_t)total + 8 * (size_t)(j - i)) < 0)
+        return NULL;
+    /* One pass copies every entry (and its length as read) into private memory. */
+    pos = 8 * (size_t)(j - i);
+    for (uint64_t x = i; x < j; x++) {
+        uint64_t off = rd32(self->order + 8 * x), n = rd32(self->order + 8 * x + 4);
+        if (off + n > self->arena_len || pos + n > (size_t)total + 8 * (size_t)(j - i)) {
+            scratch_free(&s);
+            return corrupt("range entry moved while copied");
+        }
+        memcpy(s.p + 8 * (x - i), &n, 8); /* the length as copied */
+        memcpy(s.p + pos, self->arena + off, n);
+        pos += n;
+    }
+    out = PyList_New((Py_ssize_t)(j - i));
+    if (out == NULL) {
+        scratch_free(&s);
+        return NULL;
+    }
+    pos = 8 * (size_t)(j - i);
+    for (uint64_t x = i; x < j; x++) {
+        uint64_t n;
+        PyObject *e;
+        memcpy(&n, s.p + 8 * (x - i), 8);
+        e = decode_entry(s.p + pos, n, NULL);
+        if (e == NULL) {
+            Py_DECREF(out);
+            scratch_free(&s);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)(x - i), e);
+        pos += n;
+    }
+    scratch_free(&s);
+    return out;
+}
+
+static PyMethodDef Image_methods[] = {
+    {"of", (PyCFunction)Image_of, METH_O | METH_CLASS, "Image.of(view): kernels over a snapshot.ImageView."},
+    {"lookup", (PyCFunction)Image_lookup, METH_O, "lookup(key) -> Entry or None. O(1)."},
+    {"range", (PyCFunction)Image_range, METH_VARARGS, "range(lo: bytes, hi: bytes | None) -> [Entry]."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ImageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkeyspace._speedups.Image",
+    .tp_basicsize = sizeof(Image),
+    .tp_dealloc = (destructor)Image_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Compiled query kernels over one validated snapshot image.",
+    .tp_methods = Image_methods,
+};
+
+/* ------------------------------------------------------------------------- */
+/* ReaderBase: Reader.get's hot path, as the base class of reader.Reader       */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer words;       /* export of the control block's words (kept until dealloc) */
+    const uint64_t *seqp;  /* the seq word; NULL: not attached (pure-Python Reader) */
+    Py_ssize_t cache_size;
+    uint64_t seq;          /* seq of the installed publication (if image is set) */
+    PyObject *image;       /* Image of that publication, or NULL */
+    PyObject *cache;       /* its dict of answers, or NULL */
+    int closed;            /* set by _core_close: installs are ignored from then on */
+} Base;
+
+static PyObject *str_get_slow, *str_py_get;
+
+static void Base_dealloc(Base *self)
+{
+    Py_CLEAR(self->image);
+    Py_CLEAR(self->cache);
+    if (self->words.obj != NULL)
+        PyBuffer_Release(&self->words);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Base_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Base *self = (Base *)type->tp_alloc(type, 0);
+    (void)args;
+    (void)kwds;
+    return (PyObject *)self;
+}
+
+/* _core_attach(words, seq_index, cache_size): use the compiled get on these words. */
+static PyObject *Base_attach(Base *self, PyObject *args)
+{
+    PyObject *words;
+    Py_ssize_t idx, cache_size;
+    if (!PyArg_ParseTuple(args, "Onn:_core_attach", &words, &idx, &cache_size))
+        return NULL;
+    if (self->words.obj != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "already attached");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(words, &self->words, PyBUF_FULL_RO) < 0)
+        return NULL;
+    if (idx < 0 || (idx + 1) * 8 > self->words.len || ((uintptr_t)self->words.buf & 7)) {
+        PyBuffer_Release(&self->words);
+        PyErr_SetString(PyExc_ValueError, "seq word index outside the control block");
+        return NULL;
+    }
+    self->cache_size = cache_size;
+    self->seqp = (const uint64_t *)self->words.buf + idx;
+    Py_RETURN_NONE;
+}
+
+/* _core_install(seq, image, cache): the publication a reader thread just validated. */
+static PyObject *Base_install(Base *self, PyObject *args)
+{
+    unsigned long long seq;
+    PyObject *image, *cache, *old_i, *old_c;
+    if (!PyArg_ParseTuple(args, "KO!O!:_core_install", &seq, &ImageType, &image, &PyDict_Type, &cache))
+        return NULL;
+    if (self->closed) /* a thread that was refreshing while another closed */
+        Py_RETURN_NONE;
+    old_i = self->image;
+    old_c = self->cache;
+    self->image = Py_NewRef(image);
+    self->cache = Py_NewRef(cache);
+    self->seq = seq;
+    Py_XDECREF(old_i);
+    Py_XDECREF(old_c);
+    Py_RETURN_NONE;
+}
+
+/* _core_close(): forget the publication. The words export stays until dealloc:
+   a get running in another thread may still load the seq word. */
+static PyObject *Base_close(Base *self, PyObject *unused)
+{
+    PyObject *old_i = self->image, *old_c = self->cache;
+    (void)unused;
+    self->closed = 1;
+    self->image = NULL;
+    self->cache = NULL;
+    Py_XDECREF(old_i);
+    Py_XDECREF(old_c);
+    Py_RETURN_NONE;
+}
+
+static inline PyObject *slow(Base *self, PyObject *key)
+{
+    return PyObject_CallMethodOneArg((PyObject *)self, str_get_slow, key);
+}
+
+/* get(key) -> Entry | None: Reader.get, compiled. */
+static PyObject *Base_get(Base *self, PyObject *key)
+{
+    uint64_t s1;
+    PyObject *image, *cache, *e, *tmp;
+    const uint8_t *k;
+    Py_ssize_t kn;
+    Scratch s;
+    size_t n = 0;
+    int found;
+
+    if (self->seqp == NULL) /* a Reader(implementation="python") */
+        return PyObject_CallMethodOneArg((PyObject *)self, str_py_get, key);
+    s1 = __atomic_load_n(self->seqp, __ATOMIC_ACQUIRE);
+    if (self->image == NULL || s1 != self->seq)
+        return slow(self, key);
+    cache = self->cache;
+    if (self->cache_size > 0) {
+        e = PyDict_GetItemWithError(cache, key); /* borrowed */
+        if (e != NULL)
+            return Py_NewRef(e);
+        if (PyErr_Occurred()) { /* unhashable: the slow path names the problem */
+            PyErr_Clear();
+            return slow(self, key);
+        }
+    }
+    if (!PyUnicode_CheckExact(key) && !PyBytes_CheckExact(key))
+        return slow(self, key);
+    /* Hold what this call reads: another thread may install or close meanwhile. */
+    image = Py_NewRef(self->image);
+    Py_INCREF(cache);
+    if (query_bytes(key, &k, &kn, &tmp) < 0)
+        goto fail;
+    scratch_init(&s);
+    found = find_entry((Image *)image, k, kn, &s, &n);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE); /* the copy above happens before the next load */
+    if (found < 0 || __atomic_load_n(self->seqp, __ATOMIC_RELAXED) != s1) {
+        /* moved, or garbage: the slow path retries or reports corruption */
+        scratch_free(&s);
+        if (found < 0 && !PyErr_ExceptionMatches(CorruptError) && !PyErr_ExceptionMatches(PyExc_ValueError))
+            goto fail;
+        PyErr_Clear();
+        goto retry;
+    }
+    e = found ? decode_entry(s.p, n, key) : Py_NewRef(Py_None);
+    scratch_free(&s);
+    if (e == NULL) {
+        if (!PyErr_ExceptionMatches(CorruptError) && !PyErr_ExceptionMatches(PyExc_ValueError))
+            goto fail;
+        PyErr_Clear();
+        goto retry;
+    }
+    if (self->cache_size > 0) {
+        if (PyDict_GET_SIZE(cache) >= self->cache_size)
+            PyDict_Clear(cache);
+        if (PyDict_SetItem(cache, key, e) < 0) {
+            Py_DECREF(e);
+            goto fail;
+        }
+    }
+    Py_DECREF(image);
+    Py_DECREF(cache);
+    return e;
+retry:
+    Py_DECREF(image);
+    Py_DECREF(cache);
+    return slow(self, key);
+fail:
+    Py_DECREF(image);
+    Py_DECREF(cache);
+    return NULL;
+}
+
+static PyMethodDef Base_methods[] = {
+    {"get", (PyCFunction)Base_get, METH_O,
+     "get(key) -> Entry or None. O(1): a seq load and a dict lookup when cached, else one\n"
+     "hash probe, a copy out of the mapping, a second seq load and one unpack."},
+    {"_core_attach", (PyCFunction)Base_attach, METH_VARARGS, "_core_attach(words, seq_index, cache_size)"},
+    {"_core_install", (PyCFunction)Base_install, METH_VARARGS, "_core_install(seq, image, cache)"},
+    {"_core_close", (PyCFunction)Base_close, METH_NOARGS, "Forget the installed publication."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject BaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmkeyspace._speedups.ReaderBase",
+    .tp_basicsize = sizeof(Base),
+    .tp_dealloc = (destructor)Base_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Base of reader.Reader: its get() hot path, compiled.",
+    .tp_methods = Base_methods,
+    .tp_new = Base_new,
+};
+
+/* ------------------------------------------------------------------------- */
+
+/* setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest) */
+static PyObject *setup(PyObject *mod, PyObject *args)
+{
+    PyObject *entry, *err, *unpackb, *xxh;
+    (void)mod;
+    if (!PyArg_ParseTuple(args, "O!OOO:setup", &PyType_Type, &entry, &err, &unpackb, &xxh))
+        return NULL;
+    if (!PyType_IsSubtype((PyTypeObject *)entry, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "Entry must be a tuple subclass");
+        return NULL;
+    }
+    Py_XSETREF(EntryType, Py_NewRef(entry));
+    Py_XSETREF(CorruptError, Py_NewRef(err));
+    Py_XSETREF(Unpackb, Py_NewRef(unpackb));
+    Py_XSETREF(Xxh3Long, Py_NewRef(xxh));
+    Py_RETURN_NONE;
+}
+
+/* key_hash(bytes) -> int: snapshot.key_hash, for tests. */
+static PyObject *py_key_hash(PyObject *mod, PyObject *arg)
+{
+    uint64_t h;
+    (void)mod;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "key_hash takes bytes");
+        return NULL;
+    }
+    if (key_hash((const uint8_t *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &h) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+/* unpack_entry(bytes) -> Entry: the entry decoder, for tests. */
+static PyObject *py_unpack_entry(PyObject *mod, PyObject *arg)
+{
+    (void)mod;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "unpack_entry takes bytes");
+        return NULL;
+    }
+    return decode_entry((const uint8_t *)PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), NULL);
+}
+
+static PyMethodDef module_methods[] = {
+    {"setup", setup, METH_VARARGS, "setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest)"},
+    {"key_hash", py_key_hash, METH_O, "snapshot.key_hash in C (tests)."},
+    {"unpack_entry", py_unpack_entry, METH_O, "The entry decoder (tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT, "shmkeyspace._speedups", "Compiled read path of shmkeyspace.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    PyObject *m;
+    if (PyType_Ready(&ImageType) < 0 || PyType_Ready(&BaseType) < 0)
+        return NULL;
+    str_get_slow = PyUnicode_InternFromString("_get_slow");
+    str_py_get = PyUnicode_InternFromString("_py_get");
+    if (str_get_slow == NULL || str_py_get == NULL)
+        return NULL;
+    m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ImageType);
+    Py_INCREF(&BaseType);
+    if (PyModule_AddObject(m, "Image", (PyObject *)&ImageType) < 0 ||
+        PyModule_AddObject(m, "ReaderBase", (PyObject *)&BaseType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
