@@ -206,7 +206,11 @@ def changes_cost(n_keys: int = 100_000, repeats: int = 2000) -> dict:
             log.record(rev, ch)
             publish()
         ten = _time(lambda: r.changes(before10), repeats)
-        get = _time(lambda: r.get("/svc/g0001/000123"), repeats)
+        r0 = Reader(name, cache_size=0)
+        get = _time(lambda: r0.get("/svc/g0001/000123"), repeats)
+        prefixed = _time(lambda: r0.prefixed("/svc/g0001/"), repeats // 4)
+        assert len(r0.prefixed("/svc/g0001/")) == 100
+        r0.close()
         region = len(log.region())
     finally:
         r.close()
@@ -216,6 +220,7 @@ def changes_cost(n_keys: int = 100_000, repeats: int = 2000) -> dict:
         "changes_100_keys_1_pub_us": round(one, 1),
         "changes_100_keys_10_pubs_us": round(ten, 1),
         "get_us": round(get, 2),
+        "prefixed_100_us": round(prefixed, 1),
         "feed_region_bytes": region,
     }
 
@@ -274,7 +279,9 @@ def main() -> None:
     print(
         f"| changes() 100 keys at 100k keys, 1 / 10 publications (us) | {c['changes_100_keys_1_pub_us']} / {c['changes_100_keys_10_pubs_us']} | — |"
     )
-    print(f"| Reader.get, same run (us) | {c['get_us']} | — |")
+    print(
+        f"| peers in the same run: Reader.get (no cache) / prefixed() of 100 keys (us) | {c['get_us']} / {c['prefixed_100_us']} | — |"
+    )
     print(
         f"| futex wake with nobody waiting, per publication (us) | {out['writer']['futex_wake_no_waiters_us']} | — |"
     )

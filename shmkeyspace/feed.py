@@ -39,13 +39,14 @@ import bisect
 import struct
 import time
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any, Deque, Iterable, Iterator, Optional, Tuple
 
 import msgpack
 from xxhash import xxh3_64_intdigest
 
 from .errors import ChangesTooOldError, CorruptSegmentError
-from .snapshot import entry_key, unpackb
+from .snapshot import entry_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from .reader import Reader
@@ -56,6 +57,9 @@ FEED_VERSION = 1
 FEED_HEAD = struct.Struct("<8sIIqqQ")
 _HASHED = FEED_HEAD.size - 8
 FEED_ENTRY = struct.Struct("<qII")
+# msgpack's C unpacker, not ormsgpack: for lists of short str keys it was ~1.4x
+# faster here (11.8 vs 16.8 us for 100 keys, same run, bench machine loaded).
+_unpack_keys = partial(msgpack.unpackb, raw=False, use_list=True)
 #: Default number of publications the feed keeps (writer --changes-keep).
 DEFAULT_KEEP = 1024
 #: Default bytes of packed keys the feed keeps (writer --changes-bytes): the
@@ -222,8 +226,8 @@ def read_changes(buf: Any, off: int, length: int, since: int, image_revision: in
     # The bodies are back to back: one copy, then one unpack of them as a single
     # msgpack array (never a parse of shared memory in place).
     try:
-        parts = unpackb(b"\xdd" + k.to_bytes(4, "big") + bytes(buf[off + start : off + end]))
-    except ValueError as exc:
+        parts = _unpack_keys(b"\xdd" + k.to_bytes(4, "big") + bytes(buf[off + start : off + end]))
+    except (ValueError, msgpack.UnpackException) as exc:
         raise CorruptSegmentError(f"undecodable change feed entry: {exc}") from None
     if len(parts) != k or set(map(type, parts)) - {list}:
         raise CorruptSegmentError("change feed entries are not lists of keys")
