@@ -41,12 +41,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WAITER = r"""
 import json, sys, time
-from shmkeyspace import futex
+from shmkeyspace import futex, segment
 from shmkeyspace.reader import Reader
 name, count, poll = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if poll:
     futex.AVAILABLE = False
 r = Reader(name)
+ctrl = segment.ControlView(name)  # the record's publish_ns, without Reader.health's flock probe
 rev = r.revision
 print("ready", flush=True)
 lat = []
@@ -54,9 +55,10 @@ while len(lat) < count:
     if not r.wait_for_revision(rev + 1, 30):
         break
     t = time.time_ns()
-    h = r.health()
-    lat.append(t / 1e9 - h.published_at)
-    rev = h.revision
+    s = ctrl.words[segment.OFF_SEQ // 8]
+    rec = ctrl.record((s >> 1) & 1)
+    lat.append((t - rec[6]) / 1e9)
+    rev = rec[4]
 print(json.dumps(lat), flush=True)
 """
 
