@@ -216,6 +216,23 @@ class ReaderCollector(Collector):
         yield _gauge("shmkeyspace_reader_lag_revisions", "etcd revision minus published revision.", n, h.lag)
         yield _gauge("shmkeyspace_reader_keys", "Keys in the published snapshot.", n, h.keys)
         yield _gauge("shmkeyspace_reader_bytes", "Bytes of the published snapshot image.", n, h.bytes)
+        # Fields other work adds to Health (contact tracking, fail static), when present.
+        contact = getattr(h, "etcd_contact_age", None)
+        if contact is not None:
+            yield _gauge(
+                "shmkeyspace_reader_etcd_contact_age_seconds",
+                "Seconds since the writer last heard from etcd.",
+                n,
+                contact,
+            )
+        stale = getattr(h, "stale", None)
+        if stale is not None:
+            yield _gauge(
+                "shmkeyspace_reader_stale",
+                "1 if the writer says its data may be stale.",
+                n,
+                1 if stale else 0,
+            )
 
     def close(self) -> None:
         with self._lock:

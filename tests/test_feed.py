@@ -477,3 +477,21 @@ def test_warm_start_from_the_state_file_is_a_load_for_the_feed(
         assert r.wait_for_revision(rev, 30)
         assert list(r.changes(base)) == [f"{prefix}/k2"]
     r.close()
+
+
+def test_polling_fallback_without_futex(shm_name, monkeypatch):
+    """Where futexes are unavailable, waits poll the seq word and still see publications."""
+    monkeypatch.setattr(futex, "AVAILABLE", False)
+    pub = _spawn_publisher(shm_name, 1)
+    try:
+        with Reader(shm_name) as r:
+            assert not r.wait_for_revision(2, 0.1)
+            done = []
+            t = threading.Thread(target=lambda: done.append(r.wait_for_revision(2, 60)))
+            t.start()
+            pub.stdin.write("2\n")
+            pub.stdin.flush()
+            t.join(60)
+            assert done == [True]
+    finally:
+        hp.stop(pub)
