@@ -319,6 +319,24 @@ def put_many(
     return done[0]
 
 
+def etcd_reachable(client: Any, timeout: float = 60.0) -> bool:
+    """Wait until ``client`` answers a read; True iff it did within ``timeout``.
+
+    After etcd restarts, an existing client's gRPC channel reconnects on its own
+    schedule (backoff), and calls made before that fail fast with UNAVAILABLE
+    although etcd is healthy: wait on this before using such a client.
+    """
+
+    def answers() -> bool:
+        try:
+            client.get_range_response(b"\0probe", b"\0probf", limit=1)
+            return True
+        except Exception:  # UNAVAILABLE, the failover client's "no endpoint", ...
+            return False
+
+    return wait_until(answers, timeout, 0.1)
+
+
 # -- waiting ---------------------------------------------------------------------------
 
 

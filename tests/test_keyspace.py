@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 import pytest
 
 from shmkeyspace import decoders
+from shmkeyspace._support import etcd_reachable
 from shmkeyspace.etcd import EtcdServer, connect
 from shmkeyspace.key_values import prefix_end
 from shmkeyspace.keyspace import FIRST_PAGE, KeySpace, KeySpaceError
@@ -504,11 +505,16 @@ def test_compaction_while_behind_reloads(own_etcd, prefix, stopper, caplog):
 # -- etcd outage ------------------------------------------------------------------------
 
 
+STOP_BOUND = 60.0
+
+
 def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
     root = f"{prefix}/o"
     wc = connect(own_etcd.endpoint, timeout=2)  # the writer's own client
     c = connect(own_etcd.endpoint)  # the mirror's
-    c2 = connect(own_etcd.endpoint)  # a second mirror, to time stop() during the outage
+    # A second mirror, to stop during the outage. Its client's timeout is long, so a
+    # stop() that waited on the dead etcd could not finish within the join below.
+    c2 = connect(own_etcd.endpoint, timeout=STOP_BOUND)
     stopper.extend([wc, c, c2])
     for i in range(30):
         wc.put(f"{root}/k{i:02d}", "init")
@@ -524,11 +530,23 @@ def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
     acked = [0]
     failures = [0]
     stop = threading.Event()
+    # The writer issues ops only while `go` is set; `paused` says it is waiting at
+    # that gate with nothing in flight. Killing etcd while the writer is paused
+    # makes "acknowledged before the kill" exact: a put in flight at the kill could
+    # otherwise be acknowledged after the count is read.
+    go, paused = threading.Event(), threading.Event()
+    go.set()
 
     def writer() -> None:
         rng = random.Random(7)
         i = 0
         while not stop.is_set():
+            if not go.is_set():
+                paused.set()
+                while not go.wait(0.05):
+                    if stop.is_set():
+                        return
+                paused.clear()
             key = f"{root}/k{rng.randrange(40):02d}"
             val = None if rng.random() < 0.15 else f"v{i}"
             while not stop.is_set():  # retry one op until acknowledged
@@ -548,32 +566,36 @@ def test_etcd_killed_and_restarted_mid_stream(own_etcd, prefix, stopper):
     th = threading.Thread(target=writer, daemon=True)
     th.start()
     try:
-        assert wait_until(lambda: acked[0] >= 100, 20)
-        own_etcd.kill()
+        assert wait_until(lambda: acked[0] >= 100, 60)
+        go.clear()
+        assert paused.wait(60), "the writer never reached its gate"
+        # Nothing in flight: the mirror catches up with everything etcd acknowledged.
+        assert ks.wait_for_revision(etcd_revision(c), 60)
+        own_etcd.kill()  # returns once the process is gone
         killed_at = acked[0]
-        time.sleep(0.5)  # what was delivered before the kill is applied by now
         with ks.lock:
             held_rev, held = ks.header.revision, list(ks.key_values)
         assert held_rev > 0 and len(held) > 0
+        go.set()  # the writer's ops now meet a dead etcd (and retry)
+        assert wait_until(lambda: failures[0] > 0, 60), "the writer never hit the outage"
 
-        # stop() of a watch returns promptly, and really stops it, while etcd is down.
-        t0 = time.monotonic()
-        w2.stop()
-        stop_seconds = time.monotonic() - t0
-        assert stop_seconds < 2.0, stop_seconds
+        # stop() of a watch really stops it while etcd is down, without waiting on etcd:
+        # anything that waited on c2 would still be blocked when the join gives up.
+        w2.stop(timeout=STOP_BOUND / 2)
         assert not w2.is_alive()
 
-        time.sleep(1.0)
+        time.sleep(1.0)  # an outage long enough for a lost or invented event to show
         with ks.lock:  # the mirror is kept, unchanged, during the outage
             assert ks.header.revision == held_rev and list(ks.key_values) == held
         assert acked[0] == killed_at  # nothing was acknowledged by a dead etcd
 
         own_etcd.start()
-        assert wait_until(lambda: acked[0] >= killed_at + 100, 30), (acked[0], failures[0])
+        assert wait_until(lambda: acked[0] >= killed_at + 100, 60), (acked[0], failures[0])
     finally:
         stop.set()
         th.join(10)
     assert not th.is_alive()
+    assert etcd_reachable(c, 60), "the mirror's client never reconnected"
     last = etcd_revision(c)  # every write is under root in this etcd
     assert ks.wait_for_revision(last, 30), (ks.header.revision, last)
     assert ks.header.revision == last

@@ -31,6 +31,7 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer
+from shmkeyspace._support import etcd_reachable
 from shmkeyspace.errors import NotSerializableError
 from shmkeyspace.etcd import connect, free_port
 from shmkeyspace.key_values import prefix_end
@@ -554,9 +555,12 @@ def test_etcd_kill_restart_and_compaction_during_outage(own_etcd, prefix, shm_na
             own_etcd.start()
             time.sleep(rnd.uniform(0.3, 1.0))
             state["stop"] = True
-            t.join(30)
+            t.join(60)
+            assert not t.is_alive(), "the feeder is stuck in a call"
+            # The feeder's channel was cut by the kill; it reconnects in its own time.
+            assert etcd_reachable(feeder_client, 60), "etcd restarted but never answered the test's client"
             rev = _newest_revision(feeder_client, prefix)
-            assert r.wait_for_revision(rev, 30), (r.revision, rev)
+            assert r.wait_for_revision(rev, 60), (r.revision, rev)
             checks += _assert_mirror_equals_etcd(r, feeder_client, prefix, rev)
 
             # 2. While the writer is cut off, etcd moves on and compacts past it.
