@@ -49,6 +49,8 @@ import threading
 import time
 from typing import AbstractSet, Any, Dict, List, NoReturn, Optional, Sequence
 
+from .errors import ShmKeyspaceError
+
 log = logging.getLogger("shmkeyspace.cli")
 
 PROG = "shmkeyspace"
@@ -56,7 +58,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 ENV = "SHMKEYSPACE_"
 
 
-class CliError(Exception):
+class CliError(ShmKeyspaceError):
     """An error reported as one line on stderr (exit code ``code``)."""
 
     def __init__(self, message: str, code: int = EXIT_ERROR) -> None:

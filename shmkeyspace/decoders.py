@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import msgpack as _msgpack
 
+from .errors import InvalidSettingError
 from .key_values import KeyValue
 
 
@@ -49,12 +50,12 @@ def resolve(spec: str) -> Callable[[KeyValue], Any]:
         return BUILTIN[spec]
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ValueError(f"decoder {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
+        raise InvalidSettingError(f"decoder {spec!r}: use one of {', '.join(BUILTIN)} or module:function")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise ValueError(f"decoder {spec!r}: cannot import module {mod_name!r}: {exc}") from None
+        raise InvalidSettingError(f"decoder {spec!r}: cannot import module {mod_name!r}: {exc}") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"decoder {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
+        raise InvalidSettingError(f"decoder {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
     return fn

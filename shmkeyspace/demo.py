@@ -165,7 +165,7 @@ def child_main(argv: List[str]) -> int:
             return _reader_child(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
         if role == "mirror":
             return _mirror_child(argv[1], argv[2])
-        raise ValueError(f"unknown role {role!r}")
+        raise DemoError(f"unknown role {role!r}")
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

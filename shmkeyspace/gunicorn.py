@@ -76,7 +76,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Union
 
-from .errors import SegmentNotFoundError
+from .errors import InvalidSettingError, SegmentNotFoundError, WriterStartError
 from .reader import Reader
 
 __all__ = ["on_starting", "post_fork", "worker_exit", "on_exit", "configure", "reader"]
@@ -116,7 +116,7 @@ def configure(**kwargs: Any) -> Settings:
     """Set any :class:`Settings` field (they win over the environment); returns the result."""
     unknown = set(kwargs) - set(Settings.__dataclass_fields__)
     if unknown:
-        raise TypeError(f"unknown shmkeyspace setting(s): {', '.join(sorted(unknown))}")
+        raise InvalidSettingError(f"unknown shmkeyspace setting(s): {', '.join(sorted(unknown))}")
     _overrides.update(kwargs)
     return settings()
 
@@ -144,7 +144,7 @@ def settings() -> Settings:
 
 def _require_name(s: Settings) -> str:
     if not s.name:
-        raise RuntimeError(
+        raise InvalidSettingError(
             "shmkeyspace: no snapshot name: set SHMKEYSPACE_NAME or call "
             "configure(name=...) in the gunicorn config"
         )
@@ -167,7 +167,7 @@ class WriterSupervisor:
         self.settings = s
         self.name = _require_name(s)
         if not s.prefix:
-            raise RuntimeError(
+            raise InvalidSettingError(
                 "shmkeyspace: no prefix to mirror: set SHMKEYSPACE_PREFIX or call "
                 "configure(prefix=...) (or SHMKEYSPACE_EXTERNAL_WRITER=1)"
             )
@@ -255,7 +255,7 @@ class WriterSupervisor:
             while True:
                 p = self.proc
                 if p is not None and p.poll() is not None:
-                    raise RuntimeError(
+                    raise WriterStartError(
                         f"shmkeyspace: the writer for {self.name!r} {_how_it_ended(p.returncode)} "
                         "before publishing; its error is logged above"
                     )
@@ -285,7 +285,7 @@ class WriterSupervisor:
                 except SegmentNotFoundError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
+                    raise WriterStartError(
                         f"shmkeyspace: no snapshot of {self.name!r} after "
                         f"{self.settings.start_timeout:g}s (SHMKEYSPACE_START_TIMEOUT)"
                     )

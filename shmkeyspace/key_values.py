@@ -16,6 +16,8 @@ from typing import Any, Iterable, Iterator, List, NamedTuple, Optional, Tuple, U
 
 from sortedcontainers import SortedKeyList
 
+from .errors import DuplicateKeyError, InvalidKeyError
+
 Key = Union[bytes, str]
 
 
@@ -42,7 +44,7 @@ def to_key(key: Key) -> bytes:
         return key
     if isinstance(key, str):
         return key.encode("utf-8")
-    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+    raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
 
 
 def prefix_end(prefix: bytes) -> Optional[bytes]:
@@ -77,7 +79,7 @@ class KeyValues:
         keys = [kv.key for kv in self._list]
         if len(set(keys)) != len(keys):
             dup = next(a for a, b in zip(keys, keys[1:]) if a == b)
-            raise ValueError(f"duplicate key in KeyValues: {dup!r}")
+            raise DuplicateKeyError(f"duplicate key in KeyValues: {dup!r}")
 
     # -- sequence protocol -------------------------------------------------
     def __len__(self) -> int:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
 
-from .errors import ShmKeyspaceError
+from .errors import InvalidPrefixError, KeySpaceError, ShmKeyspaceError
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
 _new_kv = tuple.__new__
@@ -83,10 +83,6 @@ class Header:
     member_id: int = 0
     revision: int = 0
     raft_term: int = 0
-
-
-class KeySpaceError(Exception):
-    """An unrecoverable inconsistency between the KeySpace and etcd."""
 
 
 class StartCompactedError(ShmKeyspaceError):
@@ -144,13 +140,13 @@ class KeySpace:
         store: Callable[[], StoreLoader] = KeyValues.loader,
     ) -> None:
         if not isinstance(root, str) or not root:
-            raise ValueError(f"KeySpace root must be a non-empty str, got {root!r}")
+            raise InvalidPrefixError(f"KeySpace root must be a non-empty str, got {root!r}")
         clean = posixpath.normpath(root)
         # We deviate from Gazette, which takes only the clean form: a root ending
         # in "/" is accepted and means the keys under that directory only
         # ("/services/" leaves out "/services-old/..."), which no clean root can say.
         if root != clean and root != clean + "/":
-            raise ValueError(f"prefix {root!r} is not clean: {_root_forms(clean)}")
+            raise InvalidPrefixError(f"prefix {root!r} is not clean: {_root_forms(clean)}")
         self.root: str = root
         self.root_key: bytes = to_key(root)
         self.decoder: Decoder = decoder or (lambda kv: kv.value)

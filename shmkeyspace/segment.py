@@ -72,8 +72,10 @@ from . import futex, trust
 from .errors import (
     CorruptSegmentError,
     InvalidNameError,
+    InvalidSettingError,
     SegmentFullError,
     SegmentNotFoundError,
+    SegmentPermissionError,
     UntrustedSegmentError,
     WriterExistsError,
 )
@@ -173,7 +175,7 @@ def _open_ro(
     except FileNotFoundError:
         raise SegmentNotFoundError(f"no shared memory segment {shm_name} ({what})") from None
     except PermissionError as exc:
-        raise PermissionError(
+        raise SegmentPermissionError(
             errno.EACCES,
             f"no permission to read {shm_name} ({what}): {os.strerror(exc.errno or errno.EACCES)}",
         ) from None
@@ -332,7 +334,7 @@ class Publisher:
         except UntrustedSegmentError:
             raise
         except PermissionError as exc:
-            raise PermissionError(
+            raise SegmentPermissionError(
                 errno.EACCES, f"cannot open {self.shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
             ) from None
         try:
@@ -404,7 +406,7 @@ class Publisher:
         the seqlock (it describes the writer's progress, not one publication).
         """
         if source not in SOURCE_NAMES:
-            raise ValueError(f"unknown snapshot source {source!r}")
+            raise InvalidSettingError(f"unknown snapshot source {source!r}")
         self._words[OFF_SOURCE // 8] = source
 
     @property
@@ -589,7 +591,7 @@ def writer_is_running(name: str) -> bool:
     except UntrustedSegmentError:
         return False
     except PermissionError as exc:
-        raise PermissionError(
+        raise SegmentPermissionError(
             errno.EACCES, f"no permission to read {shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
         ) from None
     try:

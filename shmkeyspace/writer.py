@@ -52,7 +52,7 @@ from typing import Any, Callable, Collection, Dict, List, Optional, Tuple
 
 from . import segment, state
 from .builder import Changes, ImageBuilder
-from .errors import ImageTooLargeError, SegmentFullError, StateFileError
+from .errors import ImageTooLargeError, InvalidSettingError, SegmentFullError, StateFileError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue, prefix_end
 from .keyspace import DEFAULT_APPLY_DELAY, Header, KeySpace
@@ -190,7 +190,7 @@ class Writer:
         changes_bytes: int = DEFAULT_BYTES,
     ) -> None:
         if client is None and endpoints is None:
-            raise ValueError("Writer needs an etcd client or endpoints")
+            raise InvalidSettingError("Writer needs an etcd client or endpoints")
         self._max_image = max_image_bytes
         # validates prefix before any side effect
         self.keyspace = KeySpace(prefix, self._decode, store=lambda: _PackedLoader(self._max_image))
@@ -234,7 +234,7 @@ class Writer:
         self.decoder_name = decoder_name or _callable_name(decoder)
         self.state_dir = state.prepare_dir(state_dir) if state_dir else None
         if persist_interval <= 0:
-            raise ValueError(f"persist_interval must be > 0 seconds, got {persist_interval!r}")
+            raise InvalidSettingError(f"persist_interval must be > 0 seconds, got {persist_interval!r}")
         self.persist_interval = persist_interval
         #: Full loads from etcd made (the first load, compaction reloads, discarded files).
         self.full_loads = 0

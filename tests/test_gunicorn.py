@@ -456,7 +456,7 @@ def test_unreachable_etcd_fails_at_start(prefix, shm_name, python_env, tmp_path)
 
 def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
     import shmkeyspace.gunicorn as g
-    from shmkeyspace.errors import SegmentNotFoundError
+    from shmkeyspace.errors import InvalidSettingError, SegmentNotFoundError
 
     monkeypatch.setattr(g, "_overrides", {})
     monkeypatch.setattr(g, "_reader", None)
@@ -471,7 +471,7 @@ def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
         g.worker_exit(None, None)
         assert g.reader() is not r
         g.worker_exit(None, None)
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidSettingError, match="nmae"):
         g.configure(nmae="typo")
     s = g.configure(name="x", prefix="/p", apply_delay_ms=5)
     assert (s.name, s.prefix, s.apply_delay_ms) == ("x", "/p", 5)

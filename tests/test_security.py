@@ -170,7 +170,7 @@ def test_reader_without_permission_gets_clear_error(shm_name):
     pub = _publish_small(shm_name)
     try:
         res = _run_unprivileged(shm_name)
-        assert res.get("error") == "PermissionError", res
+        assert res.get("error") == "SegmentPermissionError", res  # caught as PermissionError
         assert res["errno"] == 13
         assert "no permission to read" in res["msg"] and f"/shmks.{shm_name}" in res["msg"], res
     finally:
