@@ -35,7 +35,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
 
-from .errors import ImageTooLargeError
+from .errors import DuplicateKeyError, ImageTooLargeError
 from .snapshot import (
     FENCE,
     FORMAT_VERSION,
@@ -128,7 +128,7 @@ class ImageBuilder:
     def finish(self, revision: int) -> None:
         """End a load: index what :meth:`add_sorted` appended, at ``revision``. O(n)."""
         if len(self._loc) != len(self.keys):
-            raise ValueError("ImageBuilder load had a duplicate key")
+            raise DuplicateKeyError("ImageBuilder load had a duplicate key")
         self._loading = False
         self.revision = revision
         self.epoch = next(_epochs)

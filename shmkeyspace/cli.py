@@ -419,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)  # argparse prints usage and exits 2 on bad usage
         _setup_logging(getattr(args, "log_level", "warning"))
-        return int(args.func(args, parser) or 0)
+        return int(args.func(args) or 0)
     except SystemExit as exc:  # argparse (usage, --help); returned, not raised, for callers of main()
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else _fail(str(exc.code)))
     except CliError as exc:
@@ -477,7 +477,7 @@ class _Interrupted(Exception):
     """Raised by the signal handler to abandon a long initial load."""
 
 
-def cmd_writer(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_writer(args: argparse.Namespace) -> int:
     from . import decoders, segment
 
     missing = [f"--{n} (or {ENV}{n.upper()})" for n in ("prefix", "name") if not getattr(args, n)]
@@ -652,7 +652,7 @@ def _open_reader(name: str) -> Any:
     return Reader(name)
 
 
-def cmd_get(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_get(args: argparse.Namespace) -> int:
     with _open_reader(args.name) as r:
         with r.snapshot() as snap:
             e = snap.get(args.key)
@@ -666,14 +666,14 @@ def cmd_get(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
-def cmd_range(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_range(args: argparse.Namespace) -> int:
     with _open_reader(args.name) as r:
         with r.snapshot() as snap:
             entries = snap.range(args.from_key, args.to_key or None)
     return _print_entries(entries, args)
 
 
-def cmd_prefixed(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_prefixed(args: argparse.Namespace) -> int:
     with _open_reader(args.name) as r:
         with r.snapshot() as snap:
             entries = snap.prefixed(args.prefix)
@@ -691,7 +691,7 @@ def _print_entries(entries: List[Any], args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_stat(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_stat(args: argparse.Namespace) -> int:
     with _open_reader(args.name) as r:
         h = r.health()
     info: Dict[str, Any] = dict(h._asdict())
@@ -753,7 +753,7 @@ _SOURCE_TEXT = {
 }
 
 
-def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     from . import segment
 
     rows = []
@@ -787,7 +787,7 @@ def cmd_list(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
-def cmd_unlink(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_unlink(args: argparse.Namespace) -> int:
     from . import segment
     from .errors import WriterExistsError
 
@@ -802,7 +802,7 @@ def cmd_unlink(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(

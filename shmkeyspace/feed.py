@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Deque, Iterable, Iterator, Optional, Tupl
 import msgpack
 from xxhash import xxh3_64_intdigest
 
-from .errors import ChangesTooOldError, CorruptSegmentError
+from .errors import ChangesTooOldError, CorruptSegmentError, InvalidKeyError, InvalidSettingError
 from .snapshot import entry_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -99,7 +99,7 @@ class ChangeLog:
 
     def __init__(self, keep: int = DEFAULT_KEEP, max_bytes: int = DEFAULT_BYTES) -> None:
         if keep < 0 or max_bytes < 0:
-            raise ValueError("changes keep and bytes must be >= 0")
+            raise InvalidSettingError("changes keep and bytes must be >= 0")
         self.keep = keep
         self.max_bytes = max_bytes
         self.floor = 0
@@ -253,7 +253,7 @@ def prefix_bytes(prefix: Any) -> Optional[bytes]:
         return prefix.encode("utf-8")
     if isinstance(prefix, (bytes, bytearray, memoryview)):
         return bytes(prefix)
-    raise TypeError(f"prefix must be str or bytes, not {type(prefix).__name__}")
+    raise InvalidKeyError(f"prefix must be str or bytes, not {type(prefix).__name__}")
 
 
 def advance(reader: "Reader", since: int, pb: Optional[bytes]) -> Tuple[int, Optional[Changes]]:

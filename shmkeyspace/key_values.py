@@ -18,7 +18,8 @@ from sortedcontainers import SortedKeyList
 
 from .errors import DuplicateKeyError, InvalidKeyError
 
-Key = Union[bytes, str]
+#: A key as callers give it (as Reader accepts it); stored as bytes.
+Key = Union[bytes, bytearray, memoryview, str]
 
 
 class KeyValue(NamedTuple):
@@ -39,12 +40,18 @@ class KeyValue(NamedTuple):
 
 
 def to_key(key: Key) -> bytes:
-    """Return ``key`` as bytes (str is encoded as UTF-8, etcd's convention)."""
+    """Return ``key`` as bytes (str is encoded as UTF-8, etcd's convention; a
+    bytearray or memoryview is copied, as Reader does)."""
     if isinstance(key, bytes):
         return key
     if isinstance(key, str):
         return key.encode("utf-8")
+    if isinstance(key, (bytearray, memoryview)):
+        return bytes(key)
     raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
+
+
+_as_key = to_key  # for methods whose parameter is named to_key, as in Reader.range
 
 
 def prefix_end(prefix: bytes) -> Optional[bytes]:
@@ -130,10 +137,11 @@ class KeyValues:
         i, found = self.search(key)
         return self._list[i] if found else None
 
-    def range(self, from_key: Key, to_key_: Optional[Key]) -> "KeyValues":
-        """Keys in ``[from_key, to_key_)``; ``to_key_=None`` means unbounded. O(log n + k)."""
-        lo = self._list.bisect_key_left(to_key(from_key))
-        hi = len(self._list) if to_key_ is None else self._list.bisect_key_left(to_key(to_key_))
+    def range(self, from_key: Key, to_key: Optional[Key]) -> "KeyValues":
+        """Keys in ``[from_key, to_key)``; ``to_key=None`` means unbounded (as
+        :meth:`Reader.range`). O(log n + k)."""
+        lo = self._list.bisect_key_left(_as_key(from_key))
+        hi = len(self._list) if to_key is None else self._list.bisect_key_left(_as_key(to_key))
         return self._from_sorted(self._list.islice(lo, max(lo, hi)))
 
     def prefixed(self, prefix: Key) -> "KeyValues":

@@ -36,6 +36,8 @@ from .derived import Derived, Deriver
 from .errors import (
     ChangesTooOldError,
     CorruptSegmentError,
+    InvalidKeyError,
+    InvalidSettingError,
     ReaderClosedError,
     SegmentNotFoundError,
     SnapshotExpiredError,
@@ -211,7 +213,7 @@ class Reader(_Base):
         self.name = segment.validate_name(name)
         impl = implementation or type(self).implementation
         if impl not in _IMPLS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, not {impl!r}")
+            raise InvalidSettingError(f"implementation must be one of {IMPLEMENTATIONS}, not {impl!r}")
         self.implementation = impl
         self._impl = _IMPLS[impl]
         deadline = time.monotonic() + wait
@@ -383,7 +385,7 @@ class Reader(_Base):
 
     def _get_slow(self, key: Key) -> Optional[Entry]:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
-            raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+            raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
         return self._consistent(self._impl.lookup, key)
 
     def __getitem__(self, key: Key) -> Entry:
@@ -649,7 +651,7 @@ class SnapshotView:
 
     def get(self, key: Key) -> Optional[Entry]:
         if not isinstance(key, (str, bytes, bytearray, memoryview)):
-            raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+            raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
         return self._run(self._impl.lookup, key)
 
     def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:

@@ -43,7 +43,7 @@ import msgpack
 import ormsgpack
 from xxhash import xxh3_64, xxh3_64_intdigest
 
-from .errors import CorruptSegmentError, NotSerializableError
+from .errors import CorruptSegmentError, InvalidKeyError, NotSerializableError
 
 # Readers cast the index regions to native arrays (no per-slot unpacking), so the
 # format is little-endian by construction: x86-64 and aarch64 are.
@@ -133,7 +133,7 @@ def query_key(key: Any) -> Tuple[bytes, Any]:
             return kb, kb.decode("utf-8")
         except UnicodeDecodeError:
             return kb, kb
-    raise TypeError(f"key must be str or bytes, not {type(key).__name__}")
+    raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
 
 
 def align(n: int) -> int:
@@ -190,7 +190,6 @@ class ImageView:
         "arena_len",
         "table",
         "mask",
-        "slots",
         "order",
         "fence_step",
         "_fences",
@@ -275,7 +274,6 @@ class ImageView:
         self.order_off = offset + order_off
         self.table = img[table_off : table_off + 16 * slots].cast("Q")
         self.mask = slots - 1
-        self.slots = slots
         self.order = img[order_off : order_off + order_len].cast("I")
         self.fence_step = fence_step
         self._fence_region = fence_region

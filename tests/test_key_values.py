@@ -208,6 +208,17 @@ def test_to_key_rejects_other_types():
         KeyValues().get(None)  # type: ignore[arg-type]
 
 
+def test_keys_accepted_like_reader():
+    """str, bytes, bytearray and memoryview name the same key, as in Reader; range's
+    bounds are (from_key, to_key) as in Reader.range."""
+    kvs = KeyValues([kv(b"/a"), kv(b"/b"), kv(b"/c")])
+    for k in ("/b", b"/b", bytearray(b"/b"), memoryview(b"/b")):
+        got = kvs.get(k)
+        assert got is not None and got.key == b"/b", k
+    assert [x.key for x in kvs.range(from_key=bytearray(b"/a"), to_key=memoryview(b"/c"))] == [b"/a", b"/b"]
+    assert [x.key for x in kvs.range("/b", None)] == [b"/b", b"/c"]
+
+
 @pytest.mark.parametrize(
     "prefix, end",
     [
