@@ -124,6 +124,10 @@ def test_reboot_serves_disk_then_resumes_without_full_load(
         _put_many(c, prefix, [f"late{i}" for i in range(20)], "b")
         _put_many(c, prefix, ["k000"], "b")
         c.delete(f"{prefix}/k001")
+        last_prefix_event = int(c.get_response(b"\0probe").header.revision)
+        # A write elsewhere last: etcd's revision passes the prefix's newest event,
+        # so "caught up" needs the greatest mod_revision under the prefix (_find_top).
+        c.put("/elsewhere/x", "1")
     finally:
         c.close()
     own_etcd.kill()
@@ -143,7 +147,12 @@ def test_reboot_serves_disk_then_resumes_without_full_load(
         now = int(c.get_response(b"\0probe").header.revision)
         assert wait_until(lambda: _health(shm_name).source == "etcd", 60), w2.output()
         assert _reader_view(shm_name) == want
-        assert _health(shm_name).revision == now
+        h = _health(shm_name)
+        assert h.revision == last_prefix_event < now, h
+        assert wait_until(lambda: _health(shm_name).etcd_revision >= now, 30), (
+            _health(shm_name),
+            w2.output(),
+        )
         log = w2.output()
         assert RESUMED in log and f"revision {rev}" in log, log
         assert FULL_LOAD not in log and "loaded" not in log, log
