@@ -97,7 +97,10 @@ def prefixed(q: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
 def health(q: Dict[str, List[str]]) -> Tuple[int, Dict[str, Any]]:
     h = reader().health()
     return 200, {
-        "status": "ok" if h.writer_alive else "stale",  # stale: serving the last snapshot
+        # stale: serving the last snapshot, from a dead writer or one out of touch with etcd
+        "status": "stale" if h.stale else "ok",
+        "stale": h.stale,
+        "etcd_contact_age": h.etcd_contact_age,
         "revision": h.revision,
         "keys": h.keys,
         "writer_alive": h.writer_alive,

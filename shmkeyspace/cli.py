@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and on exit [SHMKEYSPACE_PERSIST_INTERVAL, default 5]",
     )
     w.add_argument(
+        "--stale-after",
+        type=_positive_float,
+        default=_env("STALE_AFTER", "5"),
+        metavar="S",
+        help="seconds without contact with etcd after which readers see the mirror as stale and "
+        "the writer reconnects, to the next endpoint [SHMKEYSPACE_STALE_AFTER, default 5]",
+    )
+    w.add_argument(
         "--unlink-on-exit",
         action="store_true",
         default=_env("UNLINK_ON_EXIT") == "1",
@@ -527,6 +535,7 @@ def cmd_writer(args: argparse.Namespace) -> int:
         decoder_name=args.decoder,
         changes_keep=args.changes_keep,
         changes_bytes=args.changes_bytes,
+        stale_after=args.stale_after,
     )
     metrics_server = None
     if args.metrics_port:
@@ -719,9 +728,14 @@ def cmd_stat(args: argparse.Namespace) -> int:
     )
     age = time.time() - h.published_at
     published = datetime.datetime.fromtimestamp(h.published_at).isoformat(sep=" ", timespec="seconds")
+    if h.etcd_contact_age is None:
+        contact = "none yet" if h.writer_alive else "-"
+    else:
+        contact = f"{h.etcd_contact_age:.1f} s ago"
     rows = [
         ("name", h.name),
         ("writer", writer),
+        ("etcd contact", f"{contact}  ({'STALE' if h.stale else 'fresh'})"),
         ("revision", f"{h.revision}  (published snapshot)"),
         ("source", _SOURCE_TEXT.get(h.source, h.source)),
         ("etcd revision", f"{h.etcd_revision}  (last heard by the writer; lag {h.lag})"),

@@ -147,3 +147,27 @@ class SegmentPermissionError(ShmKeyspaceError, PermissionError):
 
 class WriterStartError(ShmKeyspaceError, RuntimeError):
     """A supervised writer (the gunicorn hooks') exited or published nothing in time."""
+
+
+class EtcdContactLostError(ShmKeyspaceError, ConnectionError):
+    """The writer heard nothing from etcd for its ``stale_after``.
+
+    Raised inside the watch loop (never to readers): the stream is abandoned and
+    the writer reconnects, trying the next endpoint it was given.
+    """
+
+
+class WatchCanceledError(ShmKeyspaceError):
+    """etcd canceled or ended the watch stream (``reason`` says why, when it did)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class WatchCompactedError(WatchCanceledError):
+    """The watch asked for revisions etcd has compacted away; the mirror reloads."""
+
+    def __init__(self, compacted_revision: int) -> None:
+        super().__init__(f"revision compacted (compact revision {compacted_revision})")
+        self.compacted_revision = compacted_revision

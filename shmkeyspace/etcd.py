@@ -3,6 +3,11 @@
 Only the writer side imports this module; it is what pulls in grpc and protobuf.
 Readers never need it.
 
+It also owns the watch stream the writer follows (:class:`WatchStream`: progress
+requests and etcd's "require leader" metadata, which the client libraries'
+shared watchers cannot send), the deadline-bound :func:`probe`, and
+:class:`Failover`, which moves a writer from member to member.
+
 Client choice (measured, see README): ``etcd-sdk-python`` (import ``pyetcd``)
 is preferred; it has python-etcd3's API and works with modern protobuf.
 ``etcd3`` 0.12 is supported too: its generated code only imports with protobuf
@@ -12,16 +17,21 @@ backend when it has to import ``etcd3`` and protobuf is not loaded yet.
 
 from __future__ import annotations
 
+import importlib
+import itertools
 import logging
 import os
+import queue
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import (
     ClientMissingError,
@@ -29,6 +39,8 @@ from .errors import (
     EtcdServerError,
     FileMissingError,
     InvalidSettingError,
+    WatchCanceledError,
+    WatchCompactedError,
 )
 
 log = logging.getLogger(__name__)
@@ -132,6 +144,11 @@ def connect(
             password=password,
             grpc_options=GRPC_OPTIONS,
         )
+    if not ca_cert and getattr(c, "call_credentials", None) is not None:
+        # gRPC refuses call credentials on a plain-text channel (UNAUTHENTICATED:
+        # "insufficient security level"), so user/password without TLS failed at the
+        # first request; the token also travels in the metadata, where etcd reads it.
+        c.call_credentials = None
     if check:
         try:
             c.status()
@@ -142,6 +159,257 @@ def connect(
                 f"cannot reach etcd at {where}: {type(exc).__name__} {exc}".strip()
             ) from None
     return c
+
+
+# -- the watch stream, probes and failover --------------------------------------------
+
+#: The gRPC metadata etcd's Go client adds with ``clientv3.WithRequireLeader``:
+#: etcd refuses the stream when the member has no leader, and cancels it (status
+#: UNAVAILABLE, "etcdserver: no leader") once the member has lost its leader for
+#: about three election timeouts (etcd's v3rpc ``monitorLeader``).
+REQUIRE_LEADER_METADATA = ("hasleader", "true")
+
+
+def _client_module(client: Any, sub: str) -> Any:
+    """``pyetcd.etcdrpc`` / ``etcd3.events``...: the generated code of the client's own library.
+
+    Using the client's own copy matters: both libraries register the same
+    ``rpc.proto`` names, so a process must not load the other one's.
+    """
+    pkg = type(client).__module__.split(".")[0]
+    return importlib.import_module(f"{pkg}.{sub}")
+
+
+def supports_watch_stream(client: Any) -> bool:
+    """True if ``client`` exposes what :class:`WatchStream` needs (both supported libraries do)."""
+    if not hasattr(client, "channel") or not hasattr(client, "metadata"):
+        return False
+    try:
+        rpc = _client_module(client, "etcdrpc")
+        _client_module(client, "events")
+    except ImportError:
+        return False
+    return hasattr(rpc, "WatchStub") and hasattr(rpc, "WatchCreateRequest")
+
+
+class WatchResponse:
+    """One etcd watch response: ``header`` and decoded ``events`` (PutEvent/DeleteEvent).
+
+    ``created`` marks the stream's first answer; a response with neither events
+    nor ``created`` is a progress notification.
+    """
+
+    __slots__ = ("header", "events", "created")
+
+    def __init__(self, header: Any, events: List[Any], created: bool = False) -> None:
+        self.header = header
+        self.events = events
+        self.created = created
+
+
+class WatchStream:
+    """One etcd Watch call of the keys in ``[key, range_end)``, owned by the caller.
+
+    Why not the client library's watcher: it shares one stream among watches,
+    drops the answers to progress requests (they carry watch id -1), cannot add
+    the require-leader metadata, and its cancel queues a request that a hung
+    member never reads. Here :meth:`close` cancels the gRPC call locally and at
+    once.
+
+    ``deliver`` is called on the stream's own thread with every response (a
+    :class:`WatchResponse`, created and progress ones included), then at most one
+    exception: the gRPC error, :class:`~shmkeyspace.errors.WatchCompactedError`,
+    or :class:`~shmkeyspace.errors.WatchCanceledError`. Nothing is delivered
+    after :meth:`close` returns... except what was already being delivered.
+    Cost: one thread and one HTTP/2 stream per WatchStream.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        key: bytes,
+        range_end: bytes,
+        start_revision: int,
+        deliver: Callable[[Any], None],
+        *,
+        require_leader: bool = True,
+        progress_notify: bool = True,
+    ) -> None:
+        self._rpc = _client_module(client, "etcdrpc")
+        self._new_event = _client_module(client, "events").new_event
+        self._deliver = deliver
+        self._requests: "queue.Queue[Any]" = queue.Queue()
+        self._closed = False
+        self._lock = threading.Lock()
+        create = self._rpc.WatchCreateRequest(
+            key=key, range_end=range_end, start_revision=start_revision, progress_notify=progress_notify
+        )
+        self._requests.put(self._rpc.WatchRequest(create_request=create))
+        metadata = tuple(client.metadata or ())
+        if require_leader:
+            metadata += (REQUIRE_LEADER_METADATA,)
+        stub = self._rpc.WatchStub(client.channel)
+        # The auth token travels in the metadata (as the client libraries also
+        # send it); their call_credentials are refused on a plain-text channel.
+        self._call = stub.Watch(self._request_iter(), metadata=metadata)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="shmkeyspace-watch-stream")
+        self._thread.start()
+
+    @property
+    def can_request_progress(self) -> bool:
+        """False when the client library's protocol code predates progress requests (etcd3 0.12)."""
+        return hasattr(self._rpc, "WatchProgressRequest")
+
+    def request_progress(self) -> bool:
+        """Ask etcd for a progress notification (non-blocking); False if unsupported here.
+
+        etcd >= 3.4 answers with a response carrying its current revision; the
+        gRPC proxy ignores the request (etcd issue 19710).
+        """
+        if not self.can_request_progress or self._closed:
+            return False
+        self._requests.put(self._rpc.WatchRequest(progress_request=self._rpc.WatchProgressRequest()))
+        return True
+
+    def close(self) -> None:
+        """Cancel the stream (locally, immediately). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._requests.put(None)
+        self._call.cancel()
+
+    def _request_iter(self) -> Iterator[Any]:
+        while True:
+            rq = self._requests.get()
+            if rq is None:
+                return
+            yield rq
+
+    def _run(self) -> None:
+        err: Optional[BaseException] = None
+        try:
+            for rs in self._call:
+                if self._closed:
+                    return
+                if rs.compact_revision:
+                    err = WatchCompactedError(int(rs.compact_revision))
+                    break
+                if rs.canceled:
+                    err = WatchCanceledError(rs.cancel_reason or "watch canceled by etcd")
+                    break
+                events = [self._new_event(ev) for ev in rs.events]
+                self._deliver(WatchResponse(rs.header, events, bool(rs.created)))
+            else:
+                err = WatchCanceledError("etcd ended the watch stream")
+        except Exception as exc:  # grpc.RpcError, including our own cancel
+            err = exc
+        finally:
+            if not self._closed:
+                self._deliver(err)
+            self.close()
+
+
+def probe(client: Any, key: bytes, timeout: float) -> Any:
+    """A linearizable read of one key with a deadline; returns etcd's response header.
+
+    The cheap request behind contact tracking where progress requests are not
+    answered: linearizable, so it also fails on a member without a leader.
+    Costs one round trip to the member plus its ReadIndex round to the leader;
+    raises the gRPC error (DEADLINE_EXCEEDED for a hung member).
+    """
+    rpc = _client_module(client, "etcdrpc")
+    stub = rpc.KVStub(client.channel)
+    resp = stub.Range(rpc.RangeRequest(key=key, keys_only=True, limit=1), timeout, metadata=client.metadata)
+    return resp.header
+
+
+class Failover:
+    """Clients for a list of endpoints, one member at a time.
+
+    :meth:`connect` returns a client for the first endpoint that answers a
+    :func:`probe` within ``probe_timeout``; :meth:`next` closes the current
+    client and tries the endpoints after it in order (wrapping around, the
+    current one last). Each client talks to one member, so the caller, not the
+    client library, decides when to move on. Not thread-safe: the writer's
+    watch thread owns it.
+    """
+
+    def __init__(
+        self,
+        endpoints: Union[str, Sequence[str]],
+        *,
+        probe_timeout: float = 2.0,
+        probe_key: bytes = b"\0shmkeyspace-probe",
+        **connect_args: Any,
+    ) -> None:
+        self.endpoints = [f"{h}:{p}" for h, p in parse_endpoints(endpoints)]
+        self.probe_timeout = probe_timeout
+        self.probe_key = probe_key
+        connect_args.pop("check", None)  # every endpoint is checked by a probe instead
+        self._connect_args = connect_args
+        self._index = len(self.endpoints) - 1  # so connect() starts with the first endpoint
+        self.client: Any = None
+
+    @property
+    def endpoint(self) -> Optional[str]:
+        """The endpoint of the current client (None before :meth:`connect`)."""
+        return self.endpoints[self._index] if self.client is not None else None
+
+    def connect(self) -> Any:
+        """The current client, connecting (from the first endpoint on) if there is none."""
+        if self.client is None:
+            self._move_on()
+        return self.client
+
+    def next(self) -> Any:
+        """Drop the current client and connect to the next endpoint that answers."""
+        self.close()
+        return self._move_on()
+
+    def _move_on(self) -> Any:
+        n = len(self.endpoints)
+        errors = []
+        for i in itertools.islice(itertools.count(self._index + 1), n):
+            ep = self.endpoints[i % n]
+            c = connect(ep, check=False, **self._connect_args)
+            try:
+                probe(c, self.probe_key, self.probe_timeout)
+            except Exception as exc:
+                errors.append(f"{ep}: {_describe(exc)}")
+                _close_quietly(c)
+                continue
+            self._index = i % n
+            self.client = c
+            if errors:
+                log.info("etcd: using %s (skipped %s)", ep, "; ".join(errors))
+            return c
+        if n == 1:
+            errors = [e.split(": ", 1)[1] for e in errors]
+        raise ConnectionError(f"cannot reach etcd at {','.join(self.endpoints)}: " + "; ".join(errors))
+
+    def close(self) -> None:
+        if self.client is not None:
+            _close_quietly(self.client)
+            self.client = None
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        client.close()
+    except Exception:
+        pass
+
+
+def _describe(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]  # grpc.RpcError
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"
 
 
 # -- an embedded etcd, for the demo and the tests ----------------------------------
@@ -220,8 +488,16 @@ class EtcdServer:
     """
 
     def __init__(
-        self, data_dir: Optional[str] = None, binary: Optional[str] = None, extra_args: Sequence[str] = ()
+        self,
+        data_dir: Optional[str] = None,
+        binary: Optional[str] = None,
+        extra_args: Sequence[str] = (),
+        *,
+        name: str = "shmks",
     ) -> None:
+        self.name = name
+        #: ``--initial-cluster``; None: a cluster of this member alone.
+        self.initial_cluster: Optional[str] = None
         self.binary = binary or find_etcd_binary()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="shmkeyspace-etcd-")
@@ -237,14 +513,23 @@ class EtcdServer:
         return f"127.0.0.1:{self.client_port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://127.0.0.1:{self.peer_port}"
+
+    @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, timeout: float = 30.0) -> "EtcdServer":
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (members of a new cluster wait for each other)."""
         args = [
             self.binary,
             "--name",
-            "shmks",
+            self.name,
             "--data-dir",
             os.path.join(self.data_dir, "data"),
             "--listen-client-urls",
@@ -256,7 +541,7 @@ class EtcdServer:
             "--initial-advertise-peer-urls",
             f"http://127.0.0.1:{self.peer_port}",
             "--initial-cluster",
-            f"shmks=http://127.0.0.1:{self.peer_port}",
+            self.initial_cluster or f"{self.name}={self.peer_url}",
             "--listen-metrics-urls",
             f"http://127.0.0.1:{self.metrics_port}",
             "--log-level",
@@ -268,6 +553,10 @@ class EtcdServer:
             args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
         )
         logf.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> "EtcdServer":
+        """Wait until the member answers /health (it has a leader); raise after ``timeout``."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -306,8 +595,19 @@ class EtcdServer:
     def kill(self) -> None:
         """SIGKILL etcd (data dir kept)."""
         if self.proc is not None and self.proc.poll() is None:
+            self.thaw()  # a stopped process dies on SIGKILL too, but say so for clarity
             self.proc.kill()
             self.proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP etcd: a hung member whose TCP connections stay open."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def restart(self) -> None:
         self.kill()
@@ -481,6 +781,55 @@ class EtcdGrpcProxy:
 
     def __enter__(self) -> "EtcdGrpcProxy":
         return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class EtcdCluster:
+    """A throwaway etcd cluster of ``size`` members on loopback ports, for failover tests.
+
+    A context manager like :class:`EtcdServer`; ``members[i]`` can be frozen,
+    thawed, killed and restarted one by one. ``endpoints`` lists every member's
+    client address, comma-separated, as the writer takes them.
+    """
+
+    def __init__(self, size: int = 3, binary: Optional[str] = None, extra_args: Sequence[str] = ()) -> None:
+        self.members = [EtcdServer(binary=binary, extra_args=extra_args, name=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        token = f"shmks-{os.getpid()}-{self.members[0].peer_port}"  # one per cluster
+        for m in self.members:
+            m.initial_cluster = initial
+            m.extra_args += ["--initial-cluster-token", token]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self, timeout: float = 60.0) -> "EtcdCluster":
+        try:
+            for m in self.members:
+                m.launch()
+            for m in self.members:
+                m.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def member(self, endpoint: str) -> EtcdServer:
+        """The member serving ``endpoint`` (HOST:PORT)."""
+        for m in self.members:
+            if m.endpoint == endpoint:
+                return m
+        raise KeyError(endpoint)
+
+    def stop(self) -> None:
+        for m in self.members:
+            m.stop()
+
+    def __enter__(self) -> "EtcdCluster":
+        return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()

@@ -15,6 +15,11 @@ order, while that lock is still held. It promises:
 * :meth:`watch` survives etcd outages (reconnect with backoff, resume from
   ``header.revision + 1``) and compaction (reload at the current revision and
   swap in one update: observers never see a half-loaded space).
+* :meth:`watch` never goes silently stale: ``etcd_contact_ns`` is the last time
+  etcd answered (events, progress, probes); with no answer for ``stale_after``
+  the stream is abandoned and the watch reconnects (through ``reconnect``, to
+  the next endpoint). A member that loses its leader cancels the stream
+  (require-leader metadata).
 
 The etcd client is anything with the python-etcd3 API (``etcd3`` or
 ``etcd-sdk-python``'s ``pyetcd``); see :mod:`shmkeyspace.etcd`.
@@ -30,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
 
-from .errors import InvalidPrefixError, KeySpaceError, ShmKeyspaceError
+from .errors import EtcdContactLostError, InvalidPrefixError, KeySpaceError, ShmKeyspaceError
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
 _new_kv = tuple.__new__
@@ -73,6 +78,9 @@ FIRST_PAGE = 10_000
 #: client's limit fails RESOURCE_EXHAUSTED: it is halved and retried, and the
 #: byte budget shrinks with it.
 PAGE_BYTES = 32 << 20
+#: Seconds without contact with etcd after which the mirror counts as stale and
+#: the watch abandons its stream (the writer's --stale-after).
+DEFAULT_STALE_AFTER = 5.0
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,12 @@ class KeySpace:
         #: Newest etcd revision heard of (any response header, progress included).
         self.etcd_revision = 0
         self._excluded: Set[bytes] = set()  # keys present in etcd whose value failed to decode
+        #: time.monotonic_ns() of the last answer from etcd (0: none yet); see note_contact.
+        self.etcd_contact_ns = 0
+        #: Called with etcd_contact_ns at each contact, on the thread that heard etcd.
+        self.on_contact: Optional[Callable[[int], None]] = None
+        #: Why the last watch stream ended (None while the first one runs).
+        self.last_watch_error: Optional[str] = None
         self._update_event = threading.Event()
 
     # -- decoding -------------------------------------------------------------
@@ -369,52 +383,115 @@ class KeySpace:
                 break
         return header, loader.finish(), excluded
 
-    def watch(self, client: Any, stop: Optional[threading.Event] = None, max_backoff: float = 5.0) -> None:
+    def note_contact(self) -> None:
+        """Record that etcd answered just now. Cost: a clock read and :attr:`on_contact`.
+
+        Called from whichever thread heard etcd (the watch stream's, a probe's, a load).
+        """
+        ns = time.monotonic_ns()
+        self.etcd_contact_ns = ns
+        cb = self.on_contact
+        if cb is not None:
+            cb(ns)
+
+    def watch(
+        self,
+        client: Any,
+        stop: Optional[threading.Event] = None,
+        max_backoff: float = 5.0,
+        *,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        reconnect: Optional[Callable[[], Any]] = None,
+    ) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
 
         Resumes from ``header.revision + 1`` after any failure, reloads on
         compaction, and re-raises only :class:`KeySpaceError`.
+
+        Contact: every response on the stream counts (:meth:`note_contact`).
+        After ``stale_after / 4`` without one it asks etcd for progress; where
+        progress requests go unanswered while a deadline-bound read succeeds (the
+        gRPC proxy, etcd issue 19710; the ``etcd3`` library's old protocol code)
+        that read is the check instead. No contact for ``stale_after`` seconds:
+        the stream is abandoned. The stream carries etcd's require-leader
+        metadata, so a member that loses its leader cancels it.
+
+        After a stream ends for any reason but compaction, ``reconnect()`` (if
+        given) returns the client to continue with: the writer's moves on to the
+        next endpoint. Without it the same client is used again.
         """
         stop = stop or threading.Event()
         backoff = 0.05
+        move_on = False
         while not stop.is_set():
+            if move_on and reconnect is not None:
+                try:
+                    client = reconnect()
+                except Exception as exc:
+                    log.warning(
+                        "reconnecting to etcd failed (%s); retrying in %.2fs", _describe(exc), backoff
+                    )
+                    stop.wait(backoff)
+                    backoff = min(max_backoff, backoff * 2)
+                    continue
+            move_on = False
             q: "queue.Queue[Any]" = queue.Queue()
+            session = _Session(self, client, q, stale_after)
             try:
                 self._check_start(client)
-                watch_id = client.add_watch_prefix_callback(
-                    self.root_key, q.put, start_revision=self.header.revision + 1, progress_notify=True
-                )
+                session.open()
             except Exception as exc:
+                session.close()
                 if self._handle_watch_error(client, exc):
                     backoff = 0.05
                     continue
                 log.warning(
                     "etcd watch of %r failed (%s); retrying in %.2fs", self.root, _describe(exc), backoff
                 )
+                self.last_watch_error = _describe(exc)
+                move_on = True
                 stop.wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
                 continue
             log.info("watching %r from revision %d", self.root, self.header.revision + 1)
             try:
-                err = self._pump(q, stop)
+                err = self._pump(q, stop, session)
             finally:
-                _cancel(client, watch_id)
-            if err is not None and not self._handle_watch_error(client, err):
-                log.warning(
-                    "etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
-                    self.root,
-                    _describe(err),
-                    self.header.revision + 1,
-                    backoff,
-                )
-                stop.wait(backoff)
-                backoff = min(max_backoff, backoff * 2)
-            else:
+                session.close()
+            if err is None or self._handle_watch_error(client, err):
                 backoff = 0.05
+                continue
+            self.last_watch_error = _describe(err)
+            move_on = True
+            if session.responses:
+                backoff = 0.05  # it was a healthy stream: start over with short waits
+            if isinstance(err, EtcdContactLostError):
+                # No wait: another member may be fine, and reconnect() probes with a deadline.
+                log.warning(
+                    "etcd watch of %r: %s; abandoning the stream, resuming from revision %d",
+                    self.root,
+                    err,
+                    self.header.revision + 1,
+                )
+                continue
+            log.warning(
+                "etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
+                self.root,
+                _describe(err),
+                self.header.revision + 1,
+                backoff,
+            )
+            stop.wait(backoff)
+            backoff = min(max_backoff, backoff * 2)
 
-    def _pump(self, q: "queue.Queue[Any]", stop: threading.Event) -> Optional[BaseException]:
-        """Apply batches from ``q`` until an error arrives or ``stop`` is set."""
+    def _pump(
+        self, q: "queue.Queue[Any]", stop: threading.Event, session: "_Session"
+    ) -> Optional[BaseException]:
+        """Apply batches from ``q`` until an error arrives, contact is lost, or ``stop`` is set."""
         while not stop.is_set():
+            lost = session.tick()
+            if lost is not None:
+                return lost
             try:
                 first = q.get(timeout=0.1)
             except queue.Empty:
@@ -434,7 +511,12 @@ class KeySpace:
                     err = item
                     break
                 batch.append(item)
-            self.apply(*batch)
+            # A member just failed over to may lag behind the mirror: its eventless
+            # answers (created, progress) are contact, but not news to apply.
+            rev = self.header.revision
+            batch = [r for r in batch if r.events or int(r.header.revision) >= rev]
+            if batch:
+                self.apply(*batch)
             if err is not None:
                 return err
         return None
@@ -479,19 +561,131 @@ class KeySpace:
             except Exception as lexc:  # etcd went away mid-reload: back off, retry
                 log.warning("reload of %r failed: %s", self.root, _describe(lexc))
                 return False
+            self.note_contact()
             return True
         return False
 
-    def start_watch(self, client: Any) -> "WatchThread":
-        """Run :meth:`watch` on a daemon thread; stop it with ``.stop()``."""
-        return WatchThread(self, client)
+    def start_watch(self, client: Any, **watch_args: Any) -> "WatchThread":
+        """Run :meth:`watch` (with ``watch_args``) on a daemon thread; stop it with ``.stop()``."""
+        return WatchThread(self, client, **watch_args)
+
+
+class _Session:
+    """One watch stream of a KeySpace and the contact bookkeeping of it (see KeySpace.watch).
+
+    Its stream's thread delivers responses into ``q``; :meth:`tick`, called by
+    the pump at least every 0.1 s, asks for progress or probes, and reports
+    contact lost. Probes run on a thread of their own, one at a time, so a hung
+    member never blocks the pump.
+    """
+
+    def __init__(self, ks: KeySpace, client: Any, q: "queue.Queue[Any]", stale_after: float) -> None:
+        if not stale_after > 0:
+            raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}")
+        self.ks = ks
+        self.client = client
+        self.q = q
+        self.stale_after = stale_after
+        self.stale_ns = int(stale_after * 1e9)
+        #: Quiet time before asking for progress; a quarter leaves room for a
+        #: second request and a probe before stale_after runs out.
+        self.tick_ns = max(int(self.stale_ns / 4), 50_000_000)
+        self.probe_timeout = max(0.2, min(2.0, stale_after / 2))
+        self.opened_ns = time.monotonic_ns()
+        self.last_tick_ns = self.opened_ns
+        self.responses = 0
+        self.unanswered = 0  # progress requests sent since the last response
+        self.progress = False  # progress requests are sent (and believed answered)
+        self.stream: Any = None
+        self.watch_id: Any = None
+        self._prober: Optional[threading.Thread] = None
+        self.closed = False
+
+    def open(self) -> None:
+        from . import etcd
+
+        ks = self.ks
+        start = ks.header.revision + 1
+        if etcd.supports_watch_stream(self.client):
+            self.stream = etcd.WatchStream(
+                self.client, ks.root_key, prefix_end(ks.root_key) or b"\0", start, self._deliver
+            )
+            self.progress = self.stream.can_request_progress
+        else:  # some other python-etcd3-API client: its own watcher, probes only
+            self.watch_id = self.client.add_watch_prefix_callback(
+                ks.root_key, self._deliver, start_revision=start, progress_notify=True
+            )
+
+    def _deliver(self, item: Any) -> None:
+        if self.closed:
+            return
+        if not isinstance(item, BaseException):
+            self.responses += 1
+            self.unanswered = 0
+            self.ks.note_contact()
+        self.q.put(item)
+
+    def tick(self) -> Optional[BaseException]:
+        """Ask for progress or probe when quiet; the error to end the stream with, if contact is lost."""
+        now = time.monotonic_ns()
+        since = max(self.ks.etcd_contact_ns, self.opened_ns)
+        if now - since > self.stale_ns:
+            return EtcdContactLostError(
+                f"no contact with etcd for {(now - since) / 1e9:.1f}s (stale_after {self.stale_after:g}s)"
+            )
+        if now - since < self.tick_ns or now - self.last_tick_ns < self.tick_ns:
+            return None
+        self.last_tick_ns = now
+        if self.progress:
+            if self.unanswered:
+                self._start_probe()  # the last request went unanswered: is it the request or etcd?
+            self.stream.request_progress()
+            self.unanswered += 1
+        else:
+            self._start_probe()
+        return None
+
+    def _start_probe(self) -> None:
+        if self._prober is not None and self._prober.is_alive():
+            return
+        self._prober = threading.Thread(target=self._probe, daemon=True, name="shmkeyspace-probe")
+        self._prober.start()
+
+    def _probe(self) -> None:
+        from . import etcd
+
+        try:
+            if etcd.supports_watch_stream(self.client):
+                etcd.probe(self.client, self.ks.root_key, self.probe_timeout)
+            else:
+                self.client.status()
+        except Exception as exc:
+            log.debug("etcd probe failed: %s", _describe(exc))
+            return
+        if self.closed:
+            return
+        self.ks.note_contact()
+        if self.progress and self.unanswered >= 2:
+            self.progress = False
+            log.warning(
+                "etcd answers reads but not watch progress requests on this connection (a gRPC "
+                "proxy? etcd issue 19710): checking contact with a deadline-bound read instead"
+            )
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            self.stream.close()
+        elif self.watch_id is not None:
+            _cancel(self.client, self.watch_id)
 
 
 class WatchThread:
     """A KeySpace watch running on its own thread. ``stop()`` returns within ~1 s."""
 
-    def __init__(self, ks: KeySpace, client: Any) -> None:
+    def __init__(self, ks: KeySpace, client: Any, **watch_args: Any) -> None:
         self.keyspace = ks
+        self._watch_args = watch_args
         self.error: Optional[BaseException] = None
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -501,7 +695,7 @@ class WatchThread:
 
     def _run(self, client: Any) -> None:
         try:
-            self.keyspace.watch(client, self._stop)
+            self.keyspace.watch(client, self._stop, **self._watch_args)
         except BaseException as exc:
             self.error = exc
             log.exception("watch of %r stopped on an unrecoverable error", self.keyspace.root)

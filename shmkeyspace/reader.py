@@ -99,6 +99,12 @@ class Health(NamedTuple):
     #: etcd (fail static); "etcd": current with etcd; "unknown": the writer
     #: does not say (an older writer, or none has published since it started).
     source: str = "unknown"
+    #: Seconds since the writer last heard from etcd; None if it has not yet (or
+    #: is a writer that does not track contact).
+    etcd_contact_age: Optional[float] = None
+    #: True when the writer is dead, or has not heard from etcd for longer than
+    #: its --stale-after (see README "Staleness").
+    stale: bool = False
 
 
 # -- the two implementations of the query kernels --------------------------------------
@@ -586,6 +592,8 @@ class Reader(_Base):
 
         ``stale_after``: heartbeat age, in seconds, past which a writer counts as
         dead even if its lock is held (default: 5 heartbeat intervals, at least 2 s).
+        It is not the writer's ``--stale-after``: ``stale`` compares the writer's
+        contact age with that one, which the writer publishes.
         """
         w = self._words
         pid = w[segment.OFF_PID // 8]
@@ -597,6 +605,15 @@ class Reader(_Base):
         s1, pub = self._current()
         rec = self._control().active_record(s1)
         etcd_rev = w[segment.OFF_ETCD_REV // 8]
+        contact = w[segment.OFF_CONTACT // 8]
+        contact_limit = w[segment.OFF_STALE_AFTER // 8]  # ns; the writer's --stale-after
+        contact_age = max(0.0, (time.monotonic_ns() - contact) / 1e9) if contact else None
+        if not alive:
+            stale = True
+        elif not contact_limit:
+            stale = False  # a writer that does not track contact: liveness is all we know
+        else:
+            stale = contact_age is None or contact_age * 1e9 > contact_limit
         return Health(
             self.name,
             alive,
@@ -611,6 +628,8 @@ class Reader(_Base):
             rec[6] / 1e9,
             s1,
             segment.SOURCE_NAMES.get(w[segment.OFF_SOURCE // 8], "unknown"),
+            contact_age,
+            stale,
         )
 
 

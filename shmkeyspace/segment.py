@@ -95,6 +95,8 @@ OFF_STARTED = 40  # wall-clock ns when the writer started
 OFF_HB_INTERVAL = 48  # heartbeat interval, ns
 OFF_ETCD_REV = 56  # newest etcd revision the writer has heard of
 OFF_RECORDS = 64
+OFF_CONTACT = 192  # CLOCK_MONOTONIC ns of the writer's last contact with etcd (0: none yet)
+OFF_STALE_AFTER = 200  # the writer's stale_after, ns (0: a writer that does not track contact)
 OFF_SOURCE = 208  # where the published data came from: SOURCE_* below
 #: Values of the OFF_SOURCE word: a writer that never says (or an old one),
 #: a snapshot restored from the state file and not yet caught up with etcd,
@@ -374,6 +376,9 @@ class Publisher:
         self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
+        # This writer has not heard from etcd yet; a predecessor's contact says nothing.
+        self._words[OFF_CONTACT // 8] = 0
+        self._words[OFF_STALE_AFTER // 8] = 0
         self.heartbeat()
 
     # -- helpers --------------------------------------------------------------
@@ -413,6 +418,21 @@ class Publisher:
     def source(self) -> int:
         """The value last given to :meth:`set_source` (SOURCE_UNKNOWN if none). O(1)."""
         return self._words[OFF_SOURCE // 8] if self.ctrl is not None else SOURCE_UNKNOWN
+
+    def set_stale_after(self, seconds: float) -> None:
+        """Publish the writer's stale_after: readers call it stale past this contact age."""
+        self._words[OFF_STALE_AFTER // 8] = int(seconds * 1e9)
+
+    def set_contact(self, monotonic_ns: Optional[int] = None) -> None:
+        """Record the writer's last contact with etcd (default: now). One aligned 8-byte store.
+
+        Safe from any thread, also racing :meth:`close` (then it does nothing).
+        """
+        words = self._words
+        try:
+            words[OFF_CONTACT // 8] = time.monotonic_ns() if monotonic_ns is None else monotonic_ns
+        except ValueError:  # released by close()
+            pass
 
     # -- data segments ----------------------------------------------------------
     def _new_generation(self, need: int) -> None:

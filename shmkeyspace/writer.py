@@ -20,7 +20,11 @@ whose store is an :class:`ImageBuilder` of packed entries, and the
   so readers can tell a live writer from a dead one;
 * each publication carries the change feed (feed.py): the keys the last
   ``changes_keep`` updates changed, at most ``changes_bytes`` of them, and wakes
-  readers sleeping on the seq word (futex.py).
+  readers sleeping on the seq word (futex.py);
+* the time of its last contact with etcd in the control block, beside its
+  ``stale_after``, so readers can tell a live but cut-off writer
+  (``Health.stale``); with no contact for ``stale_after`` it reconnects, to the
+  next of its endpoints (see :meth:`KeySpace.watch`).
 
 Lifecycle: :meth:`run` blocks (load, then watch) and raises the fatal error,
 also kept in :attr:`error`; :meth:`start` runs it on a thread once loaded;
@@ -55,7 +59,7 @@ from .builder import Changes, ImageBuilder
 from .errors import ImageTooLargeError, InvalidSettingError, SegmentFullError, StateFileError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue, prefix_end
-from .keyspace import DEFAULT_APPLY_DELAY, Header, KeySpace
+from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, Header, KeySpace
 from .snapshot import MAX_IMAGE, pack_entry
 
 #: Default seconds between two writes of the state file (``--persist-interval``).
@@ -188,9 +192,12 @@ class Writer:
         decoder_name: Optional[str] = None,
         changes_keep: int = DEFAULT_KEEP,
         changes_bytes: int = DEFAULT_BYTES,
+        stale_after: float = DEFAULT_STALE_AFTER,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
+        if not stale_after > 0:
+            raise InvalidSettingError(f"stale_after must be > 0 seconds, got {stale_after!r}")
         self._max_image = max_image_bytes
         # validates prefix before any side effect
         self.keyspace = KeySpace(prefix, self._decode, store=lambda: _PackedLoader(self._max_image))
@@ -202,8 +209,12 @@ class Writer:
         self._own_client = client is None
         self._endpoints = endpoints
         self._connect_args = dict(connect_args or {})
+        self._failover: Any = None  # etcd.Failover over the endpoints, when we own the client
+        self.stale_after = stale_after
         self.publisher = segment.Publisher(name, mode=mode, gid=gid)
         self.publisher.set_heartbeat_interval(heartbeat_interval)
+        self.publisher.set_stale_after(stale_after)
+        self.keyspace.on_contact = self.publisher.set_contact
         self.heartbeat_interval = heartbeat_interval
         self.unlink_on_exit = unlink_on_exit
         self.keyspace.observers.append(self._publish)
@@ -840,10 +851,31 @@ class Writer:
     # -- running --------------------------------------------------------------------
     def connect(self) -> Any:
         if self._client is None:
-            from .etcd import connect
+            from .etcd import Failover
 
-            self._client = connect(self._endpoints or "", **self._connect_args)
+            # Half of stale_after per member probed: a healthy member answers in
+            # milliseconds, a hung one must not hold the failover up for long.
+            probe_timeout = min(self._connect_args.get("timeout") or 10.0, max(1.0, self.stale_after / 2))
+            # The probe reads the prefix's own key: a user limited to the prefix may read it.
+            self._failover = Failover(
+                self._endpoints or "",
+                probe_timeout=probe_timeout,
+                probe_key=self.keyspace.root_key,
+                **self._connect_args,
+            )
+            self._client = self._failover.connect()
         return self._client
+
+    def _reconnect(self) -> Any:
+        """The watch lost its member: move on to the next endpoint that answers."""
+        self._client = self._failover.next()
+        log.info("etcd: %r now follows %s", self.name, self._failover.endpoint)
+        return self._client
+
+    @property
+    def endpoint(self) -> Optional[str]:
+        """The etcd endpoint the writer uses now (None with a client passed in)."""
+        return self._failover.endpoint if self._failover is not None else None
 
     def load(self) -> None:
         """Connect if needed and load the prefix, publishing it (progress logged for big ones)."""
@@ -860,6 +892,7 @@ class Writer:
 
         self.keyspace.load(client, progress=progress)
         self._catchup = None
+        self.keyspace.note_contact()
         log.info(
             "loaded %r at revision %d: %d keys in %.2fs; published as %r",
             self.keyspace.root,
@@ -891,7 +924,12 @@ class Writer:
                         return
                 else:
                     self.load()
-            self.keyspace.watch(self.connect(), self._stop)
+            self.keyspace.watch(
+                self.connect(),
+                self._stop,
+                stale_after=self.stale_after,
+                reconnect=self._reconnect if self._failover is not None else None,
+            )
         except BaseException as exc:
             if self._stop.is_set():
                 log.debug("writer %r: error after stop ignored", self.name, exc_info=True)
@@ -959,7 +997,9 @@ class Writer:
         with self.keyspace.lock:
             self._closed = True
             self.publisher.close(unlink=self.unlink_on_exit)
-        if self._own_client and self._client is not None:
+        if self._failover is not None:
+            self._failover.close()
+        elif self._own_client and self._client is not None:
             try:
                 self._client.close()
             except Exception:
