@@ -511,10 +511,12 @@ class KeySpace:
                     err = item
                     break
                 batch.append(item)
-            # A member just failed over to may lag behind the mirror: its eventless
-            # answers (created, progress) are contact, but not news to apply.
+            # Eventless answers are contact (counted on arrival), news only when they
+            # are progress notifications from a member level with the mirror: a
+            # member just failed over to may lag behind it, and etcd's gRPC proxy
+            # makes up "created" answers with ClusterId 0 for watches it coalesces.
             rev = self.header.revision
-            batch = [r for r in batch if r.events or int(r.header.revision) >= rev]
+            batch = [r for r in batch if r.events or _is_progress(r, rev)]
             if batch:
                 self.apply(*batch)
             if err is not None:
@@ -706,6 +708,12 @@ class WatchThread:
     def stop(self, timeout: float = 1.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+
+def _is_progress(resp: Any, revision: int) -> bool:
+    """An eventless watch response worth applying: a real progress notification at or past ``revision``."""
+    hdr = resp.header
+    return not getattr(resp, "created", False) and int(hdr.cluster_id) != 0 and int(hdr.revision) >= revision
 
 
 def _cancel(client: Any, watch_id: Any) -> None:
