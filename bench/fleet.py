@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,7 +157,9 @@ class Load:
         return total
 
 
-def _spawn_writers(endpoint: str, prefix: str, names: List[str], logdir: str, apply_delay: float):
+def _spawn_writers(
+    endpoint: str, prefix: str, names: List[str], logdir: str, apply_delay: float, timeout: float
+) -> List[subprocess.Popen]:
     procs = []
     for name in names:
         log = open(os.path.join(logdir, f"{name}.log"), "w")
@@ -177,6 +180,8 @@ def _spawn_writers(endpoint: str, prefix: str, names: List[str], logdir: str, ap
                     "json",
                     "--apply-delay",
                     str(apply_delay),
+                    "--timeout",
+                    str(timeout),
                     "--unlink-on-exit",
                     "--log-level",
                     "warning",
@@ -215,6 +220,7 @@ import json, sys, threading, time
 from shmkeyspace.etcd import connect
 from shmkeyspace.keyspace import KeySpace
 endpoint, prefix, count, apply_delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+timeout = float(sys.argv[5])
 ready = [None] * count
 hist = [[] for _ in range(count)]
 retries = [0] * count
@@ -226,7 +232,7 @@ def host(i):
     ks.observers.append(lambda: h.append((ks.header.revision, time.monotonic())))
     while True:  # a failed load is retried, as systemd would restart a writer
         try:
-            c = connect(endpoint)
+            c = connect(endpoint, timeout=timeout)
             ks.load(c)
             break
         except Exception as exc:
@@ -258,8 +264,8 @@ class WriterFleet:
         self.procs: List[subprocess.Popen] = []
         self.readers: Dict[str, Reader] = {}
 
-    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float) -> None:
-        self.procs = _spawn_writers(endpoint, prefix, self.names, logdir, apply_delay_ms)
+    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float, timeout: float) -> None:
+        self.procs = _spawn_writers(endpoint, prefix, self.names, logdir, apply_delay_ms, timeout)
 
     def wait_ready(self, t0: float, timeout: float) -> List[float]:
         cold = _wait_cold_start(self.names, self.procs, self.n, timeout)
@@ -306,12 +312,21 @@ class MirrorFleet:
         self.samples: List[Any] = []
         self.load_retries = 0
 
-    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float) -> None:
+    def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float, timeout: float) -> None:
         for start in range(0, self.k, self.per_proc):
             count = min(self.per_proc, self.k - start)
             self.procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", MIRRORS, endpoint, prefix, str(count), str(apply_delay_ms / 1000)],
+                    [
+                        sys.executable,
+                        "-c",
+                        MIRRORS,
+                        endpoint,
+                        prefix,
+                        str(count),
+                        str(apply_delay_ms / 1000),
+                        str(timeout),
+                    ],
                     env=child_env([BENCH_DIR]),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -434,7 +449,7 @@ def run_one(
         pcpu0 = proxy.cpu_seconds() if proxy else 0.0
         t0 = time.monotonic()
         if k:
-            fleet.start(endpoint, prefix, logdir, args.apply_delay)
+            fleet.start(endpoint, prefix, logdir, args.apply_delay, args.timeout)
             ready = fleet.wait_ready(t0, timeout=900)
             row["cold_start_s"] = max(ready)
             row["cold_first_s"] = min(ready)
@@ -549,6 +564,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--samples", type=float, default=5.0, help="visibility samples per second")
     ap.add_argument("--apply-delay", type=float, default=30.0, help="writers' --apply-delay, ms")
     ap.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="writers' etcd request timeout, s (default 60: K full loads at once on a busy 2-core "
+        "machine overran the CLI's default 10 s)",
+    )
+    ap.add_argument(
         "--mirrors-from",
         type=int,
         default=50,
@@ -564,6 +586,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     rows = []
     logdir = tempfile.mkdtemp(prefix="shmkeyspace-fleet-")
+    try:
+        return _run(args, ks, modes, rows, logdir, argv)
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _run(
+    args: argparse.Namespace, ks: List[int], modes: List[str], rows: List[Any], logdir: str, argv
+) -> int:
     with EtcdServer(extra_args=ETCD_ARGS) as etcd:
         client = connect(etcd.endpoint)
         t = seed(client, args.prefix, args.keys, VALUE_SIZE)
@@ -583,6 +614,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "seconds": args.seconds,
             "apply_delay": args.apply_delay,
             "idle_seconds": args.idle_seconds,
+            "timeout": args.timeout,
             "mirrors_from": args.mirrors_from,
             "writers": ks,
             "modes": modes,
