@@ -13,7 +13,8 @@ What is checked, against real etcd, a real proxy and real writer processes:
   and B, the upstream watches of the prefix, settles at most ``max(1, K // 5)``
   (see :func:`coalesced_bound`); the same 10 writers connected directly cost 10;
 * every writer's snapshot equals etcd at its revision after churn, after the proxy
-  is SIGKILLed and restarted mid-stream, after a compaction past the writers while
+  is SIGKILLed and restarted mid-stream (readers see the writers ``stale`` while it
+  is down: behind a proxy, contact is proven by reads, not progress requests), after a compaction past the writers while
   the proxy was down (each reloads), and after etcd itself is restarted under the
   proxy;
 * TLS on both hops and etcd authentication through the proxy: etcd checks the
@@ -39,6 +40,8 @@ from shmkeyspace.key_values import prefix_end
 
 K = 10
 KEYS = 100
+#: The writers' --stale-after: short, so the proxy-outage check is quick.
+STALE_AFTER = 2.0
 WATCHERS = "etcd_debugging_mvcc_watcher_total"
 STREAMS = "etcd_debugging_mvcc_watch_stream_total"
 #: Upstream watches a proxy holds on its own: grpcproxy's ``leader`` watches the key
@@ -161,6 +164,8 @@ def _spawn_writers(endpoint: str, prefix: str, names: List[str], logdir) -> List
                     "5",
                     "--heartbeat",
                     "0.2",
+                    "--stale-after",
+                    str(STALE_AFTER),
                     "--unlink-on-exit",
                     "--log-level",
                     "info",
@@ -291,18 +296,29 @@ def test_ten_writers_behind_one_proxy(own_etcd, prefix, shm_name, tmp_path):
             assert _upstream(own_etcd)["watchers"] >= PROXY_OWN_WATCHERS + 1
         _all_equal_etcd(readers, client, prefix, procs)
 
-        # The proxy SIGKILLed mid-stream and restarted on the same port: every writer
-        # reconnects and resumes from its revision.
+        assert not any(r.health().stale for r in readers), [r.health() for r in readers]
+
+        # The proxy SIGKILLed mid-stream and restarted on the same port. The writers
+        # cannot ask it for progress (etcd issue 19710) and prove contact with reads
+        # through it instead: while it is down readers see them stale (alive, but no
+        # contact with etcd); after the restart each resumes from its revision.
         with Churn(own_etcd.endpoint, prefix, seed=2) as churn:
             churn.wait_writes(50)
             proxy.kill()
             churn.wait_writes(100)
+            assert hp.wait_until(lambda: all(r.health().stale for r in readers), 30, interval=0.1), [
+                r.health() for r in readers
+            ]
+            assert all(r.health().writer_alive for r in readers)
             proxy.start()
             churn.wait_writes(100)
         _all_equal_etcd(readers, client, prefix, procs)
+        assert hp.wait_until(lambda: not any(r.health().stale for r in readers), 30, interval=0.1), [
+            r.health() for r in readers
+        ]
         for r in readers:
             h = r.health()
-            assert h.writer_alive and h.lag == 0, h
+            assert h.writer_alive and h.lag == 0 and h.etcd_contact_age < STALE_AFTER, h
 
         # etcd compacts past every writer while the proxy is down: each one finds out
         # before it watches again (KeySpace._check_start) and reloads. Twice: without
