@@ -135,7 +135,9 @@ def wait(addr: int, expected: int, timeout: Optional[float]) -> bool:
     r = _syscall(_nr, addr, FUTEX_WAIT, expected & 0xFFFFFFFF, ts, None, 0)
     if r < 0:
         err = ctypes.get_errno()
-        if err in (errno.ENOSYS, errno.EPERM, errno.EFAULT, errno.EINVAL):
+        if err == errno.EFAULT:  # not mapped (any more): this caller polls, others keep futexes
+            return False
+        if err in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
             _disable(err)
             return False
         # EAGAIN (word differs), ETIMEDOUT, EINTR: the caller re-checks.

@@ -494,7 +494,11 @@ class Reader(_Base):
         seen = -1
         delay = 0.0005
         while True:
-            s = self._words[_SEQ]
+            # ``words`` pins the mapping while this thread sleeps on it: a close()
+            # from another thread only drops references, so the address stays valid.
+            words = self._words
+            addr = self._seq_addr
+            s = words[_SEQ]  # ReaderClosedError once closed
             if s != seen:
                 seen = s
                 if self._record_revision() >= revision:
@@ -505,7 +509,7 @@ class Reader(_Base):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-            if futex.wait(self._seq_addr, s, 1.0 if left is None else min(left, 1.0)):
+            if addr and futex.wait(addr, s, 1.0 if left is None else min(left, 1.0)):
                 continue
             time.sleep(delay if left is None else min(delay, left))
             delay = min(0.004, delay * 2)

@@ -495,3 +495,33 @@ def test_polling_fallback_without_futex(shm_name, monkeypatch):
             assert done == [True]
     finally:
         hp.stop(pub)
+
+
+def test_close_from_another_thread_ends_a_wait(shm_name):
+    """A Reader closed while a thread sleeps in wait_for_revision: that thread gets
+    ReaderClosedError (within its 1 s sleep slice), and futexes stay on for others."""
+    from shmkeyspace.errors import ReaderClosedError
+
+    available = futex.AVAILABLE
+    pub = _spawn_publisher(shm_name, 1)
+    try:
+        r = Reader(shm_name)
+        out: list = []
+
+        def wait():
+            try:
+                out.append(r.wait_for_revision(99, None))
+            except ReaderClosedError as exc:
+                out.append(exc)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.1)  # let it go to sleep (not an ordering assumption: either way it must end)
+        r.close()
+        t.join(30)
+        assert not t.is_alive() and isinstance(out[0], ReaderClosedError)
+        with Reader(shm_name) as r2:
+            assert not r2.wait_for_revision(99, 0.05)
+        assert futex.AVAILABLE == available
+    finally:
+        hp.stop(pub)
