@@ -310,30 +310,33 @@ def test_wake_up_across_processes_and_a_killed_writer(shm_name):
     pub = pub2 = None
     try:
         pub = _spawn_publisher(shm_name, 1)
-        # Three waiters: two for revision 2, one with a short timeout for revision 3.
-        for target, timeout in ((2, 60), (2, 60), (3, 1.0), (3, 60)):
-            p = hp.spawn(WAITER, shm_name, str(target), str(timeout))
-            waiters.append(p)
+        # Two waiters for revision 2, one for revision 3 (long timeouts).
+        waiters.extend(hp.spawn(WAITER, shm_name, str(target), "60") for target in (2, 2, 3))
+        for p in waiters:
             assert p.stdout.readline().strip() == "ready"
         pub.stdin.write("2\n")
         pub.stdin.flush()
         for p in waiters[:2]:
             ok, rev = p.stdout.readline().split()[1:3]
             assert (ok, rev) == ("True", "2")
-        # The writer dies while two readers wait for revision 3: the one with a
-        # short timeout gives up cleanly ...
+        # One more waiter for revision 3 with a short timeout, then the writer dies:
+        # whether its timeout ends before or after the kill, nobody publishes 3
+        # until it has answered, and it must give up cleanly at revision 2 ...
+        short = hp.spawn(WAITER, shm_name, "3", "1.0")
+        waiters.append(short)
+        assert short.stdout.readline().strip() == "ready"
         pub.send_signal(signal.SIGKILL)
         pub.wait(10)
-        out = waiters[2].stdout.readline().split()
+        out = short.stdout.readline().split()
         assert out[:3] == ["done", "False", "2"], out
-        assert waiters[2].wait(30) == 0
+        assert short.wait(30) == 0
         # ... the other one sees the new writer's publication.
         pub2 = _spawn_publisher(shm_name, 2)
         pub2.stdin.write("3\n")
         pub2.stdin.flush()
-        out = waiters[3].stdout.readline().split()
+        out = waiters[2].stdout.readline().split()
         assert out[:3] == ["done", "True", "3"], out
-        assert waiters[3].wait(30) == 0
+        assert waiters[2].wait(30) == 0
     finally:
         for p in (pub, pub2, *waiters):
             hp.stop(p)
