@@ -333,7 +333,8 @@ class Failover:
     client and tries the endpoints after it in order (wrapping around, the
     current one last). Each client talks to one member, so the caller, not the
     client library, decides when to move on. Not thread-safe: the writer's
-    watch thread owns it.
+    watch thread owns it, except :meth:`close`, which may come from the thread
+    stopping the writer while a :meth:`next` is probing.
     """
 
     def __init__(
@@ -351,6 +352,7 @@ class Failover:
         self._connect_args = connect_args
         self._index = len(self.endpoints) - 1  # so connect() starts with the first endpoint
         self.client: Any = None
+        self._closed = False
 
     @property
     def endpoint(self) -> Optional[str]:
@@ -365,7 +367,7 @@ class Failover:
 
     def next(self) -> Any:
         """Drop the current client and connect to the next endpoint that answers."""
-        self.close()
+        self._drop()
         return self._move_on()
 
     def _move_on(self) -> Any:
@@ -380,6 +382,9 @@ class Failover:
                 errors.append(f"{ep}: {_describe(exc)}")
                 _close_quietly(c)
                 continue
+            if self._closed:  # close() ran on another thread while this one probed
+                _close_quietly(c)
+                raise ConnectionError("etcd failover closed")
             self._index = i % n
             self.client = c
             if errors:
@@ -390,6 +395,11 @@ class Failover:
         raise ConnectionError(f"cannot reach etcd at {','.join(self.endpoints)}: " + "; ".join(errors))
 
     def close(self) -> None:
+        """Close the current client; a :meth:`next` still probing on another thread gives up."""
+        self._closed = True
+        self._drop()
+
+    def _drop(self) -> None:
         if self.client is not None:
             _close_quietly(self.client)
             self.client = None
