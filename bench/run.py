@@ -133,7 +133,7 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
         n=n,
         value_size=vs,
         prefix=prefix,
-        name=f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}-{n}x{vs}",
+        name=f"bench-{os.environ.get('SHMKEYSPACE_BENCH_TAG') or os.getpid()}-{uuid.uuid4().hex[:6]}-{n}x{vs}",
         keys=[common.key_of(prefix, i) for i in range(n)],
     )
     ctx = Context(cfg, settings)
@@ -142,7 +142,7 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
         ctx.client = connect(srv.endpoint, client="pyetcd")
         try:
             t = common.seed(ctx.client, prefix, n, vs)
-            log(f"{n:,} keys × {vs} B: seeded etcd in {t:.1f} s")
+            log(f"{n:,} keys × {vs} B: seeded etcd in {t:.1f} s; snapshot {cfg.name}")
             ctx.writer = common.Child("writer", srv.endpoint, prefix, cfg.name, "0.03")
             ctx.writer_ready = ctx.writer.read(900)
             ctx.image_bytes = ctx.writer_ready["image_bytes"]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import subprocess
+import uuid
 
 import pytest
 from conftest import PYTHON, ROOT
@@ -49,15 +50,22 @@ def _num(x, *, positive=False):
     return x
 
 
+# This run's segments carry a tag of their own: another bench on the same host
+# (a developer's ./run bench) must not count as this run's leak.
+TAG = f"smoke{uuid.uuid4().hex[:8]}"
+
+
 def _shm_bench_files():
-    return {f for f in os.listdir("/dev/shm") if f.startswith(("shmks.bench-", "sm_shmksb"))}
+    return {f for f in os.listdir("/dev/shm") if f.startswith((f"shmks.bench-{TAG}-", f"sm_shmksb{TAG}"))}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     before = _shm_bench_files()
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SHMKEYSPACE_BENCH_TAG=TAG
+    )
     proc = subprocess.run(
         [PYTHON, RUN, "--smoke", "--out", str(out)],
         capture_output=True,
@@ -70,6 +78,8 @@ def smoke(tmp_path_factory):
     with open(out / "results.json") as f:
         res = json.load(f)
     md = (out / "results.md").read_text()
+    # The segments were named with this run's tag, so the leak check below sees them.
+    assert f"snapshot bench-{TAG}-" in proc.stderr, proc.stderr[-2000:]
     return {"res": res, "md": md, "stdout": proc.stdout, "out": out, "leaked": _shm_bench_files() - before}
 
 

@@ -216,7 +216,10 @@ class SmdPeer:
         d = dict(items)
         size = len(pickle.dumps(d, pickle.HIGHEST_PROTOCOL)) + (1 << 20)
         self.size = size
-        self.smd = SharedMemoryDict(name=f"shmksb{uuid.uuid4().hex[:10]}", size=size)
+        # The run tag in the name lets the smoke test tell its own leftovers from
+        # another bench running on the same host.
+        tag = os.environ.get("SHMKEYSPACE_BENCH_TAG", "")
+        self.smd = SharedMemoryDict(name=f"shmksb{tag}{uuid.uuid4().hex[:10]}", size=size)
         self.smd.update(d)  # one pickle of everything; per-key __setitem__ would be O(n^2)
         self.get = self.smd.get
 
