@@ -34,6 +34,7 @@ from array import array
 from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
+from xxhash import xxh3_64_intdigest
 
 from .errors import DuplicateKeyError, ImageTooLargeError
 from .snapshot import (
@@ -151,38 +152,45 @@ class ImageBuilder:
 
     def _rebuild_table(self) -> None:
         # Keys are unique, so a rebuild needs no key compares. Sorting the keys
-        # by home slot makes linear probing a running max (pos_i = max(home_i,
-        # pos_{i-1} + 1)), computed by itertools.accumulate in C: any layout where
-        # every slot between a key's home and its position is taken answers
-        # lookups and backward-shift deletes correctly. ~3x faster than probing
-        # slot by slot in Python (1M keys: 0.9 s -> 0.3 s).
-        n = len(self.keys)
+        # by home slot makes linear probing a running max: pos_i = max(home_i,
+        # pos_{i-1} + 1); any layout where every slot between a key's home and
+        # its position is taken answers lookups and backward-shift deletes
+        # correctly. The sort runs in C on one int per key (home << 32 | index):
+        # one transient list (~44 MB at 1M keys; hashes are recomputed, ~0.1 us,
+        # rather than kept), since the load's high-water mark stays in the
+        # writer's memory. 1M keys: 0.9 s of slot-by-slot probing -> ~0.4 s.
+        keys = self.keys
+        n = len(keys)
         slots = 8
         while slots < 2 * n + 2:
             slots *= 2
         mask = slots - 1
-        loc = self._loc
-        entries = sorted(
-            ((h & mask, h, loc[k] & _M64) for k in self.keys for h in (key_hash(k),)), key=_first
-        )
+        if n >= 1 << 32:
+            raise ImageTooLargeError(f"{n} keys: more than the format's 2**32")
+        h64 = xxh3_64_intdigest
+        by_home = sorted([(h64(k) & mask) << 32 | i for i, k in enumerate(keys)])
+        order = self._order
         flat = array("Q", bytes(16 * slots))
-        pos = -1
         wrapped = []
-        for home, h, ol in entries:
-            pos = home if home > pos else pos + 1
-            if pos >= slots:
-                wrapped.append((h, ol))
+        p = -1
+        for v in by_home:
+            home = v >> 32
+            p = home if home > p else p + 1
+            i = v & _M32
+            if p >= slots:
+                wrapped.append(i)
                 continue
-            flat[2 * pos] = h
-            flat[2 * pos + 1] = ol
-        i = 0
-        for h, ol in wrapped:  # runs past the last slot continue at slot 0
-            while flat[2 * i]:
-                i += 1
-            flat[2 * i] = h
-            flat[2 * i + 1] = ol
+            flat[2 * p] = h64(keys[i]) or 1  # 0 marks an empty slot (as key_hash)
+            flat[2 * p + 1] = order[2 * i] | order[2 * i + 1] << 32
+        del by_home
+        q = 0
+        for i in wrapped:  # runs past the last slot continue at slot 0
+            while flat[2 * q]:
+                q += 1
+            flat[2 * q] = h64(keys[i]) or 1
+            flat[2 * q + 1] = order[2 * i] | order[2 * i + 1] << 32
         self._slots = slots
-        self._table = bytearray(flat.tobytes())
+        self._table = bytearray(memoryview(flat).cast("B"))  # one copy, not two
 
     # -- hash table ----------------------------------------------------------------
     def _find_slot(self, key: bytes, h: int) -> int:
@@ -319,8 +327,27 @@ class ImageBuilder:
             pos = bisect.bisect_left(self.keys, key)
             self._order[2 * pos] = off
             self._order[2 * pos + 1] = n
+            if table:
+                self._replace_slot(old & _M64, ol, key_hash(key))
+                return
         if table:
             self._insert_slot(key, ol, key_hash(key))
+
+    def _replace_slot(self, old_ol: int, ol: int, h: int) -> None:
+        # The key's slot holds exactly its old (offset, length), and no other
+        # slot can (entries never share an offset): probe by value, without
+        # parsing keys out of the arena (~1 us saved per updated key).
+        mask = self._slots - 1
+        t = self._table
+        i = h & mask
+        while True:
+            sh, sol = _SLOT.unpack_from(t, 16 * i)
+            if sh == h and sol == old_ol:
+                _SLOT.pack_into(t, 16 * i, h, ol)
+                return
+            if sh == 0:
+                raise AssertionError("ImageBuilder: an existing key has no table slot")
+            i = (i + 1) & mask
 
     def compact(self) -> None:
         """Rewrite the arena in key order without garbage (makes ranges contiguous)."""
@@ -428,7 +455,3 @@ class ImageBuilder:
         assert used == len(keys), f"{used} table slots for {len(keys)} keys"
         if not self._fences_dirty:
             assert msgpack.unpackb(self._fences) == keys[::FENCE], "fences stale"
-
-
-def _first(t: Tuple[int, int, int]) -> int:
-    return t[0]

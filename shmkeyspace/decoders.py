@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 import json as _json
-from typing import Any, Callable
+import re
+from typing import Any, Callable, Optional
 
 import msgpack as _msgpack
 
@@ -30,16 +31,52 @@ def utf8(kv: KeyValue) -> str:
     return kv.value.decode("utf-8")
 
 
-def json(kv: KeyValue) -> Any:
-    """The value parsed as JSON (UTF-8, as etcd tools write it)."""
+def _json_std(kv: KeyValue) -> Any:
     # str input skips json.loads' per-call encoding sniffing (~5 us a key).
     return _json_decode(kv.value.decode("utf-8"))
+
+
+_orjson_loads: Optional[Callable[[bytes], Any]]
+try:  # orjson (the writer extra) parses ~110 B objects 2.7x faster (3.7 -> 1.4 us, measured)
+    from orjson import loads as _orjson_loads
+except ImportError:  # pragma: no cover - orjson missing: the standard library only
+    _orjson_loads = None
+
+
+# orjson turns integers beyond 64 bits into floats where json keeps an int: any
+# run of 19+ digits (also in strings or float mantissas, harmlessly) goes to the
+# standard parser. The search costs ~0.2 us on a ~110 B value.
+_long_digits = re.compile(rb"[0-9]{19}").search
+
+
+def json(kv: KeyValue) -> Any:
+    """The value parsed as JSON (UTF-8, as etcd tools write it).
+
+    With orjson installed it parses first; whatever orjson refuses (NaN,
+    lone surrogates, ...) or might read differently (integers of 19+ digits)
+    goes to the standard library's parser, so the result, or the error, is
+    always json.loads's.
+    """
+    v = kv.value
+    if _orjson_loads is not None and not _long_digits(v):
+        try:
+            return _orjson_loads(v)
+        except ValueError:
+            pass
+    return _json_std(kv)
 
 
 def msgpack(kv: KeyValue) -> Any:
     """The value unpacked as msgpack."""
     return _msgpack.unpackb(kv.value)
 
+
+# What these return is always readable by the readers' unpacker (bytes, str, or
+# JSON: str keys only, ints that pack at all unpack, nesting json.loads accepts
+# unpacks; measured to 900 levels), so the writer skips pack_entry's round trip
+# for them. msgpack is not marked: msgpack maps may have int keys.
+for _d in (raw, utf8, json):
+    setattr(_d, "msgpack_safe", True)  # noqa: B010 (a function attribute mypy would refuse)
 
 BUILTIN = {"raw": raw, "utf8": utf8, "json": json, "msgpack": msgpack}
 

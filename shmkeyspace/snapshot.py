@@ -80,17 +80,26 @@ unpackb = ormsgpack.unpackb
 
 
 def pack_entry(
-    key: bytes, decoded: Any, create_revision: int, mod_revision: int, version: int, lease: int
+    key: bytes,
+    decoded: Any,
+    create_revision: int,
+    mod_revision: int,
+    version: int,
+    lease: int,
+    verify: bool = True,
 ) -> bytes:
     """Pack one entry; raise NotSerializableError unless readers can unpack it.
 
     The packed bytes are round-tripped through the readers' unpacker, so a value
     that packs but cannot be read back (e.g. a dict with int keys) is refused here,
-    in the writer, instead of failing in every reader.
+    in the writer, instead of failing in every reader. ``verify=False`` skips that
+    round trip (~1 us of ~3 us an entry) for values known to be readable: what a
+    decoder marked ``msgpack_safe`` returns (see :mod:`shmkeyspace.decoders`).
     """
     try:
         packed = _packer.pack([entry_key(key), decoded, create_revision, mod_revision, version, lease])
-        unpackb(packed)
+        if verify:
+            unpackb(packed)
         return packed
     except (TypeError, ValueError, OverflowError, ormsgpack.MsgpackDecodeError) as exc:
         raise NotSerializableError(

@@ -205,6 +205,7 @@ class Writer:
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
         self._user_decoder = decoder or (lambda kv: kv.value)
+        self._verify = not getattr(decoder, "msgpack_safe", decoder is None)
         self._client = client
         self._own_client = client is None
         self._endpoints = endpoints
@@ -278,7 +279,13 @@ class Writer:
         # KeySpace keeps the packed entry (not the decoded value) in its store.
         try:
             return pack_entry(
-                kv.key, self._user_decoder(kv), kv.create_revision, kv.mod_revision, kv.version, kv.lease
+                kv.key,
+                self._user_decoder(kv),
+                kv.create_revision,
+                kv.mod_revision,
+                kv.version,
+                kv.lease,
+                self._verify,
             )
         except Exception:
             self.decode_failures += 1

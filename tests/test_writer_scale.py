@@ -15,6 +15,7 @@ import json
 import threading
 
 import helpers_procs as hp
+import pytest
 from test_keyspace import assert_mirror_equals_etcd, etcd_revision, etcd_rows, txn_revision
 
 from shmkeyspace import Reader, Writer, decoders
@@ -251,3 +252,41 @@ def test_writer_scale_bench_smoke(tmp_path):
     assert res["raw_fetch"]["best_s"] <= res["raw_fetch"]["unlimited_s"]
     assert res["reload"]["old_snapshot_served"] and res["reload"]["equal_to_etcd"], res["reload"]
     assert res["one_key"]["cpu_ms_median"] >= 0
+
+
+JSON_CASES = [
+    b'{"a":1}',
+    b"NaN",
+    b"[1e400]",
+    b"123456789012345678901234567890",
+    b"-9223372036854775809",
+    b"18446744073709551616",
+    b"9223372036854775807",
+    b'"\\ud800"',
+    b'{"a":1,"a":2}',
+    b"1.0000000000000002",
+    b"  [1] ",
+    b"-0.0",
+    b'"\\u00e9\\n"',
+    b'{"id":"12345678901234567890123"}',
+    b"1e-400",
+    b"\xef\xbb\xbf{}",
+    b"{bad",
+    b"\xff",
+    b"",
+]
+
+
+@pytest.mark.parametrize("raw", JSON_CASES)
+def test_json_decoder_is_json_loads(raw):
+    """decoders.json's orjson fast path answers exactly what json.loads does (or fails alike)."""
+    from shmkeyspace.key_values import KeyValue
+
+    def outcome(fn):
+        try:
+            return repr(fn())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return type(exc).__name__
+
+    mine = outcome(lambda: decoders.json(KeyValue(b"/k", raw, 1, 1, 1, 0, None)))
+    assert mine == outcome(lambda: json.loads(raw.decode("utf-8")))
