@@ -31,7 +31,7 @@ import bisect
 import itertools
 import struct
 from array import array
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
 from xxhash import xxh3_64_intdigest
@@ -81,6 +81,18 @@ class ImageBuilder:
         self._fences_dirty = True
         self.epoch = next(_epochs)  # new whenever the arena is rebuilt (it only grows in between)
         self._loading = False
+        # Image layout: the table sits after an arena *capacity*, so it keeps its
+        # offset while the arena grows into the slack, and a publication can skip
+        # the table and order bytes a buffer already holds (see reuse()).
+        self._arena_cap = 0
+        self._zeros = memoryview(b"")
+        # What changed since the last parts(): table slots, order positions
+        # (None: all of them); and per version made by parts(), that record and
+        # the layout (table_off, slots, count, arena_len), for reuse().
+        self._dirty_slots: Optional[set] = None
+        self._dirty_pos: Optional[set] = None
+        self._version = 0
+        self._log: Dict[int, Tuple[Optional[set], Optional[set], Tuple[int, int, int, int]]] = {}
         #: Largest image allowed (bytes); the format's limit unless lowered.
         self.max_image = MAX_IMAGE
 
@@ -112,6 +124,7 @@ class ImageBuilder:
         self._garbage = 0
         self._appended = 0
         self._loading = True
+        self._dirty_slots = self._dirty_pos = None
 
     def add_sorted(self, key: bytes, packed: Packed, mod_revision: int = 0) -> None:
         """Append one entry of a load; keys must come in strictly increasing order. O(1)."""
@@ -191,6 +204,7 @@ class ImageBuilder:
             flat[2 * q + 1] = order[2 * i] | order[2 * i + 1] << 32
         self._slots = slots
         self._table = bytearray(memoryview(flat).cast("B"))  # one copy, not two
+        self._dirty_slots = None
 
     # -- hash table ----------------------------------------------------------------
     def _find_slot(self, key: bytes, h: int) -> int:
@@ -217,6 +231,8 @@ class ImageBuilder:
             sh, sol = _SLOT.unpack_from(t, 16 * i)
             if sh == 0 or (sh == h and self._key_at(sol & _M32) == key):
                 _SLOT.pack_into(t, 16 * i, h, ol)
+                if self._dirty_slots is not None:
+                    self._dirty_slots.add(i)
                 return
             i = (i + 1) & mask
 
@@ -234,8 +250,12 @@ class ImageBuilder:
             # Move j into the hole at i unless j's home lies cyclically in (i, j].
             if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
                 _SLOT.pack_into(t, 16 * i, sh, ol)
+                if self._dirty_slots is not None:
+                    self._dirty_slots.add(i)
                 i = j
         _SLOT.pack_into(t, 16 * i, 0, 0)
+        if self._dirty_slots is not None:
+            self._dirty_slots.add(i)
 
     # -- incremental update ----------------------------------------------------------
     def apply(self, changes: Dict[bytes, Optional[Packed]], revision: int) -> None:
@@ -305,6 +325,7 @@ class ImageBuilder:
                 self._delete_slot(self._find_slot(key, key_hash(key)))
             del self.keys[pos]
             del self._order[2 * pos : 2 * pos + 2]
+            self._dirty_pos = None
             del self._loc[key]
             self._garbage += (old >> 32) & _M32
             self._fences_dirty = True
@@ -320,6 +341,7 @@ class ImageBuilder:
             pos = bisect.bisect_left(self.keys, key)
             self.keys.insert(pos, key)
             self._order[2 * pos : 2 * pos] = array("I", (off, n))
+            self._dirty_pos = None
             self._fences_dirty = True
         else:
             self._garbage += (old >> 32) & _M32
@@ -327,6 +349,8 @@ class ImageBuilder:
             pos = bisect.bisect_left(self.keys, key)
             self._order[2 * pos] = off
             self._order[2 * pos + 1] = n
+            if self._dirty_pos is not None:
+                self._dirty_pos.add(pos)
             if table:
                 self._replace_slot(old & _M64, ol, key_hash(key))
                 return
@@ -344,6 +368,8 @@ class ImageBuilder:
             sh, sol = _SLOT.unpack_from(t, 16 * i)
             if sh == h and sol == old_ol:
                 _SLOT.pack_into(t, 16 * i, h, ol)
+                if self._dirty_slots is not None:
+                    self._dirty_slots.add(i)
                 return
             if sh == 0:
                 raise AssertionError("ImageBuilder: an existing key has no table slot")
@@ -375,7 +401,8 @@ class ImageBuilder:
         """The image as a list of bytes-like parts and its total length.
 
         Costs O(index): the order array is copied and the index checksummed
-        (~5 ms at 1M keys); the arena is handed out by reference.
+        (~5 ms at 1M keys); the arena is handed out by reference. Each call
+        makes a new version of the image (see :meth:`reuse`).
         """
         if self._fences_dirty:
             self._fences = msgpack.packb(self.keys[::FENCE], use_bin_type=True)
@@ -383,7 +410,10 @@ class ImageBuilder:
         n = len(self.keys)
         arena_off = HEADER_SIZE
         arena_len = len(self.arena)
-        table_off = align(arena_off + arena_len)
+        if arena_len > self._arena_cap:
+            # Slack for ~1/8 more arena before the table moves (and is copied whole).
+            self._arena_cap = arena_len + max(4096, arena_len >> 3)
+        table_off = align(arena_off + self._arena_cap)
         order_off = table_off + len(self._table)
         order_len = 8 * n
         fence_off = order_off + order_len
@@ -413,11 +443,62 @@ class ImageBuilder:
             total,
             0,
         )
-        pad = bytes(table_off - arena_off - arena_len)
+        gap = table_off - arena_off - arena_len
+        if len(self._zeros) < gap:
+            self._zeros = memoryview(bytes(max(gap, 2 * len(self._zeros))))
         # A copy, not a memoryview: an exported array could not be resized later.
         order = self._order.tobytes()
         struct.pack_into("<Q", head, HASHED_HEAD, index_checksum(head, self._table, order, self._fences))
-        return [head, self.arena, pad, self._table, order, self._fences], total
+        self._version += 1
+        self._log[self._version] = (
+            self._dirty_slots,
+            self._dirty_pos,
+            (table_off, self._slots, n, arena_len),
+        )
+        self._log.pop(self._version - 16, None)
+        self._dirty_slots, self._dirty_pos = set(), set()
+        return [head, self.arena, self._zeros[:gap], self._table, order, self._fences], total
+
+    def reuse(self) -> Tuple[Tuple[int, int], Callable[[Any], Optional[List[Tuple[int, int]]]]]:
+        """``(token, unchanged)`` of the image the last :meth:`parts` made, for Publisher.publish.
+
+        ``unchanged(old_token)`` lists the byte ranges of this image that a
+        buffer holding the image ``old_token`` already has right (the arena
+        that image had, the gap before the table, table slots and order entries
+        not touched since), or None when it cannot tell (another epoch, too
+        old). A 1-key publication at 1M keys then copies a few KB, not the
+        40 MB of table and order.
+        """
+        return (self.epoch, self._version), self._unchanged_since
+
+    def _unchanged_since(self, old: Any) -> Optional[List[Tuple[int, int]]]:
+        if not isinstance(old, tuple) or len(old) != 2 or old[0] != self.epoch:
+            return None
+        v_old, cur = old[1], self._version
+        if v_old not in self._log or not v_old <= cur:
+            return None
+        o_table_off, o_slots, o_n, o_arena = self._log[v_old][2]
+        table_off, slots, n, arena_len = self._log[cur][2]
+        dslots: Optional[set] = set()
+        dpos: Optional[set] = set()
+        for v in range(v_old + 1, cur + 1):
+            e = self._log.get(v)
+            if e is None:
+                return None
+            if e[0] is None or dslots is None:
+                dslots = None
+            else:
+                dslots |= e[0]
+            if e[1] is None or dpos is None:
+                dpos = None
+            else:
+                dpos |= e[1]
+        out = [(HEADER_SIZE, HEADER_SIZE + min(o_arena, arena_len)), (HEADER_SIZE + arena_len, table_off)]
+        if dslots is not None and (table_off, slots) == (o_table_off, o_slots):
+            out += _gaps(table_off, 16, slots, dslots)
+            if dpos is not None and n == o_n:
+                out += _gaps(table_off + 16 * slots, 8, n, dpos)
+        return out
 
     # -- invariants ----------------------------------------------------------------------
     def _check(self) -> None:
@@ -455,3 +536,16 @@ class ImageBuilder:
         assert used == len(keys), f"{used} table slots for {len(keys)} keys"
         if not self._fences_dirty:
             assert msgpack.unpackb(self._fences) == keys[::FENCE], "fences stale"
+
+
+def _gaps(base: int, size: int, count: int, dirty: set) -> List[Tuple[int, int]]:
+    """Byte ranges of items ``[0, count)`` (each ``size`` bytes from ``base``) not in ``dirty``."""
+    out = []
+    start = 0
+    for i in sorted(dirty):
+        if i > start:
+            out.append((base + start * size, base + i * size))
+        start = i + 1
+    if start < count:
+        out.append((base + start * size, base + count * size))
+    return out

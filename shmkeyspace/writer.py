@@ -378,7 +378,13 @@ class Writer:
             parts, total = b.parts()
             c2, w2 = time.thread_time_ns(), time.perf_counter_ns()
             self.publisher.publish(
-                parts, total, rev, len(b), stable=b.stable_span(), feed=self.changelog.region()
+                parts,
+                total,
+                rev,
+                len(b),
+                stable=b.stable_span(),
+                feed=self.changelog.region(),
+                reuse=b.reuse(),
             )
         except (SegmentFullError, ImageTooLargeError) as exc:
             self._failed(rev, exc)
