@@ -459,7 +459,9 @@ class ImageBuilder:
         self._dirty_slots, self._dirty_pos = set(), set()
         return [head, self.arena, self._zeros[:gap], self._table, order, self._fences], total
 
-    def reuse(self) -> Tuple[Tuple[int, int], Callable[[Any], Optional[List[Tuple[int, int]]]]]:
+    def reuse(
+        self, min_gap: int = 64 << 10
+    ) -> Tuple[Tuple[int, int], Callable[[Any], Optional[List[Tuple[int, int]]]]]:
         """``(token, unchanged)`` of the image the last :meth:`parts` made, for Publisher.publish.
 
         ``unchanged(old_token)`` lists the byte ranges of this image that a
@@ -467,11 +469,12 @@ class ImageBuilder:
         that image had, the gap before the table, table slots and order entries
         not touched since), or None when it cannot tell (another epoch, too
         old). A 1-key publication at 1M keys then copies a few KB, not the
-        40 MB of table and order.
+        40 MB of table and order. Runs of untouched table or order bytes shorter
+        than ``min_gap`` are copied anyway (see _gaps).
         """
-        return (self.epoch, self._version), self._unchanged_since
+        return (self.epoch, self._version), lambda old: self._unchanged_since(old, min_gap)
 
-    def _unchanged_since(self, old: Any) -> Optional[List[Tuple[int, int]]]:
+    def _unchanged_since(self, old: Any, min_gap: int) -> Optional[List[Tuple[int, int]]]:
         if not isinstance(old, tuple) or len(old) != 2 or old[0] != self.epoch:
             return None
         v_old, cur = old[1], self._version
@@ -495,9 +498,9 @@ class ImageBuilder:
                 dpos |= e[1]
         out = [(HEADER_SIZE, HEADER_SIZE + min(o_arena, arena_len)), (HEADER_SIZE + arena_len, table_off)]
         if dslots is not None and (table_off, slots) == (o_table_off, o_slots):
-            out += _gaps(table_off, 16, slots, dslots)
+            out += _gaps(table_off, 16, slots, dslots, min_gap)
             if dpos is not None and n == o_n:
-                out += _gaps(table_off + 16 * slots, 8, n, dpos)
+                out += _gaps(table_off + 16 * slots, 8, n, dpos, min_gap)
         return out
 
     # -- invariants ----------------------------------------------------------------------
@@ -538,14 +541,19 @@ class ImageBuilder:
             assert msgpack.unpackb(self._fences) == keys[::FENCE], "fences stale"
 
 
-def _gaps(base: int, size: int, count: int, dirty: set) -> List[Tuple[int, int]]:
-    """Byte ranges of items ``[0, count)`` (each ``size`` bytes from ``base``) not in ``dirty``."""
+def _gaps(base: int, size: int, count: int, dirty: set, min_gap: int = 64 << 10) -> List[Tuple[int, int]]:
+    """Byte ranges of items ``[0, count)`` (each ``size`` bytes from ``base``) not in ``dirty``.
+
+    Only ranges of at least ``min_gap`` bytes: each skipped range costs the
+    copy loop ~3 us, about a 20 KB memcpy, so 2,000 scattered dirty slots are
+    copied as one region, not 4,000 slices (measured 31 ms -> 10 ms at 1M keys).
+    """
     out = []
     start = 0
     for i in sorted(dirty):
-        if i > start:
+        if (i - start) * size >= min_gap:
             out.append((base + start * size, base + i * size))
         start = i + 1
-    if start < count:
+    if (count - start) * size >= min_gap:
         out.append((base + start * size, base + count * size))
     return out
