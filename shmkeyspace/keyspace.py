@@ -81,6 +81,8 @@ PAGE_BYTES = 32 << 20
 #: Seconds without contact with etcd after which the mirror counts as stale and
 #: the watch abandons its stream (the writer's --stale-after).
 DEFAULT_STALE_AFTER = 5.0
+#: Pages of more keys than this that time out are halved and retried (see _range_page).
+MIN_TIMEOUT_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -742,18 +744,28 @@ def _describe(exc: BaseException) -> str:
 
 
 def _range_page(client: Any, start: bytes, end: bytes, limit: int, rev: int) -> Tuple[Any, int]:
-    """One Range page of at most ``limit`` keys; halves ``limit`` on RESOURCE_EXHAUSTED.
+    """One Range page of at most ``limit`` keys; halves ``limit`` when the page is too big.
 
-    Returns the response and the limit that was finally asked.
+    Too big: RESOURCE_EXHAUSTED (over the client's gRPC receive limit), or a
+    request timeout on a page of more than MIN_TIMEOUT_PAGE keys (a loaded etcd
+    or a slow link can take longer than the client's timeout for ~150k keys:
+    seen at 1M keys on a 2-core machine at load 20). A timeout on a small page
+    is an outage and raises. Returns the response and the limit finally asked.
     """
     while True:
         try:
             return client.get_range_response(start, end, limit=limit, revision=rev or None), limit
         except Exception as exc:
             code = getattr(exc, "code", None)
-            if callable(code) and getattr(code(), "name", "") == "RESOURCE_EXHAUSTED" and limit > 1:
+            name = getattr(code(), "name", "") if callable(code) else ""
+            if name == "RESOURCE_EXHAUSTED" and limit > 1:
                 limit = max(1, limit // 2)
                 log.info("etcd page too large for the gRPC receive limit: retrying with %d keys", limit)
+                continue
+            timeout = name == "DEADLINE_EXCEEDED" or "Timeout" in type(exc).__name__
+            if timeout and limit > MIN_TIMEOUT_PAGE:
+                limit = max(MIN_TIMEOUT_PAGE, limit // 2)
+                log.warning("etcd page timed out: retrying with %d keys", limit)
                 continue
             raise
 
