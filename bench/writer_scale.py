@@ -221,6 +221,10 @@ def run_one(n: int, burst: int, one_key_reps: int, out: Dict[str, Any]) -> Dict[
                 "--decoder",
                 "json",
                 "--unlink-on-exit",
+                # Per-request deadline: the 10 s default is a liveness bound; on a
+                # loaded 2-core box one 10k-key page of 1M took longer.
+                "--timeout",
+                "120",
             ],
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -238,7 +242,11 @@ def run_one(n: int, burst: int, one_key_reps: int, out: Dict[str, Any]) -> Dict[
         res["writer_uss_mib"] = mem.get("uss", 0) / MB
         res["writer_anon_mib"] = mem.get("anon", 0) / MB
         res["writer_shmem_mib"] = mem.get("shmem", 0) / MB
-        print(f"[{n}] start-up {res['startup_s']:.2f} s, USS {res['writer_uss_mib']:.0f} MiB", flush=True)
+        print(
+            f"[{n}] start-up {res['startup_s']:.2f} s, USS {res['writer_uss_mib']:.0f} MiB "
+            f"(anon {res['writer_anon_mib']:.0f}, shm {res['writer_shmem_mib']:.0f}), image {res['image_mib']:.1f} MiB",
+            flush=True,
+        )
 
         # -- burst: 20k puts of existing keys, txns of 128, 2 clients -----------------------
         rnd = random.Random(n)

@@ -766,6 +766,9 @@ def _range_page(client: Any, start: bytes, end: bytes, limit: int, rev: int) -> 
             if timeout and limit > MIN_TIMEOUT_PAGE:
                 limit = max(MIN_TIMEOUT_PAGE, limit // 2)
                 log.warning("etcd page timed out: retrying with %d keys", limit)
+                # pyetcd's failover marks a member that timed out failed for
+                # time_retry (0.2 s, etcd.connect): retrying at once finds no member.
+                time.sleep(0.25)
                 continue
             raise
 
