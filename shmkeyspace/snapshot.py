@@ -199,6 +199,7 @@ class ImageView:
         "arena_len",
         "table",
         "mask",
+        "slots",
         "order",
         "fence_step",
         "_fences",
@@ -283,6 +284,7 @@ class ImageView:
         self.order_off = offset + order_off
         self.table = img[table_off : table_off + 16 * slots].cast("Q")
         self.mask = slots - 1
+        self.slots = slots  # read by the compiled kernel (_speedups.c)
         self.order = img[order_off : order_off + order_len].cast("I")
         self.fence_step = fence_step
         self._fence_region = fence_region
