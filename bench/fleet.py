@@ -254,6 +254,117 @@ stop.set()
 """
 
 
+#: Watch fan-out alone (``--fanout``): COUNT bare watches of the prefix, each on its own
+#: client, that only count events (no decoding, no mirror), so the host's CPU goes to
+#: etcd and the proxy rather than to K Python mirrors. Prints "ready", then on a line
+#: from stdin the events received.
+FANOUT = r"""
+import json, sys
+from shmkeyspace.etcd import connect
+endpoint, prefix, count = sys.argv[1], sys.argv[2].encode(), int(sys.argv[3])
+got = [0] * count
+def counter(i):
+    def cb(resp):
+        got[i] += len(getattr(resp, "events", ()))
+    return cb
+clients = [connect(endpoint) for _ in range(count)]
+for i, c in enumerate(clients):
+    c.add_watch_prefix_callback(prefix, counter(i))
+print("ready", flush=True)
+sys.stdin.readline()
+print(json.dumps({"events": sum(got)}), flush=True)
+"""
+
+
+def run_fanout(etcd: EtcdServer, mode: str, k: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """etcd's (and the proxy's) CPU for K bare watches while ``--rate`` puts/s flow."""
+    proxy = EtcdGrpcProxy(etcd.endpoint).start() if mode == "proxy" else None
+    child = None
+    row: Dict[str, Any] = {"mode": mode, "watches": k, "loadavg_before": os.getloadavg()[0]}
+    try:
+        base = _watchers(etcd)
+        if k:
+            child = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    FANOUT,
+                    proxy.endpoint if proxy else etcd.endpoint,
+                    args.prefix,
+                    str(k),
+                ],
+                env=child_env([BENCH_DIR]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError("fan-out child failed")
+        time.sleep(1.0)
+        load = Load(etcd.endpoint, args.prefix, args.keys, args.rate, args.seconds)
+        cpu0, pcpu0 = etcd.cpu_seconds(), (proxy.cpu_seconds() if proxy else 0.0)
+        t0 = time.monotonic()
+        load.go()
+        watchers = []
+        while load.running():
+            time.sleep(1.0)
+            watchers.append(_watchers(etcd))
+        dt = time.monotonic() - t0
+        cpu1, pcpu1 = etcd.cpu_seconds(), (proxy.cpu_seconds() if proxy else 0.0)
+        puts = load.finish()
+        events = 0
+        if child is not None:
+            time.sleep(1.0)
+            child.stdin.write("report\n")
+            child.stdin.flush()
+            events = json.loads(child.stdout.readline())["events"]
+        row.update(
+            seconds=dt,
+            puts_per_s=puts / dt,
+            events_delivered_per_s=events / dt,
+            etcd_cpu_s_per_min=(cpu1 - cpu0) / dt * 60,
+            proxy_cpu_s_per_min=((pcpu1 - pcpu0) / dt * 60) if proxy else None,
+            upstream_watchers=(max(watchers) - base) if watchers else 0,
+            loadavg_after=os.getloadavg()[0],
+        )
+        return row
+    finally:
+        if child is not None:
+            try:
+                child.stdin.close()
+            except OSError:
+                pass
+            _stop_all([child])
+        if proxy is not None:
+            proxy.stop()
+
+
+def markdown_fanout(res: Dict[str, Any]) -> str:
+    out = [
+        f"### Watch fan-out: K bare watches, {res['settings']['rate']:.0f} puts/s asked",
+        "",
+        "| K watches | connection | upstream watchers | puts/s reached | events delivered/s | "
+        "etcd CPU (s/min) | etcd CPU per 1k puts (s) | proxy CPU (s/min) |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in res["fanout"]:
+        px = f"{r['proxy_cpu_s_per_min']:.1f}" if r.get("proxy_cpu_s_per_min") is not None else "–"
+        per = r["etcd_cpu_s_per_min"] / 60 / r["puts_per_s"] * 1000 if r["puts_per_s"] else float("nan")
+        out.append(
+            f"| {r['watches']} | {r['mode']} | {r['upstream_watchers']} | {r['puts_per_s']:.0f} | "
+            f"{r['events_delivered_per_s']:.0f} | {r['etcd_cpu_s_per_min']:.1f} | {per:.2f} | {px} |"
+        )
+    out += [
+        "",
+        f"Command: `{res['command']}`. Bare watches (count events, no decoding), each on its own client, "
+        "in one process, so the host's CPU goes to etcd and the proxy. Upstream watchers exclude the "
+        "proxy's own 2. Load average during the run: "
+        f"{min(r['loadavg_before'] for r in res['fanout']):.0f}–"
+        f"{max(r['loadavg_after'] for r in res['fanout']):.0f}.",
+    ]
+    return "\n".join(out) + "\n"
+
+
 class WriterFleet:
     """K real writer processes (``python -m shmkeyspace writer``), read through Readers."""
 
@@ -583,6 +694,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--render", metavar="FLEET_JSON", help="only print the table of an earlier run")
+    ap.add_argument(
+        "--fanout",
+        action="store_true",
+        help="only the watch fan-out: K bare watches (K = --writers, plus 0), direct vs proxy, "
+        "etcd's CPU under the put load; writes fanout.json/fanout.md",
+    )
     args = ap.parse_args(argv)
     if args.render:
         with open(args.render) as f:
@@ -593,12 +710,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.prefix = f"/fleet/{args.keys}"
     ks = [int(x) for x in args.writers.split(",") if x.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if args.fanout:
+        return _fanout(args, ks, modes, argv)
     rows = []
     logdir = tempfile.mkdtemp(prefix="shmkeyspace-fleet-")
     try:
         return _run(args, ks, modes, rows, logdir, argv)
     finally:
         shutil.rmtree(logdir, ignore_errors=True)
+
+
+def _fanout(args: argparse.Namespace, ks: List[int], modes: List[str], argv) -> int:
+    rows = []
+    with EtcdServer(extra_args=ETCD_ARGS) as etcd:
+        client = connect(etcd.endpoint)
+        t = seed(client, args.prefix, args.keys, VALUE_SIZE)
+        client.close()
+        print(f"seeded {args.keys} keys in {t:.1f}s", file=sys.stderr)
+        for k in [0, *ks]:
+            for mode in ["direct"] if k == 0 else modes:
+                rows.append(run_fanout(etcd, mode, k, args))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+    res = {
+        "settings": {"keys": args.keys, "rate": args.rate, "seconds": args.seconds, "watches": ks},
+        "command": "python bench/fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}",
+        "fanout": rows,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fanout.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown_fanout(res)
+    with open(os.path.join(args.out, "fanout.md"), "w") as f:
+        f.write(md)
+    print(md)
+    return 0
 
 
 def _run(
