@@ -81,6 +81,10 @@ class WriterProc:
                     state_dir,
                     "--log-level",
                     "debug",
+                    # Pages of ~32 MB and the resume's sorted Range on a loaded 2-core
+                    # machine can pass the default 10 s request timeout.
+                    "--timeout",
+                    "120",
                     *extra,
                 ],
                 env=env,
