@@ -10,7 +10,7 @@ variable (no CPU). Where futexes are unavailable it polls the word every 1-4 ms
 instead, still one thread.
 
 The coroutines read the snapshot through the caller's :class:`Reader`, in the
-event loop's thread (a Reader is not for concurrent use from several threads):
+event loop's thread (the Reader may be shared with other threads too):
 ``reader.revision`` and ``reader.changes`` are the only Reader calls made, each
 cheap (no I/O, no blocking). Usable from uvicorn/aiohttp workers::
 
