@@ -98,15 +98,23 @@ def address(buf: Any, offset: int) -> int:
     Works on read-only buffers (``ctypes.c_char.from_buffer`` does not). The
     buffer export is released at once: the address stays valid only while the
     mapping does, so callers must stop using it before they close the mmap.
+    Returns 0 (callers then poll) where futexes or the CPython buffer API are
+    unavailable.
     """
+    if not AVAILABLE:
+        return 0
     view = _PyBuffer()
-    ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(buf), ctypes.byref(view), 0)
+    try:
+        api = ctypes.pythonapi
+    except AttributeError:  # pragma: no cover - not CPython: no buffer address, so poll
+        return 0
+    api.PyObject_GetBuffer(ctypes.py_object(buf), ctypes.byref(view), 0)
     try:
         if offset < 0 or offset + 4 > view.len:
             raise ValueError(f"offset {offset} outside a {view.len}-byte buffer")
         return int(view.buf) + offset
     finally:
-        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(view))
+        api.PyBuffer_Release(ctypes.byref(view))
 
 
 def _disable(err: int) -> None:
@@ -124,7 +132,7 @@ def wait(addr: int, expected: int, timeout: Optional[float]) -> bool:
     allowed). ``timeout`` None sleeps until woken. Returns False if futexes are
     unavailable (the caller must poll).
     """
-    if not AVAILABLE:
+    if not AVAILABLE or not addr:
         return False
     if timeout is None:
         ts = None
@@ -149,7 +157,7 @@ def wake(addr: int) -> int:
 
     One syscall, ~1 us when nobody waits.
     """
-    if not AVAILABLE:
+    if not AVAILABLE or not addr:
         return -1
     r = _syscall(_nr, addr, FUTEX_WAKE, _INT_MAX, None, None, 0)
     if r < 0:
