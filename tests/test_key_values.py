@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmkeyspace.key_values import KeyValue, KeyValues, prefix_end, to_key
@@ -24,7 +24,7 @@ slices = st.tuples(
     st.none() | st.integers(-8, 8), st.none() | st.integers(-8, 8), st.none() | st.integers(1, 3)
 )
 
-settings.register_profile("kv", max_examples=150, deadline=None)
+settings.register_profile("kv", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("kv")
 
 

@@ -112,7 +112,11 @@ def _norm(v):
     return v
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(data=st.dictionaries(key_bytes, values, max_size=120), probes=st.lists(key_bytes, max_size=15))
 @impls
 def test_reader_matches_key_values_after_reset(shm_name, data, probes, impl):
@@ -127,7 +131,11 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes, impl):
             _check(r, ref, probes)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(
     steps=st.lists(
         st.dictionaries(key_bytes, st.one_of(st.none(), values), max_size=40), min_size=1, max_size=12

@@ -15,7 +15,7 @@ import subprocess
 
 import helpers_procs as hp
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmkeyspace import reader as reader_mod
@@ -47,7 +47,7 @@ def test_hash_matches_xxhash_at_every_length():
     assert sp.key_hash(b"") == key_hash(b"") and sp.key_hash(b"x" * 5000) == key_hash(b"x" * 5000)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     key=st.binary(max_size=70), value=values, revs=st.lists(st.integers(0, 2**63 - 1), min_size=4, max_size=4)
 )
