@@ -333,9 +333,15 @@ class Reader(_Base):
             try:
                 pub = self._refresh(s1)
             except (CorruptSegmentError, SegmentNotFoundError, UntrustedSegmentError):
-                # Untrusted too: a stale record may name a generation already
-                # unlinked and re-created by someone else; only a current one counts.
-                if self._moved(s1):
+                # Any move of seq since s1 counts here, not only _moved()'s "> 2":
+                # the writer unlinks the previous generation right after the first
+                # publication in the next one (seq = s1 + 2), before it would rewrite
+                # a buffer (s1 + 3), so a record read at s1 may already name a
+                # vanished generation (8 threads through generation changes saw
+                # SegmentNotFoundError). Untrusted too: a vanished generation may have
+                # been re-created by someone else. Only an error under a seq that has
+                # not moved is the segment's own.
+                if self._seq_changed(s1):
                     self.retries += 1
                     continue
                 raise
@@ -344,6 +350,12 @@ class Reader(_Base):
                 continue
             return s1, pub
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable publication after {_MAX_RETRIES} tries")
+
+    def _seq_changed(self, s1: int) -> bool:
+        """True if any publication began since seq was ``s1``."""
+        if self._fence:
+            segment.fence()
+        return self._words[_SEQ] != s1
 
     def _moved(self, s1: int) -> bool:
         """True if the buffer read under ``s1`` may have been overwritten since."""
