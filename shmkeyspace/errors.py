@@ -171,3 +171,15 @@ class WatchCompactedError(WatchCanceledError):
     def __init__(self, compacted_revision: int) -> None:
         super().__init__(f"revision compacted (compact revision {compacted_revision})")
         self.compacted_revision = compacted_revision
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a logged error: a gRPC error (duck-typed, so this module
+    imports no grpc) as ``CODE: details``, anything else as ``Type: message``."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]  # grpc.RpcError
+        except Exception:
+            pass
+    return f"{type(exc).__name__}: {exc}"

@@ -41,6 +41,7 @@ from .errors import (
     InvalidSettingError,
     WatchCanceledError,
     WatchCompactedError,
+    describe,
 )
 
 log = logging.getLogger(__name__)
@@ -379,7 +380,7 @@ class Failover:
             try:
                 probe(c, self.probe_key, self.probe_timeout)
             except Exception as exc:
-                errors.append(f"{ep}: {_describe(exc)}")
+                errors.append(f"{ep}: {describe(exc)}")
                 _close_quietly(c)
                 continue
             if self._closed:  # close() ran on another thread while this one probed
@@ -410,16 +411,6 @@ def _close_quietly(client: Any) -> None:
         client.close()
     except Exception:
         pass
-
-
-def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if callable(code):
-        try:
-            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]  # grpc.RpcError
-        except Exception:
-            pass
-    return f"{type(exc).__name__}: {exc}"
 
 
 # -- an embedded etcd, for the demo and the tests ----------------------------------

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
 
-from .errors import EtcdContactLostError, InvalidPrefixError, KeySpaceError, ShmKeyspaceError
+from .errors import EtcdContactLostError, InvalidPrefixError, KeySpaceError, ShmKeyspaceError, describe
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
 _new_kv = tuple.__new__
@@ -430,9 +430,7 @@ class KeySpace:
                 try:
                     client = reconnect()
                 except Exception as exc:
-                    log.warning(
-                        "reconnecting to etcd failed (%s); retrying in %.2fs", _describe(exc), backoff
-                    )
+                    log.warning("reconnecting to etcd failed (%s); retrying in %.2fs", describe(exc), backoff)
                     stop.wait(backoff)
                     backoff = min(max_backoff, backoff * 2)
                     continue
@@ -448,9 +446,9 @@ class KeySpace:
                     backoff = 0.05
                     continue
                 log.warning(
-                    "etcd watch of %r failed (%s); retrying in %.2fs", self.root, _describe(exc), backoff
+                    "etcd watch of %r failed (%s); retrying in %.2fs", self.root, describe(exc), backoff
                 )
-                self.last_watch_error = _describe(exc)
+                self.last_watch_error = describe(exc)
                 move_on = True
                 stop.wait(backoff)
                 backoff = min(max_backoff, backoff * 2)
@@ -463,7 +461,7 @@ class KeySpace:
             if err is None or self._handle_watch_error(client, err):
                 backoff = 0.05
                 continue
-            self.last_watch_error = _describe(err)
+            self.last_watch_error = describe(err)
             move_on = True
             if session.responses:
                 backoff = 0.05  # it was a healthy stream: start over with short waits
@@ -479,7 +477,7 @@ class KeySpace:
             log.warning(
                 "etcd watch of %r broke (%s); resuming from revision %d in %.2fs",
                 self.root,
-                _describe(err),
+                describe(err),
                 self.header.revision + 1,
                 backoff,
             )
@@ -563,7 +561,7 @@ class KeySpace:
             try:
                 self.load(client)
             except Exception as lexc:  # etcd went away mid-reload: back off, retry
-                log.warning("reload of %r failed: %s", self.root, _describe(lexc))
+                log.warning("reload of %r failed: %s", self.root, describe(lexc))
                 return False
             self.note_contact()
             return True
@@ -664,7 +662,7 @@ class _Session:
             else:
                 self.client.status()
         except Exception as exc:
-            log.debug("etcd probe failed: %s", _describe(exc))
+            log.debug("etcd probe failed: %s", describe(exc))
             return
         if self.closed:
             return
@@ -731,16 +729,6 @@ def _quiet_cancel(client: Any, watch_id: Any) -> None:
         client.cancel_watch(watch_id)
     except Exception:
         pass
-
-
-def _describe(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if callable(code):
-        try:
-            return f"{code().name}: {exc.details()}"  # type: ignore[attr-defined]  # grpc.RpcError
-        except Exception:
-            pass
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _range_page(client: Any, start: bytes, end: bytes, limit: int, rev: int) -> Tuple[Any, int]:
