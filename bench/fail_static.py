@@ -45,6 +45,7 @@ sys.path.insert(0, ROOT)
 
 from bench.bench_load import PREFIX, key_of, seed, value_of  # noqa: E402
 from shmkeyspace import Reader, segment, state  # noqa: E402
+from shmkeyspace._support import writer_command  # noqa: E402
 from shmkeyspace.etcd import EtcdServer, connect  # noqa: E402
 
 NAME = "bench-fail-static"
@@ -65,16 +66,7 @@ class WriterProc:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "shmkeyspace",
-                    "writer",
-                    "--endpoints",
-                    endpoint,
-                    "--prefix",
-                    PREFIX,
-                    "--name",
-                    NAME,
+                    *writer_command(endpoint, PREFIX, NAME, python=sys.executable),
                     "--decoder",
                     "json",
                     "--state-dir",

@@ -59,7 +59,7 @@ for p in (ROOT, BENCH_DIR):
 from scenarios.common import ETCD_ARGS, key_of, make_value, seed  # noqa: E402
 
 from shmkeyspace import Reader  # noqa: E402
-from shmkeyspace._support import child_env, percentile  # noqa: E402
+from shmkeyspace._support import child_env, percentile, writer_command  # noqa: E402
 from shmkeyspace.errors import ShmKeyspaceError  # noqa: E402
 from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, process_cpu_seconds, scrape_metrics  # noqa: E402
 
@@ -166,16 +166,7 @@ def _spawn_writers(
         procs.append(
             subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "shmkeyspace",
-                    "writer",
-                    "--endpoints",
-                    endpoint,
-                    "--prefix",
-                    prefix,
-                    "--name",
-                    name,
+                    *writer_command(endpoint, prefix, name, python=sys.executable),
                     "--decoder",
                     "json",
                     "--apply-delay",

@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from shmkeyspace._support import memory, put_many  # noqa: E402
+from shmkeyspace._support import memory, put_many, writer_command  # noqa: E402
 from shmkeyspace.etcd import EtcdServer  # noqa: E402
 from shmkeyspace.key_values import prefix_end  # noqa: E402
 
@@ -208,16 +208,7 @@ def run_one(n: int, burst: int, one_key_reps: int, out: Dict[str, Any]) -> Dict[
         logf = open(log_path, "w")
         writer = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "shmkeyspace",
-                "writer",
-                "--endpoints",
-                etcd.endpoint,
-                "--prefix",
-                PREFIX.rstrip("/"),
-                "--name",
-                name,
+                *writer_command(etcd.endpoint, PREFIX.rstrip("/"), name, python=sys.executable),
                 "--decoder",
                 "json",
                 "--unlink-on-exit",

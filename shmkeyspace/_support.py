@@ -27,6 +27,7 @@ import queue
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -254,6 +255,25 @@ def shm_mappings(pid: Pid = "self", needle: str = "/dev/shm/shmks.") -> List[str
 
 
 # -- statistics ------------------------------------------------------------------------
+
+
+def writer_command(
+    endpoint: str, prefix: str, name: str, *extra: str, python: str = sys.executable
+) -> List[str]:
+    """``python -m shmkeyspace writer`` of snapshot ``name`` mirroring ``prefix`` from ``endpoint``, then ``extra``."""
+    return [
+        python,
+        "-m",
+        "shmkeyspace",
+        "writer",
+        "--endpoints",
+        endpoint,
+        "--prefix",
+        prefix,
+        "--name",
+        name,
+        *extra,
+    ]
 
 
 def percentile(values: Sequence[float], p: float) -> float:

@@ -21,6 +21,7 @@ from conftest import PYTHON
 from helpers_procs import shm_files
 
 from shmkeyspace import segment
+from shmkeyspace._support import writer_command
 from shmkeyspace.cli import main, summarize
 from shmkeyspace.etcd import free_port
 
@@ -48,16 +49,7 @@ class WriterProc:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [
-                PYTHON,
-                "-m",
-                "shmkeyspace",
-                "writer",
-                "--endpoints",
-                endpoint,
-                "--prefix",
-                prefix,
-                "--name",
-                name,
+                *writer_command(endpoint, prefix, name, python=PYTHON),
                 *extra,
             ],
             env=env,
@@ -279,16 +271,7 @@ def test_exit_with_parent(etcd_server, client, prefix, shm_name, python_env, tmp
             PYTHON,
             "-c",
             code,
-            PYTHON,
-            "-m",
-            "shmkeyspace",
-            "writer",
-            "--endpoints",
-            etcd_server.endpoint,
-            "--prefix",
-            prefix,
-            "--name",
-            shm_name,
+            *writer_command(etcd_server.endpoint, prefix, shm_name, python=PYTHON),
             "--exit-with-parent",
             "--log-level",
             "warning",

@@ -13,6 +13,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from shmkeyspace._support import writer_command  # noqa: E402
 from shmkeyspace.etcd import free_port  # noqa: E402
 from shmkeyspace.metrics import ReaderCollector  # noqa: E402
 from shmkeyspace.reader import Reader  # noqa: E402
@@ -41,16 +42,7 @@ def test_writer_metrics_endpoint(etcd_server, client, prefix, shm_name, tmp_path
     log = open(tmp_path / "writer.log", "wb")
     proc = subprocess.Popen(
         [
-            hp.PYTHON,
-            "-m",
-            "shmkeyspace",
-            "writer",
-            "--endpoints",
-            etcd_server.endpoint,
-            "--prefix",
-            prefix,
-            "--name",
-            shm_name,
+            *writer_command(etcd_server.endpoint, prefix, shm_name, python=hp.PYTHON),
             "--decoder",
             "json",
             "--apply-delay",

@@ -35,6 +35,7 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer
+from shmkeyspace._support import writer_command
 from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, find_etcd_binary, free_port, scrape_metrics
 from shmkeyspace.key_values import prefix_end
 
@@ -148,16 +149,7 @@ def _spawn_writers(endpoint: str, prefix: str, names: List[str], logdir) -> List
         procs.append(
             subprocess.Popen(
                 [
-                    hp.PYTHON,
-                    "-m",
-                    "shmkeyspace",
-                    "writer",
-                    "--endpoints",
-                    endpoint,
-                    "--prefix",
-                    prefix,
-                    "--name",
-                    n,
+                    *writer_command(endpoint, prefix, n, python=hp.PYTHON),
                     "--decoder",
                     "json",
                     "--apply-delay",
