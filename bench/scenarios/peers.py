@@ -74,37 +74,16 @@ class LmdbPeer:
 
     def range(self, lo: bytes, count: int) -> List[Any]:
         """``count`` entries from ``lo``: cursor set_range + next + unpack."""
-        out = []
-        unpackb = self.unpackb
         with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(lo):
-                return out
-            value, nxt = cur.value, cur.next
-            for _ in range(count):
-                out.append(unpackb(value()))
-                if not nxt():
-                    break
-        return out
+            return _scan_count(txn.cursor(), lo, count, self.unpackb)
 
     def range_to(self, lo: bytes, hi: bytes) -> List[Any]:
         """Entries with lo <= key < hi."""
-        out = []
-        unpackb = self.unpackb
         with self.env.begin(buffers=True) as txn:
-            cur = txn.cursor()
-            if not cur.set_range(lo):
-                return out
-            key, value, nxt = cur.key, cur.value, cur.next
-            while bytes(key()) < hi:
-                out.append(unpackb(value()))
-                if not nxt():
-                    break
-        return out
+            return _scan_below(txn.cursor(), lo, hi, self.unpackb)
 
     def prefixed(self, p: bytes) -> List[Any]:
-        end = prefix_end(p)
-        return self.range_to(p, end) if end is not None else self.range(p, 1 << 62)
+        return _prefixed(self, p)
 
     def long_txn(self) -> "LmdbLongTxn":
         """The same environment read through ONE read transaction kept open for
@@ -137,37 +116,49 @@ class LmdbLongTxn:
         self.get = lambda k, g=self.txn.get, u=unpackb: u(g(k))
 
     def range(self, lo: bytes, count: int) -> List[Any]:
-        out = []
-        unpackb = self.unpackb
-        cur = self.txn.cursor()
-        if not cur.set_range(lo):
-            return out
-        value, nxt = cur.value, cur.next
-        for _ in range(count):
-            out.append(unpackb(value()))
-            if not nxt():
-                break
-        return out
+        return _scan_count(self.txn.cursor(), lo, count, self.unpackb)
 
     def range_to(self, lo: bytes, hi: bytes) -> List[Any]:
-        out = []
-        unpackb = self.unpackb
-        cur = self.txn.cursor()
-        if not cur.set_range(lo):
-            return out
-        key, value, nxt = cur.key, cur.value, cur.next
-        while bytes(key()) < hi:
-            out.append(unpackb(value()))
-            if not nxt():
-                break
-        return out
+        return _scan_below(self.txn.cursor(), lo, hi, self.unpackb)
 
     def prefixed(self, p: bytes) -> List[Any]:
-        end = prefix_end(p)
-        return self.range_to(p, end) if end is not None else self.range(p, 1 << 62)
+        return _prefixed(self, p)
 
     def close(self) -> None:
         self.txn.abort()
+
+
+# One cursor scan for both lmdb peers (a transaction per query, or one long one):
+# the peers differ only in the transaction the cursor comes from.
+def _scan_count(cur: Any, lo: bytes, count: int, unpackb: Any) -> List[Any]:
+    """Up to ``count`` entries from ``lo``: set_range, then next + unpack."""
+    out: List[Any] = []
+    if not cur.set_range(lo):
+        return out
+    value, nxt = cur.value, cur.next
+    for _ in range(count):
+        out.append(unpackb(value()))
+        if not nxt():
+            break
+    return out
+
+
+def _scan_below(cur: Any, lo: bytes, hi: bytes, unpackb: Any) -> List[Any]:
+    """Entries with lo <= key < hi."""
+    out: List[Any] = []
+    if not cur.set_range(lo):
+        return out
+    key, value, nxt = cur.key, cur.value, cur.next
+    while bytes(key()) < hi:
+        out.append(unpackb(value()))
+        if not nxt():
+            break
+    return out
+
+
+def _prefixed(peer: Any, p: bytes) -> List[Any]:
+    end = prefix_end(p)
+    return peer.range_to(p, end) if end is not None else peer.range(p, 1 << 62)
 
 
 class DictPeer:
