@@ -63,20 +63,7 @@ def _file_revision(d, name, prefix):
 def _persisted_writer(python_env, tmp_path, etcd, c, prefix, name, d, writers):
     """A writer that mirrored 40 keys and persisted them; returns (writer, file revision)."""
     _put_many(c, prefix, [f"k{i:03d}" for i in range(40)], "a")
-    w = WriterProc(
-        python_env,
-        tmp_path,
-        etcd.endpoint,
-        prefix,
-        name,
-        "--decoder",
-        "json",
-        "--state-dir",
-        d,
-        "--persist-interval",
-        PERSIST,
-    )
-    writers.append(w)
+    w = _restart(python_env, tmp_path, etcd, prefix, name, d, writers)
     rev = int(c.get_response(b"\0probe").header.revision)
     w.wait_published(rev)
     assert wait_until(lambda: _file_revision(d, name, prefix) == rev, 30), w.output()
@@ -84,6 +71,7 @@ def _persisted_writer(python_env, tmp_path, etcd, c, prefix, name, d, writers):
 
 
 def _restart(python_env, tmp_path, etcd, prefix, name, d, writers):
+    """A writer of ``name`` with the state dir ``d`` (tracked in ``writers`` for cleanup)."""
     w = WriterProc(
         python_env,
         tmp_path,
