@@ -1130,6 +1130,401 @@ static PyTypeObject BaseType = {
 };
 
 /* ------------------------------------------------------------------------- */
+/* Writer side: builder.ImageBuilder.adopt's entry scan and table build.      */
+/* C copies of builder._py_index and builder._py_table, which stay the        */
+/* reference (tests/test_state.py runs both on every fuzz case and requires   */
+/* the same verdict). Their input is private memory (a state file read into   */
+/* bytes, the builder's own arrays), never shared memory. Measured at 1M keys */
+/* (bench/fail_static.py): the Python scan ~2 us a key plus ~5 us of builder  */
+/* appends and table rebuild; this one ~0.3 us a key in all.                  */
+
+/* A msgpack integer: sign and magnitude (uint64 covers both msgpack ranges). */
+typedef struct {
+    int neg;
+    uint64_t u;
+} Int;
+
+/* Skip one value, checking what the readers' unpacker would reject: 0 ok, -1 bad
+   (*why says what), 1 punt (ext types, depth, non-str map keys: the unpacker
+   decides). No exception is left set. */
+static int skip(Cur *c, const char **why)
+{
+    uint8_t t;
+    uint64_t n = 0;
+    int w, map = 0, is_str = 0;
+    if (c->p >= c->end) {
+        *why = "msgpack value runs past its entry";
+        return -1;
+    }
+    t = *c->p++;
+    if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3)
+        return 0;
+    if (t >= 0xa0 && t <= 0xbf) {
+        n = t & 0x1f;
+        is_str = 1;
+    } else if (t >= 0x80 && t <= 0x9f) {
+        n = t & 0x0f;
+        map = t < 0x90;
+        goto container;
+    } else {
+        switch (t) {
+        case 0xc4: case 0xc5: case 0xc6:
+        case 0xd9: case 0xda: case 0xdb:
+            w = (t == 0xc4 || t == 0xd9) ? 1 : (t == 0xc5 || t == 0xda) ? 2 : 4;
+            if (c->end - c->p < w) {
+                *why = "msgpack length runs past its entry";
+                return -1;
+            }
+            n = be(c->p, w);
+            c->p += w;
+            is_str = t >= 0xd9;
+            break;
+        case 0xca: case 0xcb: case 0xcc: case 0xcd: case 0xce: case 0xcf:
+        case 0xd0: case 0xd1: case 0xd2: case 0xd3:
+            w = t == 0xca ? 4 : t == 0xcb ? 8 : 1 << ((t - 0xcc) & 3);
+            if (c->end - c->p < w) {
+                *why = "msgpack number runs past its entry";
+                return -1;
+            }
+            c->p += w;
+            return 0;
+        case 0xdc: case 0xdd: case 0xde: case 0xdf:
+            w = (t == 0xdc || t == 0xde) ? 2 : 4;
+            if (c->end - c->p < w) {
+                *why = "msgpack length runs past its entry";
+                return -1;
+            }
+            n = be(c->p, w);
+            c->p += w;
+            map = t >= 0xde;
+            goto container;
+        default: /* ext types, 0xc1 */
+            return 1;
+        }
+    }
+    /* str or bin of n bytes */
+    if (n > (uint64_t)(c->end - c->p)) {
+        *why = "msgpack string runs past its entry";
+        return -1;
+    }
+    if (is_str) {
+        uint64_t hi = 0;
+        size_t i = 0;
+        for (; i + 8 <= n; i += 8)
+            hi |= rd64(c->p + i);
+        for (; i < n; i++)
+            hi |= c->p[i];
+        if (hi & 0x8080808080808080ULL) {
+            PyObject *s = PyUnicode_DecodeUTF8((const char *)c->p, (Py_ssize_t)n, NULL);
+            if (s == NULL) {
+                PyErr_Clear();
+                *why = "invalid UTF-8 string";
+                return -1;
+            }
+            Py_DECREF(s);
+        }
+    }
+    c->p += n;
+    return 0;
+container:
+    if (n > (uint64_t)(c->end - c->p)) { /* every element takes at least one byte */
+        *why = "msgpack array or map longer than its entry";
+        return -1;
+    }
+    if (++c->depth > MAX_DEPTH)
+        return 1;
+    for (uint64_t i = 0; i < n; i++) {
+        int r;
+        if (map) {
+            uint8_t k = c->p < c->end ? *c->p : 0;
+            if (!((k >= 0xa0 && k <= 0xbf) || k == 0xd9 || k == 0xda || k == 0xdb))
+                return 1; /* a non-str map key: the unpacker's call */
+            if ((r = skip(c, why)) != 0)
+                return r;
+        }
+        if ((r = skip(c, why)) != 0)
+            return r;
+    }
+    c->depth--;
+    return 0;
+}
+
+/* One msgpack integer: 0 ok, -1 not an integer (or truncated). */
+static int read_int(Cur *c, Int *v)
+{
+    uint8_t t;
+    int w;
+    if (c->p >= c->end)
+        return -1;
+    t = *c->p++;
+    v->neg = 0;
+    if (t <= 0x7f) {
+        v->u = t;
+        return 0;
+    }
+    if (t >= 0xe0) {
+        v->neg = 1;
+        v->u = (uint64_t)(0x100 - t);
+        return 0;
+    }
+    if (t >= 0xcc && t <= 0xd3) {
+        w = 1 << ((t - 0xcc) & 3);
+        if (c->end - c->p < w)
+            return -1;
+        v->u = be(c->p, w);
+        c->p += w;
+        if (t >= 0xd0 && (v->u >> (8 * w - 1)) & 1) { /* negative: magnitude of the sign-extended value */
+            uint64_t s = w < 8 ? v->u | (~(uint64_t)0 << (8 * w)) : v->u;
+            v->neg = 1;
+            v->u = ~s + 1;
+        }
+        return 0;
+    }
+    return -1;
+}
+
+/* An int the unpacker returned (the punted entries): -1 if it is not exactly int. */
+static int int_of(PyObject *o, Int *v)
+{
+    int overflow;
+    long long x;
+    if (!PyLong_CheckExact(o)) /* bool is not an int here, as in the Python check */
+        return -1;
+    x = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow) { /* beyond int64: only the sign matters to the checks (revisions are int64) */
+        v->neg = overflow < 0;
+        v->u = UINT64_MAX;
+    } else {
+        v->neg = x < 0;
+        v->u = x < 0 ? (uint64_t)0 - (uint64_t)x : (uint64_t)x;
+    }
+    return 0;
+}
+
+/* The four revision fields of the punted entry [p, p+n) via the unpacker. 0 ok, -1 error set. */
+static int punted_ints(const uint8_t *p, size_t n, Py_ssize_t i, Int *out)
+{
+    PyObject *b = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)n), *lst;
+    int r = 0;
+    if (b == NULL)
+        return -1;
+    lst = PyObject_CallOneArg(Unpackb, b);
+    Py_DECREF(b);
+    if (lst == NULL) {
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        PyErr_NormalizeException(&et, &ev, &tb);
+        PyErr_Format(PyExc_ValueError, "entry %zd does not unpack: %S", i, ev ? ev : Py_None);
+        Py_XDECREF(et);
+        Py_XDECREF(ev);
+        Py_XDECREF(tb);
+        return -1;
+    }
+    if (!PyList_CheckExact(lst) || PyList_GET_SIZE(lst) != 6) {
+        PyErr_Format(PyExc_ValueError, "entry %zd is not a 6-element array", i);
+        r = -1;
+    }
+    for (int j = 0; r == 0 && j < 4; j++) {
+        if (int_of(PyList_GET_ITEM(lst, 2 + j), &out[j]) < 0) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "entry %zd has non-integer revisions", i);
+            r = -1;
+        }
+    }
+    Py_DECREF(lst);
+    return r;
+}
+
+static PyObject *loc_int(uint64_t off, uint64_t len, uint64_t mod)
+{
+    /* builder's per-key int: offset | length << 32 | mod_revision << 64 */
+    uint64_t w[2] = {off | len << 32, mod};
+#if PY_VERSION_HEX >= 0x030D0000
+    return PyLong_FromUnsignedNativeBytes(w, 16, Py_ASNATIVEBYTES_LITTLE_ENDIAN);
+#else
+    return _PyLong_FromByteArray((const unsigned char *)w, 16, 1, 0);
+#endif
+}
+
+/* index_entries(arena, order, root, revision) -> (keys, loc, top)
+   builder._py_index in C: see its doc for the checks and what is returned. */
+static PyObject *index_entries(PyObject *mod, PyObject *args)
+{
+    Py_buffer a = {0}, o = {0}, r = {0};
+    long long rev;
+    PyObject *keys = NULL, *loc = NULL, *out = NULL;
+    Py_ssize_t count, i, top_i = -1;
+    const uint8_t *last = NULL, *order;
+    size_t last_n = 0;
+    uint64_t top[3] = {0, 0, 0}; /* create, mod, version of keys[top_i] */
+    (void)mod;
+    if (!PyArg_ParseTuple(args, "y*y*y*L:index_entries", &a, &o, &r, &rev))
+        return NULL;
+    if (o.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "order region is not a whole number of entries");
+        goto done;
+    }
+    count = o.len / 8;
+    order = (const uint8_t *)o.buf;
+    keys = PyList_New(count);
+#if PY_VERSION_HEX < 0x030D0000
+    loc = _PyDict_NewPresized(count);
+#else
+    loc = PyDict_New();
+#endif
+    if (keys == NULL || loc == NULL)
+        goto done;
+    for (i = 0; i < count; i++) {
+        uint64_t off = rd32(order + 8 * i), len = rd32(order + 8 * i + 4);
+        if ((i & 4095) == 4095) {
+            /* Let other threads run (~every 4 ms): the writer probes etcd on another
+               thread meanwhile (imports, connect, a count), which would otherwise
+               wait the whole scan (~1 s at 1M keys). Nothing here is shared yet. */
+            Py_BEGIN_ALLOW_THREADS
+            Py_END_ALLOW_THREADS
+        }
+        const uint8_t *p = (const uint8_t *)a.buf + off, *k;
+        size_t kn;
+        Cur c;
+        Int f[4]; /* create, mod, version, lease */
+        const char *why = NULL;
+        int s;
+        PyObject *kb, *lv;
+        if (off + len > (uint64_t)a.len) {
+            PyErr_Format(PyExc_ValueError, "entry %zd lies outside the arena", i);
+            goto done;
+        }
+        if (raw_key(p, len, &k, &kn) < 0) {
+            PyErr_Format(PyExc_ValueError, "entry %zd is not a 6-element array with a str/bin key", i);
+            goto done;
+        }
+        c.p = p + 1;
+        c.end = p + len;
+        c.depth = 0;
+        c.punt = 0;
+        s = skip(&c, &why); /* the key: checks a str key's UTF-8 */
+        if (s == 0)
+            s = skip(&c, &why); /* the decoded value */
+        if (s == 0) {
+            for (int j = 0; j < 4; j++) {
+                if (read_int(&c, &f[j]) < 0) {
+                    PyErr_Format(PyExc_ValueError, "entry %zd has non-integer revisions", i);
+                    goto done;
+                }
+            }
+        } else if (s < 0) {
+            PyErr_Format(PyExc_ValueError, "entry %zd does not unpack: %s", i, why);
+            goto done;
+        } else if (punted_ints(p, len, i, f) < 0) {
+            goto done;
+        }
+        kb = PyBytes_FromStringAndSize((const char *)k, (Py_ssize_t)kn);
+        if (kb == NULL)
+            goto done;
+        /* 0 < create <= mod <= revision; version >= 1; lease >= 0 */
+        if (f[0].neg || f[1].neg || f[2].neg || f[3].neg || f[0].u == 0 || f[0].u > f[1].u ||
+            f[1].u > (uint64_t)(rev < 0 ? 0 : rev) || f[2].u == 0) {
+            PyErr_Format(PyExc_ValueError, "entry %R has impossible revisions for revision %lld", kb, rev);
+            Py_DECREF(kb);
+            goto done;
+        }
+        if (kn < (size_t)r.len || memcmp(k, r.buf, (size_t)r.len) != 0) {
+            PyErr_Format(PyExc_ValueError, "key %R is outside the prefix", kb);
+            Py_DECREF(kb);
+            goto done;
+        }
+        if (last != NULL) {
+            size_t m = kn < last_n ? kn : last_n;
+            int cmp = memcmp(k, last, m);
+            if (cmp < 0 || (cmp == 0 && kn <= last_n)) {
+                PyErr_Format(PyExc_ValueError, "keys are not sorted and unique at %R", kb);
+                Py_DECREF(kb);
+                goto done;
+            }
+        }
+        last = k;
+        last_n = kn;
+        PyList_SET_ITEM(keys, i, kb);
+        lv = loc_int(off, len, f[1].u);
+        if (lv == NULL || PyDict_SetItem(loc, kb, lv) < 0) {
+            Py_XDECREF(lv);
+            goto done;
+        }
+        Py_DECREF(lv);
+        if (f[1].u > top[1]) {
+            top_i = i;
+            top[0] = f[0].u;
+            top[1] = f[1].u;
+            top[2] = f[2].u;
+        }
+    }
+    if (top_i >= 0)
+        out = Py_BuildValue("(OO(OKKK))", keys, loc, PyList_GET_ITEM(keys, top_i), (unsigned long long)top[0],
+                            (unsigned long long)top[1], (unsigned long long)top[2]);
+    else
+        out = Py_BuildValue("(OOO)", keys, loc, Py_None);
+done:
+    Py_XDECREF(keys);
+    Py_XDECREF(loc);
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&r);
+    return out;
+}
+
+/* build_table(keys, order, slots) -> bytearray: builder._py_table in C (see its doc). */
+static PyObject *build_table(PyObject *mod, PyObject *args)
+{
+    PyObject *keys, *table;
+    Py_buffer o = {0};
+    Py_ssize_t slots, n;
+    uint8_t *t;
+    uint64_t mask;
+    (void)mod;
+    if (!PyArg_ParseTuple(args, "O!y*n:build_table", &PyList_Type, &keys, &o, &slots))
+        return NULL;
+    n = PyList_GET_SIZE(keys);
+    if (slots < 8 || (slots & (slots - 1)) != 0 || n >= slots || o.len != 8 * n) {
+        PyBuffer_Release(&o);
+        PyErr_SetString(PyExc_ValueError, "build_table: slots must be a power of two above the key count, "
+                                          "and order must hold one (offset, length) per key");
+        return NULL;
+    }
+    table = PyByteArray_FromStringAndSize(NULL, 16 * slots);
+    if (table == NULL) {
+        PyBuffer_Release(&o);
+        return NULL;
+    }
+    t = (uint8_t *)PyByteArray_AS_STRING(table);
+    memset(t, 0, 16 * (size_t)slots);
+    mask = (uint64_t)slots - 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *k = PyList_GET_ITEM(keys, i);
+        uint64_t h, pos, ol;
+        if (!PyBytes_Check(k)) {
+            PyErr_SetString(PyExc_TypeError, "build_table: keys must be bytes");
+            goto fail;
+        }
+        if (key_hash((const uint8_t *)PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k), &h) < 0)
+            goto fail;
+        const uint8_t *e = (const uint8_t *)o.buf + 8 * i;
+        ol = (uint64_t)rd32(e) | (uint64_t)rd32(e + 4) << 32;
+        for (pos = h & mask; rd64(t + 16 * pos) != 0; pos = (pos + 1) & mask)
+            ;
+        memcpy(t + 16 * pos, &h, 8);
+        memcpy(t + 16 * pos + 8, &ol, 8);
+    }
+    PyBuffer_Release(&o);
+    return table;
+fail:
+    PyBuffer_Release(&o);
+    Py_DECREF(table);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------- */
 
 /* setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest) */
 static PyObject *setup(PyObject *mod, PyObject *args)
@@ -1178,6 +1573,8 @@ static PyMethodDef module_methods[] = {
     {"setup", setup, METH_VARARGS, "setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest)"},
     {"key_hash", py_key_hash, METH_O, "snapshot.key_hash in C (tests)."},
     {"unpack_entry", py_unpack_entry, METH_O, "The entry decoder (tests)."},
+    {"index_entries", index_entries, METH_VARARGS, "builder._py_index in C."},
+    {"build_table", build_table, METH_VARARGS, "builder._py_table in C."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -139,6 +139,9 @@ if _speedups is not None:
 #: The implementations this installation offers: "c" (the compiled extension) if it
 #: is built and SHMKEYSPACE_PURE_PYTHON is not set, and always "python".
 IMPLEMENTATIONS = tuple(sorted(_IMPLS))
+#: The compiled extension, set up (None: not built, or SHMKEYSPACE_PURE_PYTHON=1).
+#: builder.py runs its O(n) kernels from it too.
+compiled = _speedups
 
 
 class _Closed:

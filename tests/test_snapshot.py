@@ -36,7 +36,8 @@ values = st.one_of(
     st.floats(allow_nan=False),
     st.recursive(st.none() | st.text(max_size=3), lambda c: st.lists(c, max_size=3), max_leaves=6),
 )
-# Every test that reads runs each Reader implementation ("c" only where it is built).
+# Every test that reads runs each Reader implementation ("c" only where it is built),
+# and builds its images with the same implementation of the builder's kernels.
 impls = pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
 
 
@@ -122,6 +123,7 @@ def _norm(v):
 def test_reader_matches_key_values_after_reset(shm_name, data, probes, impl):
     ref = KeyValues(_kv(k, v, i + 1) for i, (k, v) in enumerate(data.items()))
     b = ImageBuilder()
+    b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset(((kv.key, _packed(kv)) for kv in ref), 1000)
     b._check()
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
@@ -147,6 +149,7 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes, impl):
     """Apply random put/delete batches one by one; the reader always equals the reference."""
     ref = KeyValues()
     b = ImageBuilder()
+    b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset([], 0)
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         with_reader = None
@@ -168,6 +171,7 @@ def test_hash_table_survives_heavy_churn(shm_name, impl):
     rnd = random.Random(7)
     ref = KeyValues()
     b = ImageBuilder()
+    b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset([], 0)
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         universe = [f"/c/{i:05d}".encode() for i in range(3000)]

@@ -1,11 +1,12 @@
 """State files (shmkeyspace/state.py): round trip, atomic write, trust checks, fuzz.
 
 The fuzz cases write real files into a temp dir and read them through
-:func:`state.load` and :func:`state.entries` exactly as a starting writer does.
+:func:`state.load` and :meth:`ImageBuilder.adopt` exactly as a starting writer does.
 Promises checked: a damaged, truncated, foreign or hostile file gives a reason
 string (never another exception, never a hang: each case runs under an interval
-timer), and a file that is accepted yields only entries that pass the checks
-the writer relies on.
+timer), a file that is accepted yields a builder whose invariants hold
+(``_check``), and the compiled and Python kernels of ``adopt`` give the same
+verdict and the same builder on every case.
 """
 
 from __future__ import annotations
@@ -17,15 +18,27 @@ import stat
 import struct
 import threading
 
+import msgpack
 import pytest
 from xxhash import xxh3_128
 
 from shmkeyspace import state
-from shmkeyspace.builder import ImageBuilder
-from shmkeyspace.errors import StateFileError
-from shmkeyspace.snapshot import pack_entry
+from shmkeyspace.builder import IMPLEMENTATIONS, ImageBuilder
+from shmkeyspace.errors import CorruptSegmentError, StateFileError
+from shmkeyspace.snapshot import ImageView, entry_key, pack_entry, unpackb
 
 NAME, PREFIX, DECODER = "svc", "/svc", "json"
+
+
+def _adopt(sf, impl):
+    """(builder, top) as the writer takes the file over, or the reason it refuses it."""
+    view = sf.view()
+    try:
+        return ImageBuilder.adopt(view, sf.prefix.encode(), impl=impl)
+    except CorruptSegmentError as exc:
+        return str(exc)
+    finally:
+        view.release()
 
 
 def _image(n: int = 50, rev: int = 1000, churn: bool = False):
@@ -56,9 +69,13 @@ def test_round_trip(tmp_path):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     sf = state.read(str(tmp_path), NAME, PREFIX, DECODER)
     assert (sf.cluster_id, sf.revision, sf.count, sf.image) == (77, 1000, 49, image)
-    got = list(state.entries(sf))
-    assert [e[0] for e in got] == sorted(e[0] for e in got)
-    assert len(got) == 49 and got[3][2] == "new" and got[3][4] == 1000
+    for impl in IMPLEMENTATIONS:
+        b, top = _adopt(sf, impl)
+        b._check()
+        assert len(b) == 49 and b.keys == sorted(b.keys) and b.mod_revision(b"/svc/k00003") == 1000
+        assert unpackb(b.packed(b"/svc/k00003"))[1] == "new"
+        assert top == (b"/svc/k00003", 13, 1000, 2)  # the most recently modified key
+        assert b.revision == 1000 and b.impl == impl
     assert not [f for f in os.listdir(tmp_path) if f != "svc.snap"]  # no temp left
 
 
@@ -75,7 +92,7 @@ def test_appended_part_is_read_in_chunks(tmp_path, monkeypatch):
         str(tmp_path), NAME, PREFIX, DECODER, 77, 1000, count, parts, total, mode=0o640, gid=os.getgid()
     )
     sf = state.read(str(tmp_path), NAME, PREFIX, DECODER)
-    assert len(list(state.entries(sf))) == count
+    assert len(_adopt(sf, IMPLEMENTATIONS[0])[0]) == count
     assert stat.S_IMODE(os.stat(tmp_path / "svc.snap").st_mode) == 0o640
 
 
@@ -168,11 +185,18 @@ def _case(d: str, data: bytes) -> str:
     if sf is None:
         assert reason
         return reason
-    try:
-        got = list(state.entries(sf))
-    except StateFileError as exc:
-        return str(exc)
-    assert len(got) == sf.count
+    got = {impl: _adopt(sf, impl) for impl in IMPLEMENTATIONS}
+    verdicts = {impl: type(g) is str for impl, g in got.items()}
+    assert len(set(verdicts.values())) == 1, f"the kernels disagree: {got}"
+    first = next(iter(got.values()))
+    if isinstance(first, str):
+        assert first
+        return first
+    b, top = first
+    b._check()
+    assert len(b) == sf.count
+    for other, other_top in list(got.values())[1:]:  # type: ignore[misc]
+        assert (other.keys, other._loc, other._garbage, top) == (b.keys, b._loc, b._garbage, other_top)
     return "ok"
 
 
@@ -241,3 +265,85 @@ def test_fuzz_state_files(tmp_path, seed):
         signal.signal(signal.SIGALRM, old)
     # Most hostile cases are caught too; some flips land in values and stay valid.
     assert counts["refused"] > 1000, counts
+
+
+_DEEP: list = [0]
+for _ in range(250):
+    _DEEP = [_DEEP]
+
+
+def _odd_values(rng: random.Random):
+    """Values of every msgpack type, including what the readers' unpacker refuses."""
+    pool = [
+        None,
+        True,
+        -1,
+        -(2**40),
+        2**63 - 1,
+        2**64 - 1,
+        1.5,
+        "é" * 3,
+        "x" * 40,
+        b"\xff\x00",
+        [1, [2, [3, {"k": "v"}]]],
+        {"a": 1, "b": [None, False]},
+    ]
+    bad = [
+        {1: 2},  # a non-str map key
+        {b"k": 1},
+        msgpack.ExtType(5, b"ext"),
+        _DEEP,  # past the compiled skipper's depth limit: the unpacker decides
+    ]
+    return rng.choice(bad if rng.random() < 0.03 else pool)
+
+
+@pytest.mark.skipif(len(IMPLEMENTATIONS) < 2, reason="the compiled kernels are not built")
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_adopt_kernels_agree_on_hostile_entries(seed):
+    """The compiled entry scan against the Python reference, on entries a hostile file could hold.
+
+    Each case packs entries with odd values and revisions (some valid, some
+    not), then overwrites random arena bytes; both kernels must accept or both
+    refuse, and accepted builders must be identical and pass ``_check``.
+    """
+    rng = random.Random(seed)
+    verdicts = {"ok": 0, "refused": 0}
+    for case in range(300):
+        items = []
+        for i in range(rng.randint(1, 12)):
+            k = f"/svc/k{i:03d}".encode() if rng.random() < 0.9 else b"/svc/\xff" + bytes([i])
+            c = rng.choice((1, 5, 10))
+            e = [entry_key(k), _odd_values(rng), c, c + rng.choice((0, 3)), rng.choice((1, 2, 2**64 - 1)), 0]
+            if rng.random() < 0.04:  # one impossible or mistyped field
+                e[rng.randrange(2, 6)] = rng.choice((-1, 0, 2**63, 2**64 - 1, True, 1.0, "1", None))
+            items.append((k, msgpack.packb(e, use_bin_type=True)))
+        items = sorted(dict(items).items())
+        b = ImageBuilder()
+        b.reset(items, 20)
+        parts, _ = b.parts()
+        img = bytearray(b"".join(bytes(p) for p in parts))
+        arena_off, arena_len = struct.unpack_from(
+            "<QQ", img, 32
+        )  # HEADER: after magic, version, step, revision, count
+        for _ in range(rng.choice((0, 0, 0, 1, 3))):
+            at = arena_off + rng.randrange(arena_len)
+            img[at] = rng.choice(
+                (0x00, 0x7F, 0x90, 0x96, 0xA0, 0xC1, 0xC7, 0xD4, 0xDC, 0xDF, 0xFF, rng.randrange(256))
+            )
+        view = ImageView(memoryview(bytes(img)), 0, len(img))
+        got = {}
+        for impl in IMPLEMENTATIONS:
+            try:
+                got[impl] = ImageBuilder.adopt(view, b"/svc/", impl=impl)
+            except CorruptSegmentError as exc:
+                got[impl] = str(exc)
+        c_got, py_got = got["c"], got["python"]
+        assert type(c_got) is type(py_got), f"seed {seed} case {case}: c {c_got!r} python {py_got!r}"
+        if isinstance(c_got, str):
+            verdicts["refused"] += 1
+            continue
+        verdicts["ok"] += 1
+        (cb, ctop), (pb, ptop) = c_got, py_got
+        cb._check()
+        assert (cb.keys, cb._loc, cb._garbage, ctop) == (pb.keys, pb._loc, pb._garbage, ptop)
+    assert verdicts["ok"] > 20 and verdicts["refused"] > 20, verdicts
