@@ -10,17 +10,19 @@ One run, one private loopback etcd, real ``shmkeyspace writer`` processes with
    (empty state dir); then the time until the first state file exists;
 2. **live apply**: with that writer running, a burst of ``--events`` puts
    (transactions of 100, one client) -> the time from the first put to the
-   last one published, and etcd's own ack time for the burst;
+   last one published, and etcd's own ack time for the burst (``--repeat``
+   bursts; the median is the figure);
 3. **persist cost**: ``--steady`` seconds of 1k puts/s (transactions of 10
    every 10 ms) against the writer at the default ``--persist-interval`` (5 s),
    then the same against a writer that never persists during the window
    (``--persist-interval 1e6``): writer CPU seconds per minute (user+sys from
    /proc) of both, and the persist threads' own CPU as the writer counts it;
-4. **restart behind**: SIGTERM (the writer persists on exit), segments
-   unlinked (a reboot), ``--events`` puts while no writer runs, then a new
-   writer: spawn -> the disk snapshot readable (warm start), spawn -> caught up
-   with etcd (readers at etcd's revision and source "etcd"), and whether any
-   full load happened (the writer's log).
+4. **restart behind**, ``--repeat`` times: SIGTERM (the writer persists on
+   exit), segments unlinked (a reboot), ``--events`` puts while no writer
+   runs, then a new writer: spawn -> the disk snapshot readable (warm start),
+   spawn -> caught up with etcd (readers at etcd's revision and source
+   "etcd"), and whether any full load happened (the writer's log). Medians
+   are the figures; every sample is in the JSON.
 
 Prints a markdown table; writes JSON to ``--out`` (default bench/results/fail_static.json).
 """
@@ -33,6 +35,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -191,16 +194,18 @@ def last_persist_cpu(log: str) -> float:
     return float(found[-1][0]) + float(found[-1][1]) if found else 0.0
 
 
-def run(keys: int, events: int, steady_s: float, out: str) -> Dict[str, Any]:
-    res: Dict[str, Any] = {"keys": keys, "events": events, "steady_seconds": steady_s}
+def run(keys: int, events: int, steady_s: float, out: str, repeat: int = 3) -> Dict[str, Any]:
+    res: Dict[str, Any] = {"keys": keys, "events": events, "steady_seconds": steady_s, "repeat": repeat}
     tmp = tempfile.mkdtemp(prefix="shmks-failstatic-")
     try:
-        return _run(keys, events, steady_s, out, res, tmp)
+        return _run(keys, events, steady_s, out, res, tmp, repeat)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(keys: int, events: int, steady_s: float, out: str, res: Dict[str, Any], tmp: str) -> Dict[str, Any]:
+def _run(
+    keys: int, events: int, steady_s: float, out: str, res: Dict[str, Any], tmp: str, repeat: int
+) -> Dict[str, Any]:
     d = os.path.join(tmp, "state")
     logs = os.path.join(tmp, "writer.log")
     try:
@@ -221,31 +226,49 @@ def _run(keys: int, events: int, steady_s: float, out: str, res: Dict[str, Any],
         res["first_persist_after_publish_s"] = time.monotonic() - t
         res["state_file_bytes"] = os.path.getsize(state.path_for(d, NAME))
         # 2. live apply of a burst
-        b = burst(ep, keys, events, 1)
-        t_live = w.wait(lambda h: h.revision >= b["last_revision"], "live burst") + w.t_spawn - b["t_start"]
-        res["live_apply_s"] = t_live
-        res["burst_ack_s"] = b["ack_s"]
+        lives, acks = [], []
+        for k in range(repeat):
+            b = burst(ep, keys, events, 1 + k)
+            lives.append(
+                w.wait(lambda h, rev=b["last_revision"]: h.revision >= rev, "live burst")
+                + w.t_spawn
+                - b["t_start"]
+            )
+            acks.append(b["ack_s"])
+        res["live_apply_samples"] = lives
+        res["live_apply_s"] = statistics.median(lives)
+        res["burst_ack_s"] = statistics.median(acks)
         # 3. persist cost at the default interval, then a writer that does not persist
         res["cpu_persisting"] = cpu_under_load(w, ep, keys, steady_s)
         res["cpu_persisting"]["persist_thread_cpu_s"] = last_persist_cpu(w.log())
-        # 4. restart behind by `events`
-        assert w.stop() == 0
-        segment.unlink_all(NAME)
-        b2 = burst(ep, keys, events, 2)
-        file_rev = state.read(d, NAME, PREFIX, "json").revision
-        start_len = len(open(logs, errors="replace").read())
-        w2 = WriterProc(ep, d, logs)
-        res["warm_start_s"] = w2.wait(lambda h: h.revision >= file_rev, "disk snapshot")
+        # 4. restart behind by `events`, `repeat` times
+        warms, restarts, full_loads, resumed = [], [], 0, True
+        for k in range(repeat):
+            assert w.stop() == 0
+            segment.unlink_all(NAME)
+            b2 = burst(ep, keys, events, 10 + k)
+            file_rev = state.read(d, NAME, PREFIX, "json").revision
+            start_len = len(open(logs, errors="replace").read())
+            w = WriterProc(ep, d, logs)
+            warms.append(w.wait(lambda h, rev=file_rev: h.revision >= rev, "disk snapshot"))
+            restarts.append(
+                w.wait(
+                    lambda h, rev=b2["last_revision"]: h.revision >= rev and h.source == "etcd", "catch-up"
+                )
+            )
+            log2 = w.log()[start_len:]
+            full_loads += log2.count(FULL_LOAD) + log2.count("loaded '")
+            resumed = resumed and "no full load" in log2
+        res["warm_start_samples"] = warms
+        res["warm_start_s"] = statistics.median(warms)
         res["warm_start_source"] = "disk"
-        res["restart_caught_up_s"] = w2.wait(
-            lambda h: h.revision >= b2["last_revision"] and h.source == "etcd", "catch-up"
-        )
+        res["restart_samples"] = restarts
+        res["restart_caught_up_s"] = statistics.median(restarts)
         res["restart_burst_ack_s"] = b2["ack_s"]
-        log2 = w2.log()[start_len:]
-        res["restart_full_loads"] = log2.count(FULL_LOAD) + log2.count("loaded '")
-        res["restart_resumed"] = "no full load" in log2
+        res["restart_full_loads"] = full_loads
+        res["restart_resumed"] = resumed
         # 3b. baseline CPU: same load, nothing persisted during the window
-        assert w2.stop() == 0
+        assert w.stop() == 0
         w3 = WriterProc(ep, d, logs, "--persist-interval", "1000000")
         w3.wait(lambda h: h.source == "etcd", "baseline writer")
         res["cpu_not_persisting"] = cpu_under_load(w3, ep, keys, steady_s)
@@ -269,6 +292,10 @@ def _run(keys: int, events: int, steady_s: float, out: str, res: Dict[str, Any],
     return res
 
 
+def _samples(xs: List[float]) -> str:
+    return "median of " + ", ".join(f"{x:.2f}" for x in xs)
+
+
 def table(r: Dict[str, Any]) -> str:
     cold, warm = r["cold_start_s"], r["warm_start_s"]
     rows = [
@@ -276,16 +303,18 @@ def table(r: Dict[str, Any]) -> str:
         ("cold start (spawn -> full snapshot from etcd)", f"{cold:.2f} s"),
         (
             "warm start (spawn -> full snapshot from disk)",
-            f"{warm:.2f} s = {warm / cold:.1%} of cold (target <= 1.5 s, <= 5%)",
+            f"{warm:.2f} s = {warm / cold:.1%} of cold (target <= 1.5 s, <= 5%); "
+            f"{_samples(r['warm_start_samples'])}",
         ),
         (
             f"live writer: {r['events']:,} puts applied (first put -> last published)",
-            f"{r['live_apply_s']:.2f} s (etcd acked them in {r['burst_ack_s']:.2f} s)",
+            f"{r['live_apply_s']:.2f} s (etcd acked them in {r['burst_ack_s']:.2f} s); "
+            f"{_samples(r['live_apply_samples'])}",
         ),
         (
             f"restart behind by {r['events']:,} events: spawn -> caught up",
             f"{r['restart_caught_up_s']:.2f} s = {r['restart_caught_up_s'] / r['live_apply_s']:.2f}x the live apply "
-            f"(target <= 2x); full loads: {r['restart_full_loads']}",
+            f"(target <= 2x); full loads: {r['restart_full_loads']}; {_samples(r['restart_samples'])}",
         ),
         (
             "writer CPU under 1k puts/s, persisting every 5 s",
@@ -313,12 +342,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--keys", type=int, default=1_000_000)
     p.add_argument("--events", type=int, default=10_000)
     p.add_argument("--steady", type=float, default=60.0, help="seconds of 1k puts/s per CPU measurement")
+    p.add_argument(
+        "--repeat", type=int, default=3, help="live bursts and restarts measured (medians reported)"
+    )
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "fail_static.json"))
     a = p.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so etcd and the writers are stopped and temp dirs go.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        r = run(a.keys, a.events, a.steady, a.out)
+        r = run(a.keys, a.events, a.steady, a.out, a.repeat)
     finally:
         for w in _LIVE:
             if w.proc.poll() is None:

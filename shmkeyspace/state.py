@@ -15,7 +15,9 @@ Promises:
   as the segments), written, fsynced, renamed over NAME.snap, then DIR fsynced.
   A crash leaves the old file or the new one, never a mix (at worst a stray
   ``.NAME.snap.tmp.*`` that :func:`remove_temps` clears).
-* :func:`read` validates completely before returning anything: no symlink
+* :func:`read` (and :func:`open_file` + :meth:`Opened.read_image`, which reads
+  the image straight into the caller's buffer: the writer's shared memory,
+  still invisible to readers) validates completely before returning anything: no symlink
   (``O_NOFOLLOW``), a regular file owned by the expected uid and writable by
   nobody else, every length bounds-checked against the file size before use,
   the checksum, the format version, name, prefix and decoder, and the image's
@@ -28,8 +30,8 @@ Promises:
   checked when the writer takes the image over:
   :meth:`shmkeyspace.builder.ImageBuilder.adopt`.
 
-Cost: reading is one ``readinto`` of the file plus one xxh3 pass (~10 GB/s): a
-150 MB state file (1M keys) reads and validates in about 0.18 s.
+Cost: reading is one ``readv`` of the file plus one xxh3 pass (~10 GB/s): a
+150 MB state file (1M keys) reads and validates in about 0.15 s.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from xxhash import xxh3_128
 
@@ -49,6 +51,7 @@ from .errors import CorruptSegmentError, StateFileError, UntrustedSegmentError
 from .snapshot import MAX_IMAGE, ImageView
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAGIC = b"SHMKSTAT"
 FORMAT_VERSION = 1
@@ -279,19 +282,94 @@ def prepare_dir(state_dir: str, mode: int = 0o700, gid: Optional[int] = None) ->
 # -- reading -----------------------------------------------------------------------
 
 
-def read(
+class Opened:
+    """An open state file whose head is checked; its image is not read yet (see :func:`open_file`).
+
+    A context manager; :meth:`close` releases the descriptor. ``meta`` is
+    the file's :class:`StateFile` (``image`` empty), ``image_len`` the image's
+    size. Read the image once, with :meth:`read_image` (into a buffer of the
+    caller's, e.g. shared memory: no private copy) or :meth:`read_image_bytes`.
+    Either checks everything the head did not: the checksum over the whole
+    file and the image's own structure; a failure is a StateFileError.
+    """
+
+    def __init__(self, fd: int, meta: StateFile, head: bytes, strings: bytes, image_len: int) -> None:
+        self._fd = fd
+        self.meta = meta
+        self.image_len = image_len
+        self._head, self._strings = head, strings
+
+    def read_image(self, buf: memoryview, offset: int) -> None:
+        """Read the image into ``buf[offset:offset + image_len]``, then check it (raises StateFileError).
+
+        ``buf`` should be a view of a whole mmap or bytes object: the image is
+        then validated in place (ImageView), without a copy. One readv (GIL
+        released) and one checksum pass.
+        """
+        n, p = self.image_len, self.meta.path
+        with buf[offset : offset + n] as dest:
+            got = 0
+            while got < n:
+                r = os.readv(self._fd, [dest[got:]])
+                if r <= 0:
+                    raise StateFileError(f"{p} shrank while being read")
+                got += r
+        self._verify(buf, offset)
+
+    def read_image_bytes(self) -> bytes:
+        """The image as bytes, checked (raises StateFileError)."""
+        image = _read_exact(self._fd, self.image_len, self.meta.path)
+        with memoryview(image) as mv:
+            self._verify(mv, 0)
+        return image
+
+    def _verify(self, buf: memoryview, offset: int) -> None:
+        p, n = self.meta.path, self.image_len
+        digest = _read_exact(self._fd, SUM_SIZE, p)
+        if os.read(self._fd, 1):
+            raise StateFileError(f"{p} grew while being read")
+        h = xxh3_128(self._head)
+        h.update(self._strings)
+        with buf[offset : offset + n] as image:
+            h.update(image)
+        if h.digest() != digest:
+            raise StateFileError(f"{p} fails its checksum (damaged or partly written)")
+        try:
+            view = ImageView(buf, offset, n)
+        except CorruptSegmentError as exc:
+            raise StateFileError(f"{p} holds a bad image: {exc}") from None
+        try:
+            if view.revision != self.meta.revision or view.count != self.meta.count:
+                raise StateFileError(f"{p}: its image disagrees with its header (revision or key count)")
+        finally:
+            view.release()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Opened":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_file(
     state_dir: str,
     name: str,
     prefix: str,
     decoder: str,
     uid: Optional[int] = None,
     max_size: int = MAX_FILE,
-) -> StateFile:
-    """Open, check and return ``DIR/NAME.snap``; raise StateFileError(reason) if unusable.
+) -> Opened:
+    """Open ``DIR/NAME.snap`` and check all but its image; raise StateFileError(reason) if unusable.
 
-    ``uid``: the owner the file must have (default: this process's effective uid).
-    Raises FileNotFoundError (a plain OSError, not StateFileError) when there is
-    simply no file. O(file size): one read and one checksum pass.
+    ``uid``: the owner the file must have (default: this process's effective
+    uid). Raises FileNotFoundError (a plain OSError, not StateFileError) when
+    there is simply no file. Reads only the head and strings; the image and
+    the checksum are read and checked by :meth:`Opened.read_image`.
     """
     p = path_for(state_dir, name)
     want_uid = os.geteuid() if uid is None else uid
@@ -317,10 +395,8 @@ def read(
             raise StateFileError(f"{p} is truncated ({size} bytes)")
         if size > max_size:
             raise StateFileError(f"{p} is {size} bytes, more than any state file ({max_size})")
-        # Three reads, each bounds-checked against the size fstat gave before
-        # anything is allocated: the fixed head, then head strings + image as
-        # one bytes object (no second copy: ImageView and Publisher use bytes
-        # as they are), then the sum.
+        # Every length is bounds-checked against the size fstat gave before
+        # anything is allocated.
         head = _read_exact(fd, HEAD.size, p)
         (magic, version, head_len, cluster_id, revision, image_len, count, written, nl, pl, dl, _) = (
             HEAD.unpack(head)
@@ -334,41 +410,44 @@ def read(
         if head_len != HEAD.size + nl + pl + dl or head_len + image_len + SUM_SIZE != size:
             raise StateFileError(f"{p} is truncated or its lengths disagree with its size ({size} bytes)")
         strings = _read_exact(fd, head_len - HEAD.size, p)
-        image = _read_exact(fd, image_len, p)
-        digest = _read_exact(fd, SUM_SIZE, p)
-        if os.read(fd, 1):
-            raise StateFileError(f"{p} grew while being read")
-    finally:
+        try:
+            f_name = strings[:nl].decode("utf-8")
+            f_prefix = strings[nl : nl + pl].decode("utf-8")
+            f_decoder = strings[nl + pl :].decode("utf-8")
+        except UnicodeDecodeError:
+            raise StateFileError(f"{p} has an undecodable name, prefix or decoder") from None
+        if f_name != name:
+            raise StateFileError(f"{p} is of snapshot {f_name!r}, not {name!r}")
+        if f_prefix != prefix:
+            raise StateFileError(f"{p} mirrors prefix {f_prefix!r}, not {prefix!r}")
+        if f_decoder != decoder:
+            raise StateFileError(f"{p} was decoded with {f_decoder!r}, not {decoder!r}")
+        if cluster_id == 0 or revision <= 0:
+            raise StateFileError(f"{p} has no etcd cluster id or revision")
+    except BaseException:
         os.close(fd)
-    h = xxh3_128(head)
-    h.update(strings)
-    h.update(image)
-    if h.digest() != digest:
-        raise StateFileError(f"{p} fails its checksum (damaged or partly written)")
-    try:
-        f_name = strings[:nl].decode("utf-8")
-        f_prefix = strings[nl : nl + pl].decode("utf-8")
-        f_decoder = strings[nl + pl :].decode("utf-8")
-    except UnicodeDecodeError:
-        raise StateFileError(f"{p} has an undecodable name, prefix or decoder") from None
-    if f_name != name:
-        raise StateFileError(f"{p} is of snapshot {f_name!r}, not {name!r}")
-    if f_prefix != prefix:
-        raise StateFileError(f"{p} mirrors prefix {f_prefix!r}, not {prefix!r}")
-    if f_decoder != decoder:
-        raise StateFileError(f"{p} was decoded with {f_decoder!r}, not {decoder!r}")
-    if cluster_id == 0 or revision <= 0:
-        raise StateFileError(f"{p} has no etcd cluster id or revision")
-    try:
-        view = ImageView(memoryview(image), 0, len(image))
-    except CorruptSegmentError as exc:
-        raise StateFileError(f"{p} holds a bad image: {exc}") from None
-    try:
-        if view.revision != revision or view.count != count:
-            raise StateFileError(f"{p}: its image disagrees with its header (revision or key count)")
-    finally:
-        view.release()
-    return StateFile(p, f_name, f_prefix, f_decoder, cluster_id, revision, count, written / 1e9, image)
+        raise
+    meta = StateFile(p, f_name, f_prefix, f_decoder, cluster_id, revision, count, written / 1e9, b"")
+    return Opened(fd, meta, head, strings, image_len)
+
+
+def read(
+    state_dir: str,
+    name: str,
+    prefix: str,
+    decoder: str,
+    uid: Optional[int] = None,
+    max_size: int = MAX_FILE,
+) -> StateFile:
+    """Open, check and return ``DIR/NAME.snap`` with its image; raise StateFileError(reason) if unusable.
+
+    :func:`open_file` plus :meth:`Opened.read_image_bytes`. Raises
+    FileNotFoundError when there is no file. O(file size).
+    """
+    with open_file(state_dir, name, prefix, decoder, uid, max_size) as f:
+        image = f.read_image_bytes()
+    f.meta.image = image
+    return f.meta
 
 
 def _read_exact(fd: int, n: int, where: str) -> bytes:
@@ -387,16 +466,15 @@ def _read_exact(fd: int, n: int, where: str) -> bytes:
     return b"".join(parts)
 
 
-def load(
-    state_dir: str, name: str, prefix: str, decoder: str, uid: Optional[int] = None
-) -> Tuple[Optional[StateFile], str]:
-    """:func:`read`, but never raises: ``(file, "")`` or ``(None, reason)``.
+def quietly(fn: Callable[..., T], state_dir: str, name: str, *args: Any) -> Tuple[Optional[T], str]:
+    """``fn(state_dir, name, *args)`` (:func:`open_file` or :func:`read`), never raising.
 
-    A missing file is ``(None, "no state file")``; anything else unusable is
-    logged as a warning with its reason.
+    ``(result, "")`` or ``(None, reason)``. A missing file is ``(None, "no
+    state file")``; anything else unusable is logged as a warning with its
+    reason.
     """
     try:
-        return read(state_dir, name, prefix, decoder, uid), ""
+        return fn(state_dir, name, *args), ""
     except FileNotFoundError:
         return None, "no state file"
     except StateFileError as exc:
@@ -405,3 +483,10 @@ def load(
         reason = f"{path_for(state_dir, name)} unreadable: {type(exc).__name__}: {exc}"
     log.warning("state file ignored: %s; loading from etcd instead", reason)
     return None, reason
+
+
+def load(
+    state_dir: str, name: str, prefix: str, decoder: str, uid: Optional[int] = None
+) -> Tuple[Optional[StateFile], str]:
+    """:func:`read`, but never raises: ``(file, "")`` or ``(None, reason)`` (see :func:`quietly`)."""
+    return quietly(read, state_dir, name, prefix, decoder, uid)

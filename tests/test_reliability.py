@@ -778,7 +778,7 @@ print(json.dumps(out, default=str), flush=True)
     reason="needs root and unshare(1) to mount a small private /dev/shm",
 )
 def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
-    """In a private mount namespace with a 3 MiB /dev/shm: a snapshot that does not
+    """In a private mount namespace with a 1 MiB /dev/shm: a snapshot that does not
     fit raises SegmentFullError (no SIGBUS, nothing half-created), the writer counts
     and logs it, readers keep the last snapshot, and the next change recovers."""
     proc = hp.spawn(
@@ -792,7 +792,7 @@ def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
             "private",
             "sh",
             "-c",
-            'mount -t tmpfs -o size=3m tmpfs /dev/shm && exec "$0" "$@"',
+            'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec "$0" "$@"',
         ],
     )
     try:
@@ -803,7 +803,7 @@ def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
         pytest.skip(f"cannot mount a private tmpfs here: {err.strip()[:200]}")
     assert proc.returncode == 0, err[-3000:]
     res = hp.last_json(out)
-    assert res["shm_bytes"] == 3 << 20, res
+    assert res["shm_bytes"] == 1 << 20, res
     assert "no room" in res["publisher"] and "last published snapshot stays" in res["publisher"], res
     assert res["publisher_errno"] == 28  # ENOSPC
     assert res["after_full"] == [1, "small", None], res

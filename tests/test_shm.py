@@ -384,3 +384,38 @@ def test_publisher_is_a_context_manager(shm_name):
     with segment.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, ImageBuilder(), 3)
     assert segment.segment_files(shm_name) == []
+
+
+def test_publish_from_publishes_nothing_when_fill_fails(shm_name):
+    """Publisher.publish_from writes into a new generation before taking the seqlock;
+    a fill that raises leaves readers on the last snapshot, and the next publications
+    (from a fill, from parts, after reserve_spare) work."""
+    b = ImageBuilder()
+    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+        _publish_small(pub, b, 1)
+        with Reader(shm_name, cache_size=0) as r:
+            b.reset([(b"/s/%04d" % i, pack_entry(b"/s/%04d" % i, "new", 2, 2, 1, 0)) for i in range(5)], 2)
+            parts, total = b.parts()
+            image = b"".join(bytes(p) for p in parts)
+
+            def fill_half_then_fail(view, off):
+                view[off : off + total // 2] = image[: total // 2]
+                raise RuntimeError("the disk went away")
+
+            with pytest.raises(RuntimeError):
+                pub.publish_from(total, fill_half_then_fail, 2, len(b))
+            assert (r.revision, len(r), r.get(b"/s/0003").decoded) == (1, 10, [1, 3])
+
+            def fill(view, off):
+                view[off : off + total] = image
+
+            pub.publish_from(total, fill, 2, len(b))
+            assert (r.revision, len(r), r.get(b"/s/0003").decoded) == (2, 5, "new")
+            mv, off, n = pub.published()
+            try:
+                assert n == total and bytes(mv[off : off + n]) == image
+            finally:
+                mv.release()
+            pub.reserve_spare()
+            _publish_small(pub, b, 3, n=12)
+            assert (r.revision, len(r), r.get(b"/s/0011").decoded) == (3, 12, [3, 11])

@@ -22,9 +22,10 @@ import msgpack
 import pytest
 from xxhash import xxh3_128
 
-from shmkeyspace import state
+from shmkeyspace import segment, state
 from shmkeyspace.builder import IMPLEMENTATIONS, ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, StateFileError
+from shmkeyspace.reader import Reader
 from shmkeyspace.snapshot import ImageView, entry_key, pack_entry, unpackb
 
 NAME, PREFIX, DECODER = "svc", "/svc", "json"
@@ -177,14 +178,30 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def _case(d: str, data: bytes) -> str:
-    """Write ``data`` as the state file and load it like a writer: 'ok' or the reason."""
+def _case(d: str, data: bytes, pub: segment.Publisher, r: Reader) -> str:
+    """Write ``data`` as the state file and load it like a writer: 'ok' or the reason.
+
+    Both ways in: :func:`state.load` (into bytes) and the writer's own, the
+    file read straight into shared memory (open_file + Publisher.publish_from).
+    They must agree, and a refused file must leave readers on what they had.
+    """
     with open(os.path.join(d, "svc.snap"), "wb") as f:
         f.write(data)
     sf, reason = state.load(d, NAME, PREFIX, DECODER)
+    before = (r.revision, r.get(b"/svc/k00000"))
+    opened, shm_reason = state.quietly(state.open_file, d, NAME, PREFIX, DECODER)
+    if opened is not None:
+        with opened:
+            try:
+                pub.publish_from(opened.image_len, opened.read_image, opened.meta.revision, opened.meta.count)
+            except StateFileError as exc:
+                shm_reason = str(exc)
+    assert (sf is None) == bool(shm_reason), f"bytes path: {reason!r}, shared memory path: {shm_reason!r}"
     if sf is None:
         assert reason
+        assert (r.revision, r.get(b"/svc/k00000")) == before, "a refused file reached readers"
         return reason
+    assert r.revision == sf.revision and len(r) == sf.count
     got = {impl: _adopt(sf, impl) for impl in IMPLEMENTATIONS}
     verdicts = {impl: type(g) is str for impl, g in got.items()}
     assert len(set(verdicts.values())) == 1, f"the kernels disagree: {got}"
@@ -196,13 +213,19 @@ def _case(d: str, data: bytes) -> str:
     b._check()
     assert len(b) == sf.count
     for other, other_top in list(got.values())[1:]:  # type: ignore[misc]
-        assert (other.keys, other._loc, other._garbage, top) == (b.keys, b._loc, b._garbage, other_top)
+        assert (other.keys, other.arena, other._order, other._garbage, top) == (
+            b.keys,
+            b.arena,
+            b._order,
+            b._garbage,
+            other_top,
+        )
     return "ok"
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="needs SIGALRM")
 @pytest.mark.parametrize("seed", [1, 2])
-def test_fuzz_state_files(tmp_path, seed):
+def test_fuzz_state_files(tmp_path, seed, shm_name):
     rng = random.Random(seed)
     d = str(tmp_path)
     _, good = _write(tmp_path, n=60, churn=True)
@@ -211,6 +234,12 @@ def test_fuzz_state_files(tmp_path, seed):
     head_len = struct.unpack_from("<I", pristine, 12)[0]
     counts = {"refused": 0, "accepted": 0}
     old = signal.signal(signal.SIGALRM, _alarm)
+    pub = segment.Publisher(shm_name, unlink_on_close=True)
+    b0 = ImageBuilder()
+    b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
+    parts, total = b0.parts()
+    pub.publish(parts, total, 1, 1)
+    r = Reader(shm_name)
     try:
         for i in range(1500):
             kind = i % 6
@@ -253,7 +282,7 @@ def test_fuzz_state_files(tmp_path, seed):
                     data = _reseal(data + bytes(16)) if len(data) > 16 else data
             signal.setitimer(signal.ITIMER_REAL, 5.0)
             try:
-                out = _case(d, bytes(data))
+                out = _case(d, bytes(data), pub, r)
             except _Timeout:
                 pytest.fail(f"seed {seed} case {i} (kind {kind}) took over 5 s")
             finally:
@@ -263,6 +292,8 @@ def test_fuzz_state_files(tmp_path, seed):
             counts["accepted" if out == "ok" else "refused"] += 1
     finally:
         signal.signal(signal.SIGALRM, old)
+        r.close()
+        pub.close()
     # Most hostile cases are caught too; some flips land in values and stay valid.
     assert counts["refused"] > 1000, counts
 
@@ -345,5 +376,12 @@ def test_adopt_kernels_agree_on_hostile_entries(seed):
         verdicts["ok"] += 1
         (cb, ctop), (pb, ptop) = c_got, py_got
         cb._check()
-        assert (cb.keys, cb._loc, cb._garbage, ctop) == (pb.keys, pb._loc, pb._garbage, ptop)
+        assert (cb.keys, cb.arena, cb._order, cb._garbage, ctop) == (
+            pb.keys,
+            pb.arena,
+            pb._order,
+            pb._garbage,
+            ptop,
+        )
+        pb._check()
     assert verdicts["ok"] > 20 and verdicts["refused"] > 20, verdicts
