@@ -372,6 +372,7 @@ class Publisher:
         self._data: Optional[mmap.mmap] = None
         self._data_fd = -1  # kept open to reserve buffer 1 when it is first written (_reserve)
         self._last_length = 0  # of the last image published
+        self._published_gen = 0  # the generation of the last publication
         self._reserved = [0, 0]  # bytes of each buffer reserved (from its start)
         self._data_size = 0
         self._buf_size = 0
@@ -631,8 +632,10 @@ class Publisher:
         holds still until then: only this writer writes, and not this buffer
         (a publication writes the other one).
         """
-        if self._data is None or not self._last_length:
-            raise SegmentNotFoundError(f"snapshot {self.name!r}: nothing published by this writer yet")
+        if self._data is None or self._published_gen != self.gen:
+            raise SegmentNotFoundError(
+                f"snapshot {self.name!r}: this writer has published nothing in its current generation"
+            )
         return memoryview(self._data), PAGE + self._active_buf * self._buf_size, self._last_length
 
     def _commit(
@@ -663,6 +666,7 @@ class Publisher:
         futex.wake(self._seq_addr)
         self._active_buf = buf
         self._last_length = length
+        self._published_gen = self.gen
         if self._stale_gens and self._stale_gens != [self.gen]:
             for g in self._stale_gens:
                 if g != self.gen:

@@ -405,6 +405,8 @@ def test_publish_from_publishes_nothing_when_fill_fails(shm_name):
             with pytest.raises(RuntimeError):
                 pub.publish_from(total, fill_half_then_fail, 2, len(b))
             assert (r.revision, len(r), r.get(b"/s/0003").decoded) == (1, 10, [1, 3])
+            with pytest.raises(SegmentNotFoundError):
+                pub.published()  # the new generation holds nothing published
 
             def fill(view, off):
                 view[off : off + total] = image

@@ -159,9 +159,38 @@ def test_untrusted_dir_is_refused(tmp_path):
 
 def test_temps_of_a_dead_writer_are_removed(tmp_path):
     (tmp_path / ".svc.snap.tmp.1.2").write_bytes(b"half")
+    (tmp_path / ".svc.snap.prev").write_bytes(b"a link left mid-swap")
+    (tmp_path / ".svc.snap.spare").write_bytes(b"kept: the next write overwrites it")
     (tmp_path / ".other.snap.tmp.1.2").write_bytes(b"not ours")
-    assert state.remove_temps(str(tmp_path), NAME) == 1
-    assert sorted(os.listdir(tmp_path)) == [".other.snap.tmp.1.2"]
+    assert state.remove_temps(str(tmp_path), NAME) == 2
+    assert sorted(os.listdir(tmp_path)) == [".other.snap.tmp.1.2", ".svc.snap.spare"]
+
+
+def test_writes_reuse_a_spare_inode_and_survive_a_crash_mid_swap(tmp_path):
+    """Each write overwrites the spare in place and renames it over NAME.snap; the old
+    file becomes the spare. A crash mid-swap (a stale .prev link, a spare that is the
+    live file's inode, a longer old spare) never damages NAME.snap."""
+    d = str(tmp_path)
+    final = tmp_path / "svc.snap"
+    inodes = []
+    for rev in (1000, 1001, 1002, 1003):
+        _, image = _write(tmp_path, n=50 + rev % 7, rev=rev)
+        assert state.read(d, NAME, PREFIX, DECODER).image == image
+        inodes.append(os.stat(final).st_ino)
+    assert inodes[0] == inodes[2] and inodes[1] == inodes[3] and inodes[0] != inodes[1]
+    assert sorted(os.listdir(tmp_path)) == [".svc.snap.spare", "svc.snap"]
+    # A crash after linking the live file as .prev, before the rename.
+    os.link(final, tmp_path / ".svc.snap.prev")
+    _, image = _write(tmp_path, n=20, rev=1004)
+    assert state.read(d, NAME, PREFIX, DECODER).image == image
+    # The spare hard-linked to the live file: it must not be overwritten in place.
+    os.unlink(tmp_path / ".svc.snap.spare")
+    os.link(final, tmp_path / ".svc.snap.spare")
+    before = final.read_bytes()
+    _, image = _write(tmp_path, n=70, rev=1005)
+    assert state.read(d, NAME, PREFIX, DECODER).image == image
+    assert (tmp_path / ".svc.snap.spare").read_bytes() == before  # the old file, intact
+    assert sorted(os.listdir(tmp_path)) == [".svc.snap.spare", "svc.snap"]
 
 
 def _reseal(data: bytearray) -> bytearray:
