@@ -404,6 +404,7 @@ class KeySpace:
         *,
         stale_after: float = DEFAULT_STALE_AFTER,
         reconnect: Optional[Callable[[], Any]] = None,
+        first: Optional["_Session"] = None,
     ) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
 
@@ -421,8 +422,45 @@ class KeySpace:
         After a stream ends for any reason but compaction, ``reconnect()`` (if
         given) returns the client to continue with: the writer's moves on to the
         next endpoint. Without it the same client is used again.
+
+        ``first``: a stream :meth:`open_watch` opened ahead of time, used as
+        the first one if it starts at ``header.revision + 1`` on ``client``
+        (its events have been queueing meanwhile); else it is closed.
         """
         stop = stop or threading.Event()
+        try:
+            self._watch_loop(client, stop, max_backoff, stale_after, reconnect, first)
+        finally:
+            if first is not None and not first.closed:
+                first.close()
+
+    def open_watch(self, client: Any, start: int, stale_after: float = DEFAULT_STALE_AFTER) -> "_Session":
+        """Open a watch stream from revision ``start`` now, to hand to :meth:`watch` as ``first``.
+
+        Lets a caller that knows where it will resume (a writer restoring a
+        state file) have etcd gather and send the missed events while it is
+        still busy; they queue until :meth:`watch` applies them. Checks the
+        start like :meth:`watch` (StartCompactedError); close the result if
+        it is not used.
+        """
+        session = _Session(self, client, queue.Queue(), stale_after, start)
+        try:
+            self._check_start(client, start)
+            session.open()
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _watch_loop(
+        self,
+        client: Any,
+        stop: threading.Event,
+        max_backoff: float,
+        stale_after: float,
+        reconnect: Optional[Callable[[], Any]],
+        first: Optional["_Session"],
+    ) -> None:
         backoff = 0.05
         move_on = False
         while not stop.is_set():
@@ -435,11 +473,19 @@ class KeySpace:
                     backoff = min(max_backoff, backoff * 2)
                     continue
             move_on = False
-            q: "queue.Queue[Any]" = queue.Queue()
-            session = _Session(self, client, q, stale_after)
+            early, first = first, None
+            q: "queue.Queue[Any]"
+            if early is not None and early.start == self.header.revision + 1 and early.client is client:
+                session, q = early, early.q
+            else:
+                if early is not None:
+                    early.close()
+                q = queue.Queue()
+                session = _Session(self, client, q, stale_after)
             try:
-                self._check_start(client)
-                session.open()
+                if session is not early:
+                    self._check_start(client)
+                    session.open()
             except Exception as exc:
                 session.close()
                 if self._handle_watch_error(client, exc):
@@ -523,7 +569,7 @@ class KeySpace:
                 return err
         return None
 
-    def _check_start(self, client: Any) -> None:
+    def _check_start(self, client: Any, start: Optional[int] = None) -> None:
         """Raise :class:`StartCompactedError` if a watch from ``header.revision + 1`` would be compacted.
 
         Why ask before watching: behind etcd's gRPC proxy a compacted watch leaves a
@@ -536,7 +582,7 @@ class KeySpace:
         watch would be (start < compact revision), "future revision" when nothing is
         newer, which is fine.
         """
-        start = self.header.revision + 1
+        start = self.header.revision + 1 if start is None else start
         try:
             client.get_range_response(self.root_key, None, revision=start, keys_only=True, limit=1)
         except Exception as exc:
@@ -581,10 +627,19 @@ class _Session:
     member never blocks the pump.
     """
 
-    def __init__(self, ks: KeySpace, client: Any, q: "queue.Queue[Any]", stale_after: float) -> None:
+    def __init__(
+        self,
+        ks: KeySpace,
+        client: Any,
+        q: "queue.Queue[Any]",
+        stale_after: float,
+        start: Optional[int] = None,
+    ) -> None:
         if not stale_after > 0:
             raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}")
         self.ks = ks
+        #: The revision the stream starts at (None: the KeySpace's header.revision + 1 when opened).
+        self.start = start
         self.client = client
         self.q = q
         self.stale_after = stale_after
@@ -607,7 +662,9 @@ class _Session:
         from . import etcd
 
         ks = self.ks
-        start = ks.header.revision + 1
+        if self.start is None:
+            self.start = ks.header.revision + 1
+        start = self.start
         if etcd.supports_watch_stream(self.client):
             self.stream = etcd.WatchStream(
                 self.client, ks.root_key, prefix_end(ks.root_key) or b"\0", start, self._deliver

@@ -762,3 +762,41 @@ def test_unrecoverable_apply_errors_leave_keyspace_unchanged(client, prefix):
     ks.apply(valid)
     assert ks.header.revision == r and ks.key_values.get(f"{root}/b").value == b"2"
     assert calls == [{f"{root}/b".encode()}]
+
+
+# -- a watch opened ahead of time (open_watch, used by a resuming writer) ------------------
+
+
+def test_watch_opened_ahead_is_used_and_gets_what_happened_meanwhile(client, prefix, monkeypatch):
+    """open_watch(start) streams events from ``start`` before watch() runs; watch(first=)
+    applies them without opening a second stream. A stream that no longer fits (another
+    start revision) is closed and a fresh one opened; the outcome is etcd's state either way."""
+    from shmkeyspace import keyspace as ks_mod
+
+    root = f"{prefix}/early"
+    client.put(f"{root}/a", "1")
+    opened = []
+    real_open = ks_mod._Session.open
+    monkeypatch.setattr(ks_mod._Session, "open", lambda self: (opened.append(self.start), real_open(self))[1])
+    for fits in (True, False):
+        ks = KeySpace(root, decoders.utf8)
+        ks.load(client)
+        early = ks.open_watch(client, ks.header.revision + (1 if fits else 0))
+        last = 0
+        for i in range(20):  # while nobody applies anything
+            last = int(client.put(f"{root}/k{i}", f"v{i}").header.revision)
+        assert wait_until(lambda: early.responses > 0 or not fits, 10)
+        opened.clear()
+        stop = threading.Event()
+        t = threading.Thread(target=ks.watch, args=(client, stop), kwargs={"first": early}, daemon=True)
+        t.start()
+        try:
+            assert ks.wait_for_revision(last, 15)
+            assert len(ks.key_values) == 21 and ks.key_values.get(f"{root}/k19".encode()).decoded == "v19"
+            # fits: no second stream; not fitting: it was closed and one fresh stream opened
+            assert len(opened) == (0 if fits else 1), opened
+            assert fits or early.closed
+        finally:
+            stop.set()
+            t.join(10)
+        assert early.closed and not t.is_alive()

@@ -371,7 +371,15 @@ def test_adopt_kernels_agree_on_hostile_entries(seed):
     for case in range(300):
         items = []
         for i in range(rng.randint(1, 12)):
-            k = f"/svc/k{i:03d}".encode() if rng.random() < 0.9 else b"/svc/\xff" + bytes([i])
+            r = rng.random()
+            # short keys; a non-UTF-8 one (a bin key); one over 240 bytes (hashed by the xxhash module)
+            k = (
+                f"/svc/k{i:03d}".encode()
+                if r < 0.85
+                else b"/svc/\xff" + bytes([i])
+                if r < 0.93
+                else b"/svc/" + b"L" * 300 + bytes([65 + i])
+            )
             c = rng.choice((1, 5, 10))
             e = [entry_key(k), _odd_values(rng), c, c + rng.choice((0, 3)), rng.choice((1, 2, 2**64 - 1)), 0]
             if rng.random() < 0.04:  # one impossible or mistyped field
