@@ -67,7 +67,7 @@ MAX_FILE = HEAD.size + 3 * MAX_STRING + MAX_IMAGE + SUM_SIZE
 
 @dataclass
 class StateFile:
-    """A validated state file (see :func:`read`)."""
+    """A validated state file (see :func:`read`); as :attr:`Opened.meta`, its head only (``image`` empty)."""
 
     path: str
     name: str
