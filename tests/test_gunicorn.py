@@ -343,9 +343,12 @@ def test_workers_that_drop_privileges_survive_generation_changes(
         import pwd
 
         nobody = pwd.getpwnam(user).pw_uid
+        # A worker drops privileges in its own start-up, after the fork that makes it
+        # a child: only one that has answered a request is sure to be past it (a loaded
+        # CI run caught a worker still at uid 0 between the two).
+        gu.poll_all(f"/get?key={key}", workers, value_is(0))
         assert {psutil.Process(p).uids().effective for p in workers} == {nobody}
         assert psutil.Process(writer).uids().effective == 0
-        gu.poll_all(f"/get?key={key}", workers, value_is(0))
         first_gen = _data_gen(shm_name)
         blob = "x" * (256 << 10)
         n = 0
