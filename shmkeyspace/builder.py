@@ -71,7 +71,6 @@ from .snapshot import (
 
 _SLOT = struct.Struct("<QQ")
 _M32 = 0xFFFFFFFF
-_M64 = 0xFFFFFFFFFFFFFFFF
 # Epochs are unique across builders in one process: Publisher skips copying an
 # arena span a buffer already holds when the (generation, epoch, start) match.
 _epochs = itertools.count(1)
