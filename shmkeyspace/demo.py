@@ -370,14 +370,16 @@ class _Demo:
             ("snapshot size", f"{mib(h.bytes)} (shared: one copy per host)"),
             (
                 "shm segment",
-                f"{mib(self.segment_bytes(h.generation))} in /dev/shm (two buffers, room to grow)",
+                "{} of /dev/shm (a {} file: two buffers, room to grow)".format(
+                    *map(mib, self.segment_bytes(h.generation))
+                ),
             ),
             ("writer publications", f"{h.seq // 2}"),
         ]
         wmem = memory(self.writer.pid) if self.writer is not None else {}
         if wmem:
             rows.append(
-                ("writer heap", f"{mib(wmem['anon'])} (anonymous memory: its mirror, the image, grpc)")
+                ("writer heap", f"{mib(wmem['anon'])} (anonymous memory: the image it updates, grpc)")
             )
         total_rate = 0.0
         for d in sorted(rd, key=lambda d: d["idx"]):
@@ -553,13 +555,15 @@ class _Demo:
         sys.stdout.write("\n".join(out) + "\n")
         sys.stdout.flush()
 
-    def segment_bytes(self, gen: int) -> int:
+    def segment_bytes(self, gen: int) -> Tuple[int, int]:
+        """(bytes of /dev/shm the data segment holds, its file size)."""
         from . import segment
 
         try:
-            return os.stat(segment.shm_path(segment.data_name(self.name, gen))).st_size
+            st = os.stat(segment.shm_path(segment.data_name(self.name, gen)))
         except OSError:
-            return 0
+            return 0, 0
+        return st.st_blocks * 512, st.st_size
 
     def show_writer_log(self) -> None:
         try:
