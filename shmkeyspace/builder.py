@@ -216,7 +216,12 @@ class ImageBuilder:
 
     @classmethod
     def adopt(
-        cls, view: ImageView, root: bytes, impl: Optional[str] = None, max_image: int = MAX_IMAGE
+        cls,
+        view: ImageView,
+        root: bytes,
+        impl: Optional[str] = None,
+        max_image: int = MAX_IMAGE,
+        scanned: Optional[List[Top]] = None,
     ) -> Tuple["ImageBuilder", Top]:
         """A builder holding the entries of ``view`` (a validated image), and its :data:`Top`.
 
@@ -226,7 +231,9 @@ class ImageBuilder:
         and out-of-order appends included) and checked in the copies; the hash
         table is rebuilt from them, so nothing of the image's index is
         trusted. O(n), no per-key objects: ~0.3 s at 1M keys with the "c"
-        kernels.
+        kernels. ``scanned=[top]``: :func:`scan_image` already checked this
+        very image, whose bytes nobody can have changed since (the writer's
+        own buffer): the copies are not checked again.
         """
         b = cls()
         b.impl = impl or DEFAULT_IMPL
@@ -236,10 +243,13 @@ class ImageBuilder:
         arena = bytearray(view.arena)
         order = array("I")
         order.frombytes(view.order.cast("B"))
-        try:
-            top = b._k.scan(arena, order, root, view.revision)
-        except (ValueError, CorruptSegmentError) as exc:
-            raise CorruptSegmentError(str(exc)) from None
+        if scanned:
+            top = scanned[0]
+        else:
+            try:
+                top = b._k.scan(arena, order, root, view.revision)
+            except (ValueError, CorruptSegmentError) as exc:
+                raise CorruptSegmentError(str(exc)) from None
         b.arena, b._order = arena, order
         b._garbage = len(arena) - sum(order[1::2])
         b.revision = view.revision
@@ -565,6 +575,20 @@ class ImageBuilder:
             assert msgpack.unpackb(self._fences) == keys[::FENCE], "fences stale"
 
 
+def scan_image(view: ImageView, root: bytes, impl: Optional[str] = None) -> Top:
+    """Check every entry of ``view`` in place, as :meth:`ImageBuilder.adopt` does; return its :data:`Top`.
+
+    For an image nobody can change while this runs: a state file read into
+    the writer's own, not yet published buffer, so that a file whose entries
+    fail is refused before any reader sees it. CorruptSegmentError names the
+    first bad entry. O(n): ~0.2 s at 1M keys in C, without the GIL.
+    """
+    try:
+        return _KERNELS[impl or DEFAULT_IMPL].scan(view.arena, view.order, root, view.revision)
+    except (ValueError, CorruptSegmentError) as exc:
+        raise CorruptSegmentError(str(exc)) from None
+
+
 # -- the kernels (C twins in _speedups.c) ------------------------------------------------
 
 
@@ -653,7 +677,7 @@ def _py_table(order: array, arena: Any, slots: int) -> bytearray:
     return bytearray(memoryview(flat).cast("B"))  # one copy, not two
 
 
-def _py_scan(arena: Any, order: array, root: bytes, revision: int) -> Top:
+def _py_scan(arena: Any, order: Any, root: bytes, revision: int) -> Top:
     """Check every entry ``order`` lists in ``arena``; return the :data:`Top` (None if empty).
 
     Checks, first failure a ValueError naming the entry: it lies inside the
@@ -701,7 +725,7 @@ def _py_scan(arena: Any, order: array, root: bytes, revision: int) -> Top:
 class _Kernels(NamedTuple):
     """One implementation of the builder's kernels (the _py_ functions or their C twins)."""
 
-    scan: Callable[[Any, array, bytes, int], Top]
+    scan: Callable[[Any, Any, bytes, int], Top]
     table: Callable[[array, Any, int], bytearray]
     find: Callable[[Any, Any, bytes], Tuple[int, int]]
     entry_mod: Callable[[Any, int, int], int]

@@ -215,59 +215,67 @@ class ImageView:
         if offset < 0 or length < HEADER_SIZE or offset + length > len(buf):
             raise CorruptSegmentError(f"image at {offset}+{length} lies outside its {len(buf)}-byte buffer")
         img = buf[offset : offset + length]
-        (
-            magic,
-            version,
-            fence_step,
-            revision,
-            count,
-            arena_off,
-            arena_len,
-            table_off,
-            slots,
-            order_off,
-            order_len,
-            fence_off,
-            fence_len,
-            total,
-            checksum,
-        ) = HEADER.unpack_from(img, 0)
-        if magic != MAGIC:
-            raise CorruptSegmentError(f"bad snapshot magic {magic!r}")
-        if version != FORMAT_VERSION:
-            raise CorruptSegmentError(
-                f"snapshot format version {version}; this shmkeyspace reads {FORMAT_VERSION}"
+        try:
+            (
+                magic,
+                version,
+                fence_step,
+                revision,
+                count,
+                arena_off,
+                arena_len,
+                table_off,
+                slots,
+                order_off,
+                order_len,
+                fence_off,
+                fence_len,
+                total,
+                checksum,
+            ) = HEADER.unpack_from(img, 0)
+            if magic != MAGIC:
+                raise CorruptSegmentError(f"bad snapshot magic {magic!r}")
+            if version != FORMAT_VERSION:
+                raise CorruptSegmentError(
+                    f"snapshot format version {version}; this shmkeyspace reads {FORMAT_VERSION}"
+                )
+            ok = (
+                total == length
+                and fence_step > 0
+                and slots >= 8
+                and slots & (slots - 1) == 0
+                and count < slots
+                and order_len == 8 * count
+                and arena_off >= HEADER_SIZE
+                and arena_off + arena_len <= length
+                and table_off % 8 == 0
+                and table_off >= arena_off + arena_len
+                and table_off + 16 * slots <= length
+                and order_off % 4 == 0
+                and order_off >= table_off + 16 * slots
+                and order_off + order_len <= length
+                and fence_off >= order_off + order_len
+                and fence_off + fence_len <= length
             )
-        ok = (
-            total == length
-            and fence_step > 0
-            and slots >= 8
-            and slots & (slots - 1) == 0
-            and count < slots
-            and order_len == 8 * count
-            and arena_off >= HEADER_SIZE
-            and arena_off + arena_len <= length
-            and table_off % 8 == 0
-            and table_off >= arena_off + arena_len
-            and table_off + 16 * slots <= length
-            and order_off % 4 == 0
-            and order_off >= table_off + 16 * slots
-            and order_off + order_len <= length
-            and fence_off >= order_off + order_len
-            and fence_off + fence_len <= length
-        )
-        if not ok:
-            raise CorruptSegmentError("snapshot header describes regions outside the image")
-        # The fences are parsed lazily and cached: copy them now and checksum the
-        # copy, so the cached parse is of exactly the bytes that were verified.
-        fence_region = bytes(img[fence_off : fence_off + fence_len])
-        if checksum != index_checksum(
-            img[:HEADER_SIZE],
-            img[table_off : table_off + 16 * slots],
-            img[order_off : order_off + order_len],
-            fence_region,
-        ):
-            raise CorruptSegmentError("snapshot index checksum mismatch: the header or index is damaged")
+            if not ok:
+                raise CorruptSegmentError("snapshot header describes regions outside the image")
+            # The fences are parsed lazily and cached: copy them now and checksum the
+            # copy, so the cached parse is of exactly the bytes that were verified.
+            fence_region = bytes(img[fence_off : fence_off + fence_len])
+            if checksum != index_checksum(
+                img[:HEADER_SIZE],
+                img[table_off : table_off + 16 * slots],
+                img[order_off : order_off + order_len],
+                fence_region,
+            ):
+                raise CorruptSegmentError("snapshot index checksum mismatch: the header or index is damaged")
+        except BaseException:
+            # Release the slice now: a traceback that outlives this call (a log
+            # record holding the exception) would otherwise keep the mapping
+            # exported, and its owner could not close it (a writer refusing a state
+            # file read into its own segment: tests/test_state.py).
+            img.release()
+            raise
         self.buf = img
         self.revision = revision
         self.count = count

@@ -279,6 +279,7 @@ class Writer:
         self._fingerprint: Optional[Tuple[bytes, int, int, int]] = None
         self._catchup: Optional[Tuple[int, int, int]] = None  # (etcd rev, count, max mod_revision)
         self._early: Any = None  # a watch opened ahead of the resume (KeySpace.open_watch)
+        self._scanned: List[Any] = []  # [Top] of the restored image, once its entries passed
         self._dirty = False  # published since the last state file capture
         self._capture: Optional[Tuple[Any, ...]] = None
         self._persist_cond = threading.Condition()
@@ -496,6 +497,23 @@ class Writer:
                 log.info("no state file for %r in %s: loading from etcd", self.name, self.state_dir)
             return False
         sf = f.meta
+        from .builder import scan_image
+
+        scanned: List[Any] = []
+
+        def fill(view: memoryview, off: int) -> None:
+            # Into the new, still invisible buffer: the file's bytes and checksum,
+            # the image's structure, then every entry (what a resume relies on),
+            # so a file that fails any of them never reaches a reader.
+            f.read_image(view, off)
+            iv = ImageView(view, off, f.image_len)
+            try:
+                scanned.append(scan_image(iv, self.keyspace.root_key))
+            except CorruptSegmentError as exc:
+                raise StateFileError(f"{sf.path}: {exc}") from None
+            finally:
+                iv.release()
+
         # Source first: readers must never see the disk copy labelled "etcd".
         source = self.publisher.source
         self.publisher.set_source(segment.SOURCE_DISK)
@@ -504,7 +522,7 @@ class Writer:
                 # A restored snapshot is a load: its change set is "everything".
                 self.changelog.record(sf.revision, None)
                 self.publisher.publish_from(
-                    f.image_len, f.read_image, sf.revision, sf.count, feed=self.changelog.region()
+                    f.image_len, fill, sf.revision, sf.count, feed=self.changelog.region()
                 )
         except (StateFileError, OSError) as exc:
             self.publisher.set_source(source)
@@ -517,6 +535,7 @@ class Writer:
             return False
         self.publisher.heartbeat(sf.revision)
         self.restored = sf
+        self._scanned = scanned  # adopt() need not check the entries again
         self._persisted = (sf.cluster_id, sf.revision)  # nothing to write until something changes
         # The file is fresh: the next write waits an interval instead of competing
         # with the catch-up for CPU (a 150 MB write at 1M keys).
@@ -554,7 +573,9 @@ class Writer:
         try:
             view = ImageView(mv, off, length)
             try:
-                b, top = ImageBuilder.adopt(view, self.keyspace.root_key, max_image=self._max_image)
+                b, top = ImageBuilder.adopt(
+                    view, self.keyspace.root_key, max_image=self._max_image, scanned=self._scanned
+                )
             finally:
                 view.release()
         except (CorruptSegmentError, ImageTooLargeError) as exc:

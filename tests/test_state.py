@@ -27,6 +27,7 @@ from shmkeyspace.builder import IMPLEMENTATIONS, ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, StateFileError
 from shmkeyspace.reader import Reader
 from shmkeyspace.snapshot import ImageView, entry_key, pack_entry, unpackb
+from shmkeyspace.writer import Writer
 
 NAME, PREFIX, DECODER = "svc", "/svc", "json"
 
@@ -207,40 +208,38 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
-def _case(d: str, data: bytes, pub: segment.Publisher, r: Reader) -> str:
+def _case(d: str, data: bytes, name: str, r: Reader) -> str:
     """Write ``data`` as the state file and load it like a writer: 'ok' or the reason.
 
-    Both ways in: :func:`state.load` (into bytes) and the writer's own, the
-    file read straight into shared memory (open_file + Publisher.publish_from).
-    They must agree, and a refused file must leave readers on what they had.
+    Two ways in: :func:`state.load` (into bytes) plus :meth:`ImageBuilder.adopt`
+    with each kernel set, and a real Writer's :meth:`~Writer.restore` (the file read
+    straight into shared memory, every entry checked before it is published). They
+    must agree, and a refused file must leave readers on what they had.
     """
-    with open(os.path.join(d, "svc.snap"), "wb") as f:
+    with open(state.path_for(d, name), "wb") as f:
         f.write(data)
-    sf, reason = state.load(d, NAME, PREFIX, DECODER)
+    sf, reason = state.load(d, name, PREFIX, DECODER)
+    got = {impl: _adopt(sf, impl) for impl in IMPLEMENTATIONS} if sf is not None else {}
+    verdicts = {impl: type(g) is str for impl, g in got.items()}
+    assert len(set(verdicts.values())) <= 1, f"the kernels disagree: {got}"
+    if got and isinstance(next(iter(got.values())), str):
+        reason = next(iter(got.values()))
     before = (r.revision, r.get(b"/svc/k00000"))
-    opened, shm_reason = state.quietly(state.open_file, d, NAME, PREFIX, DECODER)
-    if opened is not None:
-        with opened:
-            try:
-                pub.publish_from(opened.image_len, opened.read_image, opened.meta.revision, opened.meta.count)
-            except StateFileError as exc:
-                shm_reason = str(exc)
-    assert (sf is None) == bool(shm_reason), f"bytes path: {reason!r}, shared memory path: {shm_reason!r}"
-    if sf is None:
+    w = Writer(name, PREFIX, endpoints="127.0.0.1:1", decoder_name=DECODER, state_dir=d)
+    try:
+        restored = w.restore()
+    finally:
+        w.stop()
+    assert restored == (not reason), f"bytes path: {reason!r}, the writer's restore: {restored}"
+    if not restored:
         assert reason
         assert (r.revision, r.get(b"/svc/k00000")) == before, "a refused file reached readers"
         return reason
-    assert r.revision == sf.revision and len(r) == sf.count
-    got = {impl: _adopt(sf, impl) for impl in IMPLEMENTATIONS}
-    verdicts = {impl: type(g) is str for impl, g in got.items()}
-    assert len(set(verdicts.values())) == 1, f"the kernels disagree: {got}"
-    first = next(iter(got.values()))
-    if isinstance(first, str):
-        assert first
-        return first
-    b, top = first
+    assert sf is not None and r.revision == sf.revision and len(r) == sf.count
+    b, top = next(iter(got.values()))  # type: ignore[misc]
     b._check()
     assert len(b) == sf.count
+    assert [e.key for e in r.range(b"/svc/", b"/svc0")] == [entry_key(k) for k in b.keys]
     for other, other_top in list(got.values())[1:]:  # type: ignore[misc]
         assert (other.keys, other.arena, other._order, other._garbage, top) == (
             b.keys,
@@ -257,17 +256,17 @@ def _case(d: str, data: bytes, pub: segment.Publisher, r: Reader) -> str:
 def test_fuzz_state_files(tmp_path, seed, shm_name):
     rng = random.Random(seed)
     d = str(tmp_path)
-    _, good = _write(tmp_path, n=60, churn=True)
-    with open(tmp_path / "svc.snap", "rb") as f:
+    _, good = _write(tmp_path, n=60, churn=True, name=shm_name)  # the writer restores its own name's file
+    with open(state.path_for(d, shm_name), "rb") as f:
         pristine = f.read()
     head_len = struct.unpack_from("<I", pristine, 12)[0]
     counts = {"refused": 0, "accepted": 0}
     old = signal.signal(signal.SIGALRM, _alarm)
-    pub = segment.Publisher(shm_name, unlink_on_close=True)
-    b0 = ImageBuilder()
-    b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
-    parts, total = b0.parts()
-    pub.publish(parts, total, 1, 1)
+    with segment.Publisher(shm_name) as pub:  # what readers have before the first case
+        b0 = ImageBuilder()
+        b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
+        parts, total = b0.parts()
+        pub.publish(parts, total, 1, 1)
     r = Reader(shm_name)
     try:
         for i in range(1500):
@@ -311,7 +310,7 @@ def test_fuzz_state_files(tmp_path, seed, shm_name):
                     data = _reseal(data + bytes(16)) if len(data) > 16 else data
             signal.setitimer(signal.ITIMER_REAL, 5.0)
             try:
-                out = _case(d, bytes(data), pub, r)
+                out = _case(d, bytes(data), shm_name, r)
             except _Timeout:
                 pytest.fail(f"seed {seed} case {i} (kind {kind}) took over 5 s")
             finally:
@@ -322,7 +321,6 @@ def test_fuzz_state_files(tmp_path, seed, shm_name):
     finally:
         signal.signal(signal.SIGALRM, old)
         r.close()
-        pub.close()
     # Most hostile cases are caught too; some flips land in values and stay valid.
     assert counts["refused"] > 1000, counts
 
