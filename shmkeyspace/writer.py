@@ -280,6 +280,12 @@ class Writer:
         self._catchup: Optional[Tuple[int, int, int]] = None  # (etcd rev, count, max mod_revision)
         self._early: Any = None  # a watch opened ahead of the resume (KeySpace.open_watch)
         self._scanned: List[Any] = []  # [Top] of the restored image, once its entries passed
+        # The probe thread (connect, probe, open the watch ahead): started by restore()
+        # as soon as there is a file, so it overlaps the file's read and checks.
+        self._prober: Optional[threading.Thread] = None
+        self._probe_out: List[Tuple[int, int]] = []
+        self._restore_done = threading.Event()
+        self._connect_lock = threading.Lock()
         self._dirty = False  # published since the last state file capture
         self._capture: Optional[Tuple[Any, ...]] = None
         self._persist_cond = threading.Condition()
@@ -486,6 +492,12 @@ class Writer:
         new segment included); etcd is not contacted. A bad file is logged and
         ignored; readers never see it.
         """
+        try:
+            return self._restore()
+        finally:
+            self._restore_done.set()
+
+    def _restore(self) -> bool:
         if not self.state_dir or self.restored is not None or self.loaded.is_set():
             return self.restored is not None
         t0 = time.monotonic()
@@ -497,6 +509,8 @@ class Writer:
                 log.info("no state file for %r in %s: loading from etcd", self.name, self.state_dir)
             return False
         sf = f.meta
+        # Reach etcd meanwhile: the read and checks below mostly run without the GIL.
+        self._start_probe()
         from .builder import scan_image
 
         scanned: List[Any] = []
@@ -651,6 +665,8 @@ class Writer:
         backoff = 0.05
         quiet_until = 0.0
         while not self._stop.is_set():
+            if self._restore_done.is_set() and self.restored is None:
+                return  # the file was refused: the full load reaches etcd itself
             try:
                 client = self.connect()
                 cluster, rev = self._probe(client)
@@ -684,6 +700,7 @@ class Writer:
         stream until the watch applies them (KeySpace.open_watch). Closed
         unused if the resume is refused after all (_resume_or_load).
         """
+        self._restore_done.wait()
         sf = self.restored
         if sf is None or cluster != sf.cluster_id or rev < sf.revision:
             return
@@ -704,16 +721,24 @@ class Writer:
         One thread connects, probes and opens the watch ahead (:meth:`_await_etcd`),
         another prepares the next buffer; the disk copy stays published meanwhile.
         """
-        probe: List[Tuple[int, int]] = []
-        t = threading.Thread(target=self._await_etcd, args=(probe,), daemon=True, name="shmkeyspace-probe")
-        t.start()
+        t = self._start_probe()
         # The first catch-up publication writes the other buffer: reserve it now.
         threading.Thread(target=self._reserve_spare, daemon=True, name="shmkeyspace-reserve").start()
         self._resumed = self._resumed or self._rebuild()
         while t.is_alive():
             t.join(0.5)
-        if probe:
-            self._resume_or_load(*probe[0])
+        if self._probe_out:
+            self._resume_or_load(*self._probe_out[0])
+
+    def _start_probe(self) -> threading.Thread:
+        """The probe thread (:meth:`_await_etcd`), started on the first call."""
+        if self._prober is None:
+            self._prober = threading.Thread(
+                target=self._await_etcd, args=(self._probe_out,), daemon=True, name="shmkeyspace-probe"
+            )
+            self._threads.append(self._prober)
+            self._prober.start()
+        return self._prober
 
     def _reserve_spare(self) -> None:
         with self.keyspace.lock:  # publications run under it too
@@ -956,6 +981,10 @@ class Writer:
 
     # -- running --------------------------------------------------------------------
     def connect(self) -> Any:
+        with self._connect_lock:  # the probe thread and the main thread may both ask first
+            return self._connect()
+
+    def _connect(self) -> Any:
         if self._client is None:
             from .etcd import Failover
 
