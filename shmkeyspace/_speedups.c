@@ -1432,7 +1432,7 @@ static inline int key_cmp(const uint8_t *a, size_t an, const uint8_t *b, size_t 
     return an < bn ? -1 : an > bn;
 }
 
-/* scan_entries(arena, order, root, revision) -> top: builder._py_scan in C (see its doc). */
+/* scan_entries(arena, order, root, revision[, base]) -> top: builder._py_scan in C (see its doc). */
 static PyObject *scan_entries(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer b[3]; /* arena, order, root */
@@ -1441,16 +1441,22 @@ static PyObject *scan_entries(PyObject *mod, PyObject *const *args, Py_ssize_t n
     const uint8_t *last = NULL;
     size_t last_n = 0;
     uint64_t top[3] = {0, 0, 0}; /* create, mod, version of entry top_i */
+    Py_ssize_t base = 0;
     int failed = 0;
     PyObject *out = NULL;
     (void)mod;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "scan_entries(arena, order, root, revision)");
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "scan_entries(arena, order, root, revision[, base])");
         return NULL;
     }
     rev = PyLong_AsLongLong(args[3]);
     if (rev == -1 && PyErr_Occurred())
         return NULL;
+    if (nargs == 5) { /* the index of order's first entry in the image, for messages */
+        base = PyLong_AsSsize_t(args[4]);
+        if (base == -1 && PyErr_Occurred())
+            return NULL;
+    }
     if (get_buffers(args, nargs, 3, b, "scan_entries") < 0)
         return NULL;
     if (b[1].len % 8) {
@@ -1477,7 +1483,7 @@ static PyObject *scan_entries(PyObject *mod, PyObject *const *args, Py_ssize_t n
         } else if (entry_ints_nogil(p, len, f) != 0) {
             int r;
             Py_BLOCK_THREADS
-            r = entry_ints(p, len, i, f);
+            r = entry_ints(p, len, base + i, f);
             Py_UNBLOCK_THREADS
             if (r < 0) {
                 failed = 1;
@@ -1494,7 +1500,7 @@ static PyObject *scan_entries(PyObject *mod, PyObject *const *args, Py_ssize_t n
             bad = "breaks the key order (keys not sorted and unique)";
         if (bad != NULL) {
             Py_BLOCK_THREADS
-            PyErr_Format(PyExc_ValueError, "entry %zd %s (revision %lld)", i, bad, rev);
+            PyErr_Format(PyExc_ValueError, "entry %zd %s (revision %lld)", base + i, bad, rev);
             Py_UNBLOCK_THREADS
             failed = 1;
             break;

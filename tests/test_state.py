@@ -420,3 +420,66 @@ def test_adopt_kernels_agree_on_hostile_entries(seed):
         )
         pb._check()
     assert verdicts["ok"] > 20 and verdicts["refused"] > 20, verdicts
+
+
+def _resealed_image(img: bytearray) -> bytearray:
+    """Recompute the image's index checksum after its index was edited (a hostile image)."""
+    from shmkeyspace.snapshot import HASHED_HEAD, HEADER, HEADER_SIZE, index_checksum
+
+    f = HEADER.unpack_from(img, 0)
+    table_off, slots, order_off, order_len, fence_off, fence_len = f[7], f[8], f[9], f[10], f[11], f[12]
+    struct.pack_into(
+        "<Q",
+        img,
+        HASHED_HEAD,
+        index_checksum(
+            img[:HEADER_SIZE],
+            img[table_off : table_off + 16 * slots],
+            img[order_off : order_off + order_len],
+            img[fence_off : fence_off + fence_len],
+        ),
+    )
+    return img
+
+
+@pytest.mark.skipif(len(IMPLEMENTATIONS) < 2, reason="the compiled kernels are not built")
+def test_split_scan_agrees_with_one_pass(monkeypatch):
+    """scan_image checks big images in two halves on two threads: same Top, same
+    verdicts, bad entries named by their index in the image, and the order across
+    the seam checked too."""
+    from shmkeyspace import builder as builder_mod
+    from shmkeyspace.builder import scan_image
+    from shmkeyspace.snapshot import HEADER
+
+    monkeypatch.setattr(builder_mod, "_SPLIT_SCAN", 4)
+    items = [(f"/svc/k{i:02d}".encode(), i) for i in range(10)]
+    b = ImageBuilder()
+    b.reset([(k, pack_entry(k, i, 1, 10 + (i * 7) % 10, 1, 0)) for k, i in items], 100)
+    parts, _ = b.parts()
+    good = bytearray(b"".join(bytes(p) for p in parts))
+
+    def verdicts(img):
+        view = ImageView(memoryview(bytes(img)), 0, len(img))
+        out = []
+        for impl in ("c", "python"):
+            try:
+                out.append(scan_image(view, b"/svc/", impl))
+            except CorruptSegmentError as exc:
+                out.append(str(exc))
+        return out
+
+    c, py = verdicts(good)
+    assert c == py == (b"/svc/k07", 1, 19, 1)  # the greatest mod_revision is in the second half
+    # An entry in the second half with an impossible revision: both name entry 8.
+    bad = ImageBuilder()
+    bad.reset([(k, pack_entry(k, i, 1, 200 if i == 8 else 10, 1, 0)) for k, i in items], 100)
+    parts, _ = bad.parts()
+    c, py = verdicts(bytearray(b"".join(bytes(p) for p in parts)))
+    assert c.startswith("entry 8 ") and py.startswith("entry 8 "), (c, py)
+    # Entries 4 and 5 swapped in the order array (resealed): each half is sorted, the seam is not.
+    order_off = HEADER.unpack_from(good, 0)[9]
+    img = bytearray(good)
+    a, z = order_off + 8 * 4, order_off + 8 * 5
+    img[a : a + 8], img[z : z + 8] = good[z : z + 8], good[a : a + 8]
+    c, py = verdicts(_resealed_image(img))
+    assert "not sorted" in c and "not sorted" in py, (c, py)
