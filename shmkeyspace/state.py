@@ -343,11 +343,12 @@ class Opened:
         self.image_len = image_len
         self._head, self._strings = head, strings
 
-    def read_image(self, buf: memoryview, offset: int) -> None:
-        """Read the image into ``buf[offset:offset + image_len]``, then check it (raises StateFileError).
+    def read_image(self, buf: memoryview, offset: int) -> ImageView:
+        """Read the image into ``buf[offset:offset + image_len]``, check it, return its view.
 
-        ``buf`` should be a view of a whole mmap or bytes object: the image is
-        then validated in place (ImageView), without a copy. One readv (GIL
+        Raises StateFileError. ``buf`` should be a view of a whole mmap or
+        bytes object: the image is then validated in place (ImageView), without
+        a copy; the caller releases the returned view. One readv (GIL
         released) and one checksum pass.
         """
         n, p = self.image_len, self.meta.path
@@ -358,16 +359,16 @@ class Opened:
                 if r <= 0:
                     raise StateFileError(f"{p} shrank while being read")
                 got += r
-        self._verify(buf, offset)
+        return self._verify(buf, offset)
 
     def read_image_bytes(self) -> bytes:
         """The image as bytes, checked (raises StateFileError)."""
         image = _read_exact(self._fd, self.image_len, self.meta.path)
         with memoryview(image) as mv:
-            self._verify(mv, 0)
+            self._verify(mv, 0).release()
         return image
 
-    def _verify(self, buf: memoryview, offset: int) -> None:
+    def _verify(self, buf: memoryview, offset: int) -> ImageView:
         p, n = self.meta.path, self.image_len
         digest = _read_exact(self._fd, SUM_SIZE, p)
         if os.read(self._fd, 1):
@@ -382,11 +383,10 @@ class Opened:
             view = ImageView(buf, offset, n)
         except CorruptSegmentError as exc:
             raise StateFileError(f"{p} holds a bad image: {exc}") from None
-        try:
-            if view.revision != self.meta.revision or view.count != self.meta.count:
-                raise StateFileError(f"{p}: its image disagrees with its header (revision or key count)")
-        finally:
+        if view.revision != self.meta.revision or view.count != self.meta.count:
             view.release()
+            raise StateFileError(f"{p}: its image disagrees with its header (revision or key count)")
+        return view
 
     def close(self) -> None:
         if self._fd >= 0:

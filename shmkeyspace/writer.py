@@ -39,7 +39,10 @@ file is written by a thread of its own from parts captured at publish time, so
 persisting never holds up a publication beyond that capture (one copy of the
 hash table; the append-only arena is referenced, not copied). On start a valid
 file is published at once, before etcd is asked anything, with the control
-block's source word set to "disk"; once etcd answers with the same cluster id
+block's source word set to "disk": read into a new segment no reader can see
+yet and checked there, every entry included (a bad file never reaches
+readers), while another thread connects; the writer then takes that image
+over as its own state (ImageBuilder.adopt). Once etcd answers with the same cluster id
 and a revision not behind the file's, the watch resumes from the file's
 revision + 1 and the source becomes "etcd" when the mirror has caught up. A
 full load happens only when etcd compacted past the file's revision, or the
@@ -519,8 +522,7 @@ class Writer:
             # Into the new, still invisible buffer: the file's bytes and checksum,
             # the image's structure, then every entry (what a resume relies on),
             # so a file that fails any of them never reaches a reader.
-            f.read_image(view, off)
-            iv = ImageView(view, off, f.image_len)
+            iv = f.read_image(view, off)
             try:
                 scanned.append(scan_image(iv, self.keyspace.root_key))
             except CorruptSegmentError as exc:
