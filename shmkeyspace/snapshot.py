@@ -407,14 +407,3 @@ class ImageView:
             mv = getattr(self, name, None)
             if isinstance(mv, memoryview):
                 mv.release()
-
-
-def __getattr__(name: str) -> Any:
-    # ImageBuilder moved to shmkeyspace.builder (issue 11); this keeps
-    # ``from shmkeyspace.snapshot import ImageBuilder`` in branches written
-    # before the move working. New code imports it from shmkeyspace.builder.
-    if name == "ImageBuilder":
-        from .builder import ImageBuilder
-
-        return ImageBuilder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

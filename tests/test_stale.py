@@ -95,7 +95,8 @@ def _report(test: str, **times: Optional[float]) -> None:
 
 def test_health_reads_contact_words(shm_name):
     from shmkeyspace import segment
-    from shmkeyspace.snapshot import ImageBuilder, pack_entry
+    from shmkeyspace.builder import ImageBuilder
+    from shmkeyspace.snapshot import pack_entry
 
     pub = segment.Publisher(shm_name)
     try:
