@@ -736,14 +736,18 @@ def _fanout(args: argparse.Namespace, ks: List[int], modes: List[str], argv) -> 
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}",
         "fanout": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fanout.json"), "w") as f:
+    _save(args.out, "fanout", res, markdown_fanout(res))
+    return 0
+
+
+def _save(out: str, stem: str, res: Dict[str, Any], md: str) -> None:
+    """Write ``out/stem.json`` and ``out/stem.md``; print the table."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, stem + ".json"), "w") as f:
         json.dump(res, f, indent=1)
-    md = markdown_fanout(res)
-    with open(os.path.join(args.out, "fanout.md"), "w") as f:
+    with open(os.path.join(out, stem + ".md"), "w") as f:
         f.write(md)
     print(md)
-    return 0
 
 
 def _run(
@@ -777,13 +781,7 @@ def _run(
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}",
         "rows": rows,
     }
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fleet.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    md = markdown(res)
-    with open(os.path.join(args.out, "fleet.md"), "w") as f:
-        f.write(md)
-    print(md)
+    _save(args.out, "fleet", res, markdown(res))
     return 0
 
 
