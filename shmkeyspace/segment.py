@@ -105,6 +105,29 @@ OFF_SOURCE = 208  # where the published data came from: SOURCE_* below
 SOURCE_UNKNOWN, SOURCE_DISK, SOURCE_ETCD = 0, 1, 2
 SOURCE_NAMES = {SOURCE_UNKNOWN: "unknown", SOURCE_DISK: "disk", SOURCE_ETCD: "etcd"}
 OFF_WAKE = 216  # 216..231: reserved for wake-up words (unused: the seq word is the futex)
+#: The writer's PID namespace (st_ino of /proc/self/ns/pid; 0: unknown). A reader in
+#: another namespace (a container) cannot use the PID word as a pid of its own.
+OFF_PIDNS = 232
+#: FLAG_* bits below. Written by whoever retires the segment, before it is unlinked.
+OFF_FLAGS = 240
+#: This control segment no longer belongs to the name: its writer stopped after it was
+#: removed or replaced, or ``unlink`` removed it. Readers re-open the name.
+FLAG_RETIRED = 1
+#: The history epoch: raised when a writer publishes a snapshot that does not continue
+#: the previous one's history (etcd recreated, or restored from a backup). Revisions
+#: compare only within one epoch; within one they never decrease.
+OFF_EPOCH = 248
+#: Per publication record slot, 32 B: the etcd cluster id and the identity (xxh3 of
+#: prefix and decoder name) of the image that slot names, then two reserved words.
+#: Written with the record, under the same seqlock.
+OFF_RECORD_EXT = 256
+RECORD_EXT = struct.Struct("<QQQQ")
+#: State files written, failures to write one, wall-clock ns of the last success
+#: and of the last failure (fail static; 0: none).
+OFF_PERSISTS = 320
+OFF_PERSIST_FAILURES = 328
+OFF_PERSIST_NS = 336
+OFF_PERSIST_FAIL_NS = 344
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, feed_len.
 # feed_len: bytes of the change feed region (feed.py) written right after the image,
 # at offset + feed_offset(length); 0 = no feed (writers before the feed wrote 0 here).
@@ -125,6 +148,14 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
 def feed_offset(image_length: int) -> int:
     """Where a publication's change feed starts, relative to its image (8-aligned)."""
     return (image_length + 7) & ~7
+
+
+def pid_namespace(pid: Union[int, str] = "self") -> int:
+    """The inode of ``pid``'s PID namespace (/proc/PID/ns/pid), 0 if it cannot be read."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def fence() -> None:
@@ -383,6 +414,7 @@ class Publisher:
         self._held: List[Optional[Tuple[int, Any]]] = [None, None]
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
+        self._words[OFF_PIDNS // 8] = pid_namespace()
         # This writer has not heard from etcd yet; a predecessor's contact says nothing.
         self._words[OFF_CONTACT // 8] = 0
         self._words[OFF_STALE_AFTER // 8] = 0
