@@ -105,6 +105,10 @@ class Health(NamedTuple):
     #: True when the writer is dead, or has not heard from etcd for longer than
     #: its --stale-after (see README "Staleness").
     stale: bool = False
+    #: The inode of the writer's PID namespace (0: not known, an older writer). When
+    #: it differs from this process's (segment.pid_namespace()), ``writer_pid`` is
+    #: a pid in another namespace (a container), not one of this process's.
+    writer_pidns: int = 0
 
 
 # -- the two implementations of the query kernels --------------------------------------
@@ -649,6 +653,7 @@ class Reader(_Base):
             segment.SOURCE_NAMES.get(w[segment.OFF_SOURCE // 8], "unknown"),
             contact_age,
             stale,
+            w[segment.OFF_PIDNS // 8],
         )
 
 
