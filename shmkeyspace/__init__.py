@@ -26,6 +26,7 @@ _EXPORTS = {
     "SegmentNotFoundError": "errors",
     "SnapshotExpiredError": "errors",
     "WriterExistsError": "errors",
+    "WriterLostError": "errors",
     "InvalidNameError": "errors",
     "NotSerializableError": "errors",
     "SegmentFullError": "errors",

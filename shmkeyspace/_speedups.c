@@ -984,32 +984,55 @@ static PyObject *Base_attach(Base *self, PyObject *args)
 {
     PyObject *words;
     Py_ssize_t idx, cache_size;
+    Py_buffer nb, old;
+    PyObject *old_i, *old_c;
     if (!PyArg_ParseTuple(args, "Onn:_core_attach", &words, &idx, &cache_size))
         return NULL;
-    if (self->words.obj != NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "already attached");
+    if (PyObject_GetBuffer(words, &nb, PyBUF_FULL_RO) < 0)
         return NULL;
-    }
-    if (PyObject_GetBuffer(words, &self->words, PyBUF_FULL_RO) < 0)
-        return NULL;
-    if (idx < 0 || (idx + 1) * 8 > self->words.len || ((uintptr_t)self->words.buf & 7)) {
-        PyBuffer_Release(&self->words);
+    if (idx < 0 || (idx + 1) * 8 > nb.len || ((uintptr_t)nb.buf & 7)) {
+        PyBuffer_Release(&nb);
         PyErr_SetString(PyExc_ValueError, "seq word index outside the control block");
         return NULL;
     }
+    /* Attaching again (the Reader followed a re-created name): the installed
+       publication belongs to the old block and goes. Nothing here releases the
+       GIL, so no get() of another thread is between its loads of seqp; the
+       Reader keeps the old block mapped until it closes. */
+    old = self->words;
+    old_i = self->image;
+    old_c = self->cache;
+    self->image = NULL;
+    self->cache = NULL;
+    self->words = nb;
     self->cache_size = cache_size;
     self->seqp = (const uint64_t *)self->words.buf + idx;
+    Py_XDECREF(old_i);
+    Py_XDECREF(old_c);
+    if (old.obj != NULL)
+        PyBuffer_Release(&old);
     Py_RETURN_NONE;
 }
 
-/* _core_install(seq, image, cache): the publication a reader thread just validated. */
+/* _core_install(seq, image, cache, words): the publication a reader thread just
+   validated under the seq word of ``words``. Ignored when ``words`` is not the
+   block attached now (another thread followed the name meanwhile). */
 static PyObject *Base_install(Base *self, PyObject *args)
 {
     unsigned long long seq;
-    PyObject *image, *cache, *old_i, *old_c;
-    if (!PyArg_ParseTuple(args, "KO!O!:_core_install", &seq, &ImageType, &image, &PyDict_Type, &cache))
+    PyObject *image, *cache, *words, *old_i, *old_c;
+    Py_buffer wb;
+    int same;
+    if (!PyArg_ParseTuple(args, "KO!O!O:_core_install", &seq, &ImageType, &image, &PyDict_Type, &cache,
+                          &words))
         return NULL;
     if (self->closed) /* a thread that was refreshing while another closed */
+        Py_RETURN_NONE;
+    if (PyObject_GetBuffer(words, &wb, PyBUF_FULL_RO) < 0)
+        return NULL;
+    same = self->words.obj != NULL && wb.buf == self->words.buf;
+    PyBuffer_Release(&wb);
+    if (!same)
         Py_RETURN_NONE;
     old_i = self->image;
     old_c = self->cache;
@@ -1118,7 +1141,7 @@ static PyMethodDef Base_methods[] = {
      "get(key) -> Entry or None. O(1): a seq load and a dict lookup when cached, else one\n"
      "hash probe, a copy out of the mapping, a second seq load and one unpack."},
     {"_core_attach", (PyCFunction)Base_attach, METH_VARARGS, "_core_attach(words, seq_index, cache_size)"},
-    {"_core_install", (PyCFunction)Base_install, METH_VARARGS, "_core_install(seq, image, cache)"},
+    {"_core_install", (PyCFunction)Base_install, METH_VARARGS, "_core_install(seq, image, cache, words)"},
     {"_core_close", (PyCFunction)Base_close, METH_NOARGS, "Forget the installed publication."},
     {NULL, NULL, 0, NULL},
 };

@@ -41,6 +41,14 @@ class WriterExistsError(ShmKeyspaceError):
     """Another live writer already publishes this snapshot name on this host."""
 
 
+class WriterLostError(ShmKeyspaceError):
+    """This writer's control segment or lock file was removed or replaced while it ran.
+
+    The writer stops publishing (another writer may serve the name now) and retires
+    its control segment, so readers re-open the name; restart it to publish again.
+    """
+
+
 class NotSerializableError(ShmKeyspaceError, TypeError):
     """A decoder returned a value that msgpack cannot serialize."""
 

@@ -89,7 +89,7 @@ class Health(NamedTuple):
     heartbeat_age: Optional[float]  # seconds since the writer's last heartbeat
     revision: int  # revision of the published snapshot
     etcd_revision: int  # newest etcd revision the writer has heard of
-    lag: int  # etcd_revision - revision (0 when idle: see README)
+    lag: int  # etcd_revision - revision (>= 0; 0 when idle: see README)
     keys: int
     bytes: int  # size of the published image
     generation: int
@@ -109,6 +109,21 @@ class Health(NamedTuple):
     #: it differs from this process's (segment.pid_namespace()), ``writer_pid`` is
     #: a pid in another namespace (a container), not one of this process's.
     writer_pidns: int = 0
+    #: The history epoch: raised when a writer publishes a snapshot that does not
+    #: continue the previous one's history (etcd recreated or restored from a
+    #: backup, then a full load). ``revision`` never decreases within one epoch.
+    epoch: int = 0
+    #: The etcd cluster id the published snapshot came from (0: an older writer).
+    cluster_id: int = 0
+    #: State files the writer has written, and failed to write (fail static), and
+    #: seconds since the last of each (None: none yet).
+    persists: int = 0
+    persist_failures: int = 0
+    persist_age: Optional[float] = None
+    persist_failure_age: Optional[float] = None
+    #: True while this reader serves a block its writer gave up (removed with
+    #: ``unlink``, or lost) and the name has no newer one this reader may follow yet.
+    retired: bool = False
 
 
 # -- the two implementations of the query kernels --------------------------------------
@@ -160,11 +175,18 @@ class _Closed:
 
 class _Pub:
     """One publication as this reader mapped it. Immutable once made, so threads
-    can share it: a Reader swaps in a new one with one attribute store."""
+    can share it: a Reader swaps in a new one with one attribute store.
 
-    __slots__ = ("seq", "view", "kern", "data", "revision", "gen", "cache")
+    ``ctrl`` is the control block it was read under; ``words`` its seq words, or
+    None when that block is retired (its writer gave the name up): the fast paths
+    then take the slow one, which looks for the name's new block (:meth:`Reader._follow`).
+    """
 
-    def __init__(self, seq: int, view: Any, kern: Any, data: Any, revision: int, gen: int):
+    __slots__ = ("seq", "view", "kern", "data", "revision", "gen", "cache", "ctrl", "words", "ext")
+
+    def __init__(
+        self, seq: int, view: Any, kern: Any, data: Any, revision: int, gen: int, ctrl: Any, ext: tuple
+    ):
         self.seq, self.view, self.kern, self.data, self.revision, self.gen = (
             seq,
             view,
@@ -173,10 +195,15 @@ class _Pub:
             revision,
             gen,
         )
+        self.ctrl = ctrl
+        self.words: Any = None if ctrl is None or ctrl.retired else ctrl.words
+        self.ext = ext  # (cluster id, identity, epoch) of this publication
         self.cache: dict = {}  # key -> Entry, answers read under exactly this seq
 
 
-_NO_PUB = _Pub(-1, None, None, None, 0, 0)
+_NO_PUB = _Pub(-1, None, None, None, 0, 0, None, (0, 0, 0))
+#: How often a reader whose block is retired looks for the name's new one (seconds).
+_FOLLOW_EVERY = 0.05
 
 
 # With the extension built, Reader derives from its ReaderBase, whose get() is
@@ -229,14 +256,12 @@ class Reader(_Base):
             raise InvalidSettingError(f"implementation must be one of {IMPLEMENTATIONS}, not {impl!r}")
         self.implementation = impl
         self._impl = _IMPLS[impl]
+        self._writer_uid = writer_uid
         deadline = time.monotonic() + wait
         while True:
             try:
-                self._ctrl: Optional[segment.ControlView] = segment.ControlView(name, writer_uid)
-                if self._ctrl.words[_SEQ] >= 2:
-                    break
-                self._ctrl.close()
-                raise SegmentNotFoundError(f"snapshot {name!r} has no publication yet (writer loading?)")
+                self._ctrl: Optional[segment.ControlView] = self._open_control()
+                break
             except (SegmentNotFoundError, CorruptSegmentError):
                 # Corrupt too while waiting: a starting writer creates the control
                 # segment empty and sizes it a moment later (seen in the torture
@@ -244,6 +269,11 @@ class Reader(_Base):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.02)
+        # Blocks this reader followed away from: kept mapped until close(), so a
+        # thread still reading one never touches unmapped memory.
+        self._left: List[segment.ControlView] = []
+        self._next_follow = 0.0
+        self._epoch_offset = 0  # keeps Health.epoch monotonic across followed blocks
         self._words: Any = self._ctrl.words
         #: The uid owning the snapshot's segments (checked at attach, see trust.py).
         self.owner_uid: int = self._ctrl.owner_uid
@@ -259,6 +289,17 @@ class Reader(_Base):
         if self._compiled:
             self._core_attach(self._words, _SEQ, cache_size)
         self._current()  # map the current publication (retrying if it moves under us)
+
+    def _open_control(self) -> segment.ControlView:
+        """The name's control block, if it has a publication and is not retired."""
+        ctrl = segment.ControlView(self.name, self._writer_uid)
+        if ctrl.words[_SEQ] < 2:
+            ctrl.close()
+            raise SegmentNotFoundError(f"snapshot {self.name!r} has no publication yet (writer loading?)")
+        if ctrl.retired:
+            ctrl.close()
+            raise SegmentNotFoundError(f"snapshot {self.name!r} was removed; its writer is starting again?")
+        return ctrl
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
@@ -276,6 +317,7 @@ class Reader(_Base):
             self._core_close()
         self._data = None
         self._ctrl = None
+        self._left = []
 
     @property
     def closed(self) -> bool:
@@ -300,45 +342,48 @@ class Reader(_Base):
             pass
 
     # -- publication tracking -------------------------------------------------------
-    def _refresh(self, s1: int) -> _Pub:
-        """Map and validate the publication named by seq value ``s1``."""
-        ctrl = self._ctrl
-        if ctrl is None:
-            raise ReaderClosedError(f"Reader of {self.name!r} is closed")
+    def _refresh(self, s1: int, ctrl: segment.ControlView) -> _Pub:
+        """Map and validate the publication named by seq value ``s1`` of ``ctrl``."""
         gen, seg_size, off, length, revision, count, _, _ = ctrl.active_record(s1)
+        ext = ctrl.record_ext((s1 >> 1) & 1)
         if gen == 0:
             raise CorruptSegmentError(f"snapshot {self.name!r}: publication record is empty")
         data = self._data
-        if data is None or data.gen != gen:
+        if data is None or data.gen != gen or data.ctrl_id != ctrl.file_id:
             # The old generation is not closed here: another thread or a
             # SnapshotView may still read it. It is unmapped when its last
             # publication object goes (CPython frees it by reference count).
             data = segment.DataView(self.name, gen, seg_size, owner_uid=ctrl.owner_uid)
+            data.ctrl_id = ctrl.file_id
             self._data = data
         view = ImageView(data.buf, off, length)
         if view.revision != revision or view.count != count:
             raise CorruptSegmentError("publication record disagrees with its snapshot header")
-        pub = _Pub(s1, view, self._impl.kernel(view), data, revision, gen)
+        pub = _Pub(s1, view, self._impl.kernel(view), data, revision, gen, ctrl, ext)
         self._pub = pub
         if self._ctrl is None:  # closed by another thread meanwhile: keep nothing mapped
             self._pub = _NO_PUB
             self._data = None
             raise ReaderClosedError(f"Reader of {self.name!r} is closed")
-        if self._compiled:
-            self._core_install(s1, pub.kern, pub.cache)
+        if self._compiled and pub.words is not None:
+            self._core_install(s1, pub.kern, pub.cache, pub.words)
         return pub
 
     def _current(self) -> "tuple[int, _Pub]":
         """(s1, publication) for a new read, following the writer if it moved."""
         for _ in range(_MAX_RETRIES):
-            s1 = self._words[_SEQ]
+            ctrl = self._control()
+            words = ctrl.words
+            s1 = words[_SEQ]
             if self._fence:
                 segment.fence()
             pub = self._pub
-            if s1 == pub.seq:
+            if s1 == pub.seq and pub.ctrl is ctrl:
+                if pub.words is None and self._follow_due():
+                    continue  # followed the name to its new block
                 return s1, pub
             try:
-                pub = self._refresh(s1)
+                pub = self._refresh(s1, ctrl)
             except (CorruptSegmentError, SegmentNotFoundError, UntrustedSegmentError):
                 # Any move of seq since s1 counts here, not only _moved()'s "> 2":
                 # the writer unlinks the previous generation right after the first
@@ -348,27 +393,92 @@ class Reader(_Base):
                 # SegmentNotFoundError). Untrusted too: a vanished generation may have
                 # been re-created by someone else. Only an error under a seq that has
                 # not moved is the segment's own.
-                if self._seq_changed(s1):
+                if self._seq_changed(s1, words):
                     self.retries += 1
                     continue
+                if ctrl.retired and self._follow():
+                    continue
                 raise
-            if self._moved(s1):
+            if self._moved(s1, words):
                 self.retries += 1
                 continue
             return s1, pub
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable publication after {_MAX_RETRIES} tries")
 
-    def _seq_changed(self, s1: int) -> bool:
+    def _follow_due(self) -> bool:
+        """Rate-limited :meth:`_follow` for a reader on a retired block (every 50 ms at most)."""
+        now = time.monotonic()
+        if now < self._next_follow:
+            return False
+        self._next_follow = now + _FOLLOW_EVERY
+        return self._follow()
+
+    def _follow(self) -> bool:
+        """Re-open the name if it now opens another control block; True if this reader moved.
+
+        One stat when nothing moved. A block is followed when it has a
+        publication, is not retired, and either its revision is not behind what
+        this reader serves or its writer says it is current with etcd (source
+        "etcd": a lower revision then means etcd's history was reset, and
+        Health.epoch says so). Until then this reader keeps answering from the
+        block it has: revisions never go back because a writer restarted from an
+        older state file (issue 25). Threads: the swap is attribute stores under
+        the GIL; a query running on the old block finishes on it (kept mapped).
+        """
+        ctrl = self._ctrl
+        if ctrl is None:
+            return False
+        if not ctrl.moved():
+            return False
+        try:
+            new = self._open_control()
+        except (SegmentNotFoundError, CorruptSegmentError, UntrustedSegmentError, PermissionError):
+            return False
+        if new.file_id == ctrl.file_id:
+            new.close()
+            return False
+        old_pub = self._pub
+        try:
+            s = new.words[_SEQ]
+            rev = new.active_record(s)[4]
+            ext = new.record_ext((s >> 1) & 1)
+        except Exception:
+            new.close()
+            return False
+        source = new.words[segment.OFF_SOURCE // 8]
+        reset = old_pub.ctrl is not None and (
+            rev < old_pub.revision or (ext[0] and old_pub.ext[0] and ext[0] != old_pub.ext[0])
+        )
+        if reset and source != segment.SOURCE_ETCD:
+            new.close()
+            return False
+        old_epoch = old_pub.ext[2] + self._epoch_offset
+        self._epoch_offset = old_epoch + (1 if reset else 0) - ext[2]
+        if self._ctrl is None:  # closed meanwhile
+            new.close()
+            return False
+        self._left.append(ctrl)
+        self._ctrl = new
+        self.owner_uid = new.owner_uid
+        self._words = new.words
+        self._seq_addr = new.seq_address()
+        self._data = None
+        self._pub = _NO_PUB
+        if self._compiled:
+            self._core_attach(new.words, _SEQ, self._cache_size)
+        return True
+
+    def _seq_changed(self, s1: int, words: Any = None) -> bool:
         """True if any publication began since seq was ``s1``."""
         if self._fence:
             segment.fence()
-        return self._words[_SEQ] != s1
+        return (self._words if words is None else words)[_SEQ] != s1
 
-    def _moved(self, s1: int) -> bool:
+    def _moved(self, s1: int, words: Any = None) -> bool:
         """True if the buffer read under ``s1`` may have been overwritten since."""
         if self._fence:
             segment.fence()
-        return self._words[_SEQ] - (s1 & ~1) > 2
+        return (self._words if words is None else words)[_SEQ] - (s1 & ~1) > 2
 
     # -- queries ---------------------------------------------------------------------
     def _py_get(self, key: Key) -> Optional[Entry]:
@@ -380,10 +490,10 @@ class Reader(_Base):
         With the extension built, ``Reader.get`` is ``_speedups.ReaderBase.get``,
         the same steps in C (it calls this method for implementation="python").
         """
-        words = self._words
+        words: Any = self._words
         s1 = words[_SEQ]
         pub = self._pub
-        if s1 == pub.seq:
+        if s1 == pub.seq and pub.words is words:
             try:  # a subscript, not .get(): no method call on the hottest path
                 return pub.cache[key]
             except KeyError:
@@ -458,14 +568,15 @@ class Reader(_Base):
                     return fn(self._impl.kernel(ImageView(memoryview(img), 0, len(img))), *args)
                 except _READ_ERRORS as exc:
                     raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
+            words = pub.ctrl.words
             try:
                 out = fn(pub.kern, *args)
             except _READ_ERRORS as exc:
-                if self._moved(s1):
+                if self._moved(s1, words):
                     self.retries += 1
                     continue
                 raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
-            if not self._moved(s1):
+            if not self._moved(s1, words):
                 return out
             self.retries += 1
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
@@ -481,18 +592,18 @@ class Reader(_Base):
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
             if not copy:
-                return SnapshotView(self, s1, pub.view, pub.kern, None)
+                return SnapshotView(self, s1, pub.ctrl.words, pub.view, pub.kern, None)
             img = self._copy_image(s1, pub)
             if img is None:
                 continue
             view = ImageView(memoryview(img), 0, len(img))
-            return SnapshotView(self, s1, view, self._impl.kernel(view), img)
+            return SnapshotView(self, s1, pub.ctrl.words, view, self._impl.kernel(view), img)
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
 
     def _copy_image(self, s1: int, pub: _Pub) -> Optional[bytes]:
         """A private copy of ``pub``'s image (one memcpy); None if the writer moved meanwhile."""
         img = bytes(pub.view.buf)
-        if self._moved(s1):
+        if self._moved(s1, pub.ctrl.words):
             self.retries += 1
             return None
         return img
@@ -528,7 +639,12 @@ class Reader(_Base):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-            if addr and futex.wait(addr, s, 1.0 if left is None else min(left, 1.0)):
+            # A retired block never moves again: look for the name's new one often.
+            nap = _FOLLOW_EVERY if self._control().retired else 1.0
+            if addr and futex.wait(addr, s, nap if left is None else min(left, nap)):
+                continue
+            if self._follow():  # slept through: the name may have a new block (issue 25)
+                seen = -1
                 continue
             time.sleep(delay if left is None else min(delay, left))
             delay = min(0.004, delay * 2)
@@ -539,11 +655,12 @@ class Reader(_Base):
     def _record_revision(self) -> int:
         """The published revision, from the publication record (no image mapping)."""
         for _ in range(_MAX_RETRIES):
-            s1 = self._words[_SEQ]
+            ctrl = self._control()
+            s1 = ctrl.words[_SEQ]
             if self._fence:
                 segment.fence()
-            rev = self._control().active_record(s1)[4]
-            if not self._moved(s1):
+            rev = ctrl.active_record(s1)[4]
+            if not self._moved(s1, ctrl.words):
                 return rev
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable record after {_MAX_RETRIES} tries")
 
@@ -561,22 +678,23 @@ class Reader(_Base):
         since = int(since_revision)
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
-            rec = self._control().active_record(s1)
+            rec = pub.ctrl.active_record(s1)
+            words = pub.ctrl.words
             try:
                 out = feed.read_changes(
                     pub.data.buf, rec[2] + segment.feed_offset(rec[3]), rec[7], since, pub.revision
                 )
             except _READ_ERRORS as exc:
-                if self._moved(s1):
+                if self._moved(s1, words):
                     self.retries += 1
                     continue
                 raise CorruptSegmentError(f"snapshot {self.name!r}: {exc}") from None
             except ChangesTooOldError:
-                if self._moved(s1):
+                if self._moved(s1, words):
                     self.retries += 1
                     continue
                 raise
-            if not self._moved(s1):
+            if not self._moved(s1, words):
                 return out
             self.retries += 1
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
@@ -611,23 +729,38 @@ class Reader(_Base):
         return d.get(fn)
 
     def health(self, stale_after: Optional[float] = None) -> Health:
-        """Writer liveness and publication facts (one flock probe: not for hot paths).
+        """Writer liveness and publication facts (a stat and a lock probe: not for hot paths).
 
         ``stale_after``: heartbeat age, in seconds, past which a writer counts as
         dead even if its lock is held (default: 5 heartbeat intervals, at least 2 s).
         It is not the writer's ``--stale-after``: ``stale`` compares the writer's
         contact age with that one, which the writer publishes.
+
+        First follows the name if it now opens another control block (a writer
+        re-created the segments: :meth:`_follow`). ``writer_alive`` is never true
+        for a writer this reader does not follow: the block read must still be
+        the name's, and not retired.
         """
-        w = self._words
+        self._follow()
+        s1, pub = self._current()
+        ctrl = pub.ctrl
+        w = ctrl.words
         pid = w[segment.OFF_PID // 8]
         hb = w[segment.OFF_HEARTBEAT // 8]
         interval = w[segment.OFF_HB_INTERVAL // 8] / 1e9 or 0.5
         age = (time.monotonic_ns() - hb) / 1e9 if hb else None
         limit = stale_after if stale_after is not None else max(2.0, 5 * interval)
-        alive = pid != 0 and segment.writer_is_running(self.name) and age is not None and age < limit
-        s1, pub = self._current()
-        rec = self._control().active_record(s1)
-        etcd_rev = w[segment.OFF_ETCD_REV // 8]
+        alive = (
+            pid != 0
+            and age is not None
+            and age < limit
+            and not ctrl.retired
+            and not ctrl.moved()
+            and segment.writer_is_running(self.name)
+        )
+        rec = ctrl.active_record(s1)
+        # Never below the published revision: the writer has heard of at least that.
+        etcd_rev = max(w[segment.OFF_ETCD_REV // 8], pub.revision)
         contact = w[segment.OFF_CONTACT // 8]
         contact_limit = w[segment.OFF_STALE_AFTER // 8]  # ns; the writer's --stale-after
         contact_age = max(0.0, (time.monotonic_ns() - contact) / 1e9) if contact else None
@@ -637,6 +770,7 @@ class Reader(_Base):
             stale = False  # a writer that does not track contact: liveness is all we know
         else:
             stale = contact_age is None or contact_age * 1e9 > contact_limit
+        ok_ns, fail_ns = w[segment.OFF_PERSIST_NS // 8], w[segment.OFF_PERSIST_FAIL_NS // 8]
         return Health(
             self.name,
             alive,
@@ -644,7 +778,7 @@ class Reader(_Base):
             age,
             pub.revision,
             etcd_rev,
-            max(0, etcd_rev - pub.revision),
+            etcd_rev - pub.revision,
             pub.view.count,
             rec[3],
             pub.gen,
@@ -654,6 +788,13 @@ class Reader(_Base):
             contact_age,
             stale,
             w[segment.OFF_PIDNS // 8],
+            pub.ext[2] + self._epoch_offset,
+            pub.ext[0],
+            w[segment.OFF_PERSISTS // 8],
+            w[segment.OFF_PERSIST_FAILURES // 8],
+            max(0.0, time.time() - ok_ns / 1e9) if ok_ns else None,
+            max(0.0, time.time() - fail_ns / 1e9) if fail_ns else None,
+            ctrl.retired,
         )
 
 
@@ -661,10 +802,11 @@ class SnapshotView:
     """One publication, for several consistent queries. See :meth:`Reader.snapshot`."""
 
     def __init__(
-        self, reader: Reader, seq: int, view: ImageView, kern: Any, private: Optional[bytes]
+        self, reader: Reader, seq: int, words: Any, view: ImageView, kern: Any, private: Optional[bytes]
     ) -> None:
         self._reader = reader
         self._seq = seq
+        self._words = words  # the seq words of the block this view's publication is in
         self._view = view
         self._kern = kern
         self._impl = reader._impl
@@ -676,7 +818,7 @@ class SnapshotView:
             raise ReaderClosedError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision}: its Reader is closed"
             )
-        if self._private is None and self._reader._moved(self._seq):
+        if self._private is None and self._reader._moved(self._seq, self._words):
             raise SnapshotExpiredError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
                 "reused its buffer; keep views short or use snapshot(copy=True)"

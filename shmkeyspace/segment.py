@@ -48,9 +48,23 @@ Change feed: each publication may write a feed region (feed.py) after its image
 in the same buffer, at ``offset + feed_offset(length)``; the record's last word is
 its length. It is covered by the same seqlock as the image.
 
-Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on the control segment's
-fd for its whole life; the kernel drops it when the process dies, even on
-SIGKILL, so a restarted writer takes over and a second live one is refused.
+Writer exclusivity: the writer holds ``flock(LOCK_EX)`` on its lock file
+(:func:`lock_path`, mode 0600: readers of another uid cannot even open it, so no
+reader can hold the lock that decides who writes) for its whole life; the kernel
+drops it when the process dies, even on SIGKILL, so a restarted writer takes over
+and a second live one is refused. A running writer checks before each publication
+and each heartbeat that its control segment and lock file are still the files it
+opened (:meth:`Publisher.lost`): after an ``rm`` of either it retires its block and
+stops (WriterLostError), so two writers never serve one name.
+
+Retirement: a control block whose writer gave the name up (stopped with unlink,
+lost it, or ``unlink`` removed it) carries FLAG_RETIRED and one last republication
+of its active record (seq moves, the image stays): readers notice at their next
+query and re-open the name, following a writer that re-created the segments.
+
+Restarts: :attr:`Publisher.previous` is the predecessor's last complete
+publication with its record extension (cluster id, identity, epoch), so a
+restarted writer can take that image over instead of publishing an older one.
 """
 
 from __future__ import annotations
@@ -62,12 +76,14 @@ import mmap
 import os
 import platform
 import re
+import stat
 import struct
 import threading
 import time
-from typing import AbstractSet, Any, Callable, List, Optional, Tuple, Union
+from typing import AbstractSet, Any, Callable, List, NamedTuple, Optional, Tuple, Union
 
 import posix_ipc
+from xxhash import xxh3_64_intdigest
 
 from . import futex, trust
 from .errors import (
@@ -79,6 +95,7 @@ from .errors import (
     SegmentPermissionError,
     UntrustedSegmentError,
     WriterExistsError,
+    WriterLostError,
 )
 
 PAGE = mmap.PAGESIZE
@@ -113,13 +130,13 @@ OFF_FLAGS = 240
 #: This control segment no longer belongs to the name: its writer stopped after it was
 #: removed or replaced, or ``unlink`` removed it. Readers re-open the name.
 FLAG_RETIRED = 1
-#: The history epoch: raised when a writer publishes a snapshot that does not continue
-#: the previous one's history (etcd recreated, or restored from a backup). Revisions
-#: compare only within one epoch; within one they never decrease.
-OFF_EPOCH = 248
-#: Per publication record slot, 32 B: the etcd cluster id and the identity (xxh3 of
-#: prefix and decoder name) of the image that slot names, then two reserved words.
-#: Written with the record, under the same seqlock.
+# 248: reserved.
+#: Per publication record slot, 32 B: the etcd cluster id, the identity (an xxh3 of
+#: prefix and decoder name: see :func:`identity`) and the history epoch of the image
+#: that slot names, then a reserved word. Written with the record, under the same
+#: seqlock. The epoch is raised when a writer publishes a snapshot that does not
+#: continue the previous one's history (etcd recreated or restored from a backup):
+#: revisions compare only within one epoch, and within one they never decrease.
 OFF_RECORD_EXT = 256
 RECORD_EXT = struct.Struct("<QQQQ")
 #: State files written, failures to write one, wall-clock ns of the last success
@@ -143,6 +160,32 @@ NEEDS_FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i68
 _fence_lock = threading.Lock()
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}$")
+
+
+class Published(NamedTuple):
+    """One complete publication as its record (and record extension) describes it."""
+
+    gen: int
+    seg_size: int
+    offset: int
+    length: int
+    revision: int
+    key_count: int
+    publish_ns: int
+    feed_len: int
+    cluster_id: int
+    identity: int
+    epoch: int
+
+
+def identity(prefix: bytes, decoder_name: str) -> int:
+    """What a snapshot is a mirror of, as one word: xxh3_64 of the prefix and the decoder's name.
+
+    Two writers of one name with equal identities publish interchangeable images
+    (same keys, same decoding); a writer takes over a predecessor's image only then.
+    Never 0 (0 means "not recorded": an older writer).
+    """
+    return xxh3_64_intdigest(bytes(prefix) + b"\0" + decoder_name.encode()) or 1
 
 
 def feed_offset(image_length: int) -> int:
@@ -189,16 +232,26 @@ def shm_path(shm_name: str) -> str:
     return "/dev/shm" + shm_name
 
 
+def lock_path(name: str) -> str:
+    """The writer lock file of ``name``: ``/dev/shm/.shmks.NAME.lock``, mode 0600.
+
+    Beside the segments (so containers sharing one directory at /dev/shm share the
+    lock too), but not a segment: only the writer's uid (and root) can open it, so
+    no reader can take or hold the lock that decides who writes.
+    """
+    return f"/dev/shm/.shmks.{validate_name(name)}.lock"
+
+
 def _unlink_hint(name: str, shm_name: str) -> str:
     return f"remove it (as root or its owner: shmkeyspace unlink {name}, or rm {shm_path(shm_name)})"
 
 
 def _open_ro(
     shm_name: str, what: str, label: str, uids: AbstractSet[int], remedy: str, owner_hint: str
-) -> Tuple[mmap.mmap, int, int]:
+) -> Tuple[mmap.mmap, os.stat_result]:
     """Map ``shm_name`` read-only after checking, on the fd's fstat, who owns it (trust.py).
 
-    Returns (mapping, size, owner uid). ``label`` and ``remedy`` word an
+    Returns (mapping, the fd's fstat). ``label`` and ``remedy`` word an
     UntrustedSegmentError; ``what`` the not-found and permission errors.
     """
     path = shm_path(shm_name)
@@ -220,7 +273,7 @@ def _open_ro(
         if size == 0:
             raise CorruptSegmentError(f"{shm_name} is empty ({what})")
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        return mm, size, st.st_uid
+        return mm, st
     finally:
         os.close(fd)
 
@@ -237,7 +290,7 @@ class ControlView:
     def __init__(self, name: str, writer_uid: Union[int, str, None] = None) -> None:
         self.name = validate_name(name)
         self.shm_name = ctrl_name(name)
-        self.mm, size, self.owner_uid = _open_ro(
+        self.mm, st = _open_ro(
             self.shm_name,
             f"snapshot {name!r}: is its writer running?",
             f"snapshot {name!r}: control segment",
@@ -246,6 +299,9 @@ class ControlView:
             "if uid {uid} runs the writer you mean to read, trust it with Reader(..., writer_uid={uid}) "
             f"or {trust.WRITER_UID_ENV}={{uid}}; otherwise",
         )
+        size, self.owner_uid = st.st_size, st.st_uid
+        #: (st_dev, st_ino) of the file mapped: another one under the name is another writer's.
+        self.file_id = _file_id(st)
         if size < CTRL_SIZE:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is {size} bytes, expected {CTRL_SIZE}")
@@ -273,6 +329,23 @@ class ControlView:
         count, publish_ns, feed_len."""
         return RECORD.unpack_from(self.mm, OFF_RECORDS + slot * RECORD.size)
 
+    def record_ext(self, slot: int) -> Tuple[int, int, int]:
+        """(cluster id, identity, epoch) of record ``slot`` (zeros from older writers)."""
+        return RECORD_EXT.unpack_from(self.mm, OFF_RECORD_EXT + slot * RECORD_EXT.size)[:3]
+
+    @property
+    def retired(self) -> bool:
+        """True once this block's writer (or ``unlink``) gave the name up: re-open it. One load."""
+        words = self.words
+        return words is not None and bool(words[OFF_FLAGS // 8] & FLAG_RETIRED)
+
+    def moved(self) -> bool:
+        """True if the name now opens another file than this one (or none). One stat."""
+        try:
+            return _file_id(os.stat(shm_path(self.shm_name), follow_symlinks=False)) != self.file_id
+        except OSError:
+            return True
+
     def seq_address(self) -> int:
         """Address of the seq word in this mapping, for :func:`futex.wait` (valid until close)."""
         return futex.address(self.mm, OFF_SEQ)
@@ -287,6 +360,12 @@ class ControlView:
             self.words = None
             self.mm.close()
 
+    def __enter__(self) -> "ControlView":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
 
 class DataView:
     """Read-only mapping of one data-segment generation.
@@ -298,7 +377,7 @@ class DataView:
     def __init__(self, name: str, gen: int, expect_size: int, *, owner_uid: int) -> None:
         self.gen = gen
         self.shm_name = data_name(name, gen)
-        self.mm, self.size, _ = _open_ro(
+        self.mm, st = _open_ro(
             self.shm_name,
             f"generation {gen} of {name!r}",
             f"snapshot {name!r}: data segment",
@@ -307,6 +386,9 @@ class DataView:
             "its control segment's owner (who creates every data segment) did not create it; "
             "someone else did, so",
         )
+        self.size = st.st_size
+        #: The file id of the control block whose record named this generation.
+        self.ctrl_id: Tuple[int, int] = (0, 0)
         if self.size < expect_size or self.size < _DATA_HEAD.size:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is {self.size} bytes, record says {expect_size}")
@@ -357,12 +439,60 @@ class Publisher:
         self.uid = os.geteuid() if uid is None else trust.resolve_uid(uid, "uid to publish for")
         self.shm_name = ctrl_name(name)
         self._remedy = _unlink_hint(name, self.shm_name) + " or choose another --name"
+        self._lock_fd, lock_created = self._take_lock()
+        try:
+            self._open_control(lock_created)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    def _take_lock(self) -> Tuple[int, bool]:
+        """Open (or create, 0600) the lock file and take ``flock(LOCK_EX)``: (fd, created).
+
+        The lock lives in its own file that only this uid (and root) can open, not
+        on a segment readers map: a reader holding any lock on any segment cannot
+        stop a writer (issue 21). The kernel drops the lock when the process dies,
+        even on SIGKILL, so a restarted writer takes over without cleanup. A brief
+        probe (:func:`writer_is_running`) may hold a shared lock: retried for 0.2 s.
+        A file that was unlinked while we waited for it (``unlink``) is opened again.
+        """
+        path = lock_path(self.name)
+        what = f"snapshot {self.name!r}: writer lock file"
+        remedy = f"remove it (as root or its owner: rm {path}) or choose another --name"
+        for _ in range(5):
+            fd, created = trust.open_owned(path, 0o600, self.uid, what=what, remedy=remedy)
+            try:
+                if self.uid != os.geteuid():
+                    os.fchown(fd, self.uid, -1)
+                os.fchmod(fd, 0o600)
+                deadline = time.monotonic() + 0.2
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise WriterExistsError(
+                                f"snapshot {self.name!r} already has a live writer (pid {_peek_pid(self.shm_name)}); "
+                                "stop it first or choose another --name"
+                            ) from None
+                        time.sleep(0.01)
+                if _same_file(fd, path):
+                    self._lock_id = _file_id(os.fstat(fd))
+                    return fd, created
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # unlinked (or replaced) while we waited: lock what is there now
+        raise WriterExistsError(f"snapshot {self.name!r}: its lock file {path} keeps being replaced")
+
+    def _open_control(self, lock_created: bool) -> None:
         try:
             self._ctrl_fd, _ = trust.open_owned(
                 shm_path(self.shm_name),
-                mode,
+                self.mode,
                 self.uid,
-                what=f"snapshot {name!r}: control segment",
+                what=f"snapshot {self.name!r}: control segment",
                 remedy=self._remedy,
             )
         except UntrustedSegmentError:
@@ -372,20 +502,16 @@ class Publisher:
                 errno.EACCES, f"cannot open {self.shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
             ) from None
         try:
-            fcntl.flock(self._ctrl_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            pid = self._peek_pid()
+            self._secure(self._ctrl_fd)
+            if os.fstat(self._ctrl_fd).st_size < CTRL_SIZE:
+                os.ftruncate(self._ctrl_fd, CTRL_SIZE)
+            self.ctrl: Optional[mmap.mmap] = mmap.mmap(
+                self._ctrl_fd, CTRL_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
             os.close(self._ctrl_fd)
-            raise WriterExistsError(
-                f"snapshot {name!r} already has a live writer (pid {pid}); stop it first "
-                f"or choose another --name"
-            ) from None
-        self._secure(self._ctrl_fd)
-        if os.fstat(self._ctrl_fd).st_size < CTRL_SIZE:
-            os.ftruncate(self._ctrl_fd, CTRL_SIZE)
-        self.ctrl: Optional[mmap.mmap] = mmap.mmap(
-            self._ctrl_fd, CTRL_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+            raise
+        self._ctrl_id = _file_id(os.fstat(self._ctrl_fd))
         self._words = memoryview(self.ctrl).cast("Q")
         self._seq_addr = futex.address(self.ctrl, OFF_SEQ)
         magic, version, _ = _CTRL_HEAD.unpack_from(self.ctrl, 0)
@@ -394,7 +520,21 @@ class Publisher:
             # reading a valid snapshot from it, so no seqlock is needed.
             self.ctrl[:] = bytes(CTRL_SIZE)
             _CTRL_HEAD.pack_into(self.ctrl, 0, CTRL_MAGIC, LAYOUT_VERSION, 0)
+        elif lock_created and self._predecessor_alive():
+            # The lock file was missing (removed by hand, or an older shmkeyspace
+            # that locked the control segment) while a writer still beats here.
+            pid = self._words[OFF_PID // 8]
+            self.close_quietly()
+            raise WriterExistsError(
+                f"snapshot {self.name!r} already has a live writer (pid {pid}: its heartbeat advances, "
+                f"but its lock file {lock_path(self.name)} is gone); stop it first or choose another --name"
+            )
         self.seq = self._words[OFF_SEQ // 8]
+        #: The predecessor's last complete publication (None: none, or a fresh block):
+        #: a restarted writer may take its image over instead of publishing an older one.
+        self.previous: Optional[Published] = self._read_published(self.seq)
+        if self._words[OFF_FLAGS // 8] & FLAG_RETIRED:
+            self.previous = None  # retired (its writer lost the name): not ours to continue
         recs = [RECORD.unpack_from(self.ctrl, OFF_RECORDS + i * RECORD.size) for i in (0, 1)]
         # Take over from a previous writer in a new generation; its segments go
         # once readers have been moved off them.
@@ -412,28 +552,139 @@ class Publisher:
         self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
         # Per buffer: (gen, reuse token) of the image it holds, or None.
         self._held: List[Optional[Tuple[int, Any]]] = [None, None]
+        # What the next publications say of themselves (record extension).
+        prev = self.previous
+        self._ext = (prev.cluster_id, prev.identity, prev.epoch) if prev is not None else (0, 0, 0)
+        self._words[OFF_FLAGS // 8] = 0
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
         self._words[OFF_PIDNS // 8] = pid_namespace()
         # This writer has not heard from etcd yet; a predecessor's contact says nothing.
         self._words[OFF_CONTACT // 8] = 0
         self._words[OFF_STALE_AFTER // 8] = 0
+        for off in (OFF_PERSISTS, OFF_PERSIST_FAILURES, OFF_PERSIST_NS, OFF_PERSIST_FAIL_NS):
+            self._words[off // 8] = 0
         self.heartbeat()
 
-    # -- helpers --------------------------------------------------------------
-    def _peek_pid(self) -> int:
-        try:
-            with mmap.mmap(self._ctrl_fd, CTRL_SIZE, prot=mmap.PROT_READ) as m:
-                return U64.unpack_from(m, OFF_PID)[0]
-        except (ValueError, OSError):
-            return 0
+    def _predecessor_alive(self) -> bool:
+        """True if the control block's writer looks alive: a pid, and a heartbeat that advances.
 
+        Waits up to three of its heartbeat intervals (at most 3 s) for the heartbeat
+        to move; only asked when the lock file had to be created.
+        """
+        w = self._words
+        if not w[OFF_PID // 8] or not w[OFF_HEARTBEAT // 8]:
+            return False
+        interval = min(1.0, max(0.05, w[OFF_HB_INTERVAL // 8] / 1e9 or 0.5))
+        hb = w[OFF_HEARTBEAT // 8]
+        if (time.monotonic_ns() - hb) / 1e9 > max(2.0, 5 * interval):
+            return False
+        deadline = time.monotonic() + 3 * interval
+        while time.monotonic() < deadline:
+            time.sleep(interval / 4)
+            if w[OFF_HEARTBEAT // 8] != hb:
+                return True
+        return False
+
+    def _read_published(self, seq: int) -> Optional[Published]:
+        """The last complete publication at seq value ``seq`` (odd: one was in progress)."""
+        if seq < 2:
+            return None
+        slot = ((seq & ~1) >> 1) & 1
+        assert self.ctrl is not None
+        rec = RECORD.unpack_from(self.ctrl, OFF_RECORDS + slot * RECORD.size)
+        ext = RECORD_EXT.unpack_from(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size)
+        if not rec[0]:
+            return None
+        return Published(*rec, *ext[:3])
+
+    def set_identity(self, cluster_id: int, ident: int, epoch: int) -> None:
+        """What the next publications say of themselves: etcd cluster, :func:`identity`, epoch. O(1)."""
+        self._ext = (cluster_id, ident, epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The history epoch the next publication carries (see OFF_RECORD_EXT)."""
+        return self._ext[2]
+
+    def open_previous(self) -> "DataView":
+        """Map the predecessor's data segment holding :attr:`previous` (read-only; close it).
+
+        Refuses (UntrustedSegmentError) one not owned by this writer's uid.
+        """
+        prev = self.previous
+        if prev is None:
+            raise SegmentNotFoundError(f"snapshot {self.name!r}: no previous publication to take over")
+        return DataView(self.name, prev.gen, prev.seg_size, owner_uid=self.uid)
+
+    def lost(self) -> str:
+        """Why this writer no longer owns the name ("" if it does): two stats. ~3 us.
+
+        The control segment and the lock file must still be the files this writer
+        opened: ``rm`` of either (or a file put in their place) means another writer
+        could start on the name, so this one must stop.
+        """
+        for path, own, what in (
+            (shm_path(self.shm_name), self._ctrl_id, "control segment"),
+            (lock_path(self.name), self._lock_id, "writer lock file"),
+        ):
+            try:
+                st = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                return f"its {what} {path} was removed"
+            except OSError as exc:
+                return f"its {what} {path} cannot be inspected ({os.strerror(exc.errno or 0)})"
+            if _file_id(st) != own:
+                return f"its {what} {path} was replaced by another file ({trust.describe(st)})"
+        return ""
+
+    def _check_owner(self) -> None:
+        reason = self.lost()
+        if reason:
+            self.retire()
+            raise WriterLostError(
+                f"snapshot {self.name!r}: {reason} while this writer (pid {os.getpid()}) ran; it stops "
+                "publishing so that two writers never serve one name (restart it to publish again)"
+            )
+
+    def retire(self) -> None:
+        """Tell readers this control segment is no longer the name's (before it is unlinked). Idempotent.
+
+        Sets FLAG_RETIRED and republishes the active record under the seqlock (the
+        same image: nothing older becomes visible), which wakes waiters and moves
+        seq, so readers notice at their next query and re-open the name.
+        """
+        if self.ctrl is None or self._words[OFF_FLAGS // 8] & FLAG_RETIRED:
+            return
+        _retire(self.ctrl, self._words, self._seq_addr)
+        self.seq = self._words[OFF_SEQ // 8]
+
+    def close_quietly(self) -> None:
+        """Release the control mapping without touching its words (a refused start)."""
+        if self.ctrl is not None:
+            self._words.release()
+            self.ctrl.close()
+            self.ctrl = None
+            os.close(self._ctrl_fd)
+
+    # -- helpers --------------------------------------------------------------
     def _secure(self, fd: int) -> None:
         # shm_open's mode is filtered by the umask: set it explicitly.
         uid = self.uid if self.uid != os.geteuid() else -1
         if self.gid is not None or uid != -1:
             os.fchown(fd, uid, -1 if self.gid is None else self.gid)
         os.fchmod(fd, self.mode)
+
+    def set_persist_stats(self, persists: int, failures: int, ok_ns: int, fail_ns: int) -> None:
+        """Publish the state-file counters (writes, failures, wall ns of the last of each). O(1)."""
+        w = self._words
+        try:
+            w[OFF_PERSISTS // 8] = persists
+            w[OFF_PERSIST_FAILURES // 8] = failures
+            w[OFF_PERSIST_NS // 8] = ok_ns
+            w[OFF_PERSIST_FAIL_NS // 8] = fail_ns
+        except ValueError:  # released by close()
+            pass
 
     def heartbeat(self, etcd_revision: Optional[int] = None) -> None:
         self._words[OFF_HEARTBEAT // 8] = time.monotonic_ns()
@@ -589,6 +840,7 @@ class Publisher:
         (one futex syscall, ~1-4 us even with nobody waiting).
         Raises SegmentFullError (and publishes nothing) when shared memory is full.
         """
+        self._check_owner()
         need = feed_offset(length) + len(feed) if feed else length
         if self._data is None or need > self._buf_size:
             self._new_generation(need)
@@ -642,6 +894,7 @@ class Publisher:
         is read into shared memory and validated there, with no private copy
         (at 1M keys a 150 MB copy and its page faults, ~0.1 s of a warm start).
         """
+        self._check_owner()
         need = feed_offset(length) + len(feed) if feed else length
         self._new_generation(need)
         buf = 1 - self._active_buf
@@ -694,6 +947,7 @@ class Publisher:
             time.time_ns(),
             len(feed),
         )
+        RECORD_EXT.pack_into(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size, *self._ext, 0)
         self._store_seq(seq + 1)
         futex.wake(self._seq_addr)
         self._active_buf = buf
@@ -728,10 +982,15 @@ class Publisher:
             unlink = self.unlink_on_close
         self._words[OFF_PID // 8] = 0
         if unlink:
+            # Retired first: a reader re-opens the name instead of staying on this
+            # block, where no writer will publish again (issue 25).
+            self.retire()
             _unlink_quiet(self.shm_name)
             for g in set(self._stale_gens + [self.gen]):
                 if g:
                     _unlink_quiet(data_name(self.name, g))
+            if _same_file(self._lock_fd, lock_path(self.name)):
+                _unlink_path_quiet(lock_path(self.name))  # still holding it: nobody waits on a ghost
         if self._data is not None:
             self._data.close()
             self._data = None
@@ -741,7 +1000,8 @@ class Publisher:
         self._words.release()
         self.ctrl.close()
         self.ctrl = None
-        os.close(self._ctrl_fd)  # closing the fd drops the flock
+        os.close(self._ctrl_fd)
+        os.close(self._lock_fd)  # closing the fd drops the flock
 
     def __enter__(self) -> "Publisher":
         return self
@@ -750,22 +1010,22 @@ class Publisher:
         self.close()
 
 
-def writer_is_running(name: str) -> bool:
-    """True iff some process holds the writer lock of ``name`` (a syscall; not hot).
+def writer_lock_held(name: str) -> Optional[bool]:
+    """Whether a process holds the writer lock of ``name``: True, False, or None (cannot tell).
 
-    A symlink under the name is no writer's (False); a FIFO cannot block the probe.
+    As the writer's uid or root: a shared-lock probe of the lock file (definitive).
+    Otherwise (a reader of another uid cannot open it): the lock is looked up in
+    /proc/locks by the file's device and inode; not found there is definitive only
+    when the writer runs in this PID namespace (the kernel lists only locks of
+    processes this namespace can see), else None. A syscall or two: not hot.
     """
-    shm_name = ctrl_name(name)
+    path = lock_path(name)
     try:
-        fd = trust.open_nofollow(shm_path(shm_name), os.O_RDONLY, what="control segment", remedy="")
-    except FileNotFoundError:
+        fd = trust.open_nofollow(path, os.O_RDONLY, what="writer lock file", remedy="")
+    except (FileNotFoundError, UntrustedSegmentError):
         return False
-    except UntrustedSegmentError:
-        return False
-    except PermissionError as exc:
-        raise SegmentPermissionError(
-            errno.EACCES, f"no permission to read {shm_name}: {os.strerror(exc.errno or errno.EACCES)}"
-        ) from None
+    except PermissionError:
+        return _proc_locks_hold(name, path)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -773,6 +1033,45 @@ def writer_is_running(name: str) -> bool:
     finally:
         os.close(fd)  # drops our shared lock too
     return False
+
+
+def _proc_locks_hold(name: str, path: str) -> Optional[bool]:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        with open("/proc/locks") as f:
+            text = f.read()
+    except OSError:
+        return None
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in text.splitlines():
+        f_ = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 00:19:5678 0 EOF" (blocked waiters have "->")
+        if len(f_) >= 6 and f_[1] == "FLOCK" and f_[3] == "WRITE" and f_[5] == want:
+            return True
+    try:
+        with ControlView(name) as ctrl:
+            ns = ctrl.words[OFF_PIDNS // 8]
+    except Exception:
+        return None
+    return False if ns and ns == pid_namespace() else None
+
+
+def writer_is_running(name: str) -> bool:
+    """True iff a writer holds the lock of ``name`` (:func:`writer_lock_held`; not hot).
+
+    Where this process cannot tell (None), a writer counts as running while the
+    control block shows a pid and a heartbeat younger than five intervals (2 s at least).
+    """
+    held = writer_lock_held(name)
+    if held is not None:
+        return held
+    try:
+        with ControlView(name) as ctrl:
+            w = ctrl.words
+            pid, hb, interval = w[OFF_PID // 8], w[OFF_HEARTBEAT // 8], w[OFF_HB_INTERVAL // 8] / 1e9
+    except Exception:
+        return False
+    return bool(pid and hb) and (time.monotonic_ns() - hb) / 1e9 < max(2.0, 5 * (interval or 0.5))
 
 
 def snapshot_names() -> List[str]:
@@ -802,31 +1101,137 @@ def segment_files(name: str) -> List[Tuple[str, int]]:
 
 
 def unlink_all(name: str) -> int:
-    """Remove the control segment and every data generation of ``name``.
+    """Remove the control segment, every data generation and the lock file of ``name``.
 
-    Refuses while a writer is running. Returns the number of segments removed.
+    Refuses (WriterExistsError) while a writer holds the lock; holds the lock
+    itself meanwhile, so no writer starts half-way. The control segment is
+    retired first (where this process may write it), so readers re-open the name
+    when a writer starts again. Returns the number of segments removed.
     """
-    if writer_is_running(name):
-        path = shm_path(ctrl_name(name))
-        try:
-            st = os.lstat(path)  # only words the message: the refusal stands either way
-        except OSError:
-            st = None
-        if st is not None and st.st_uid not in trust.trusted_writer_uids():
-            # A squatter can flock its own file too: say whose it is rather than
-            # send the user looking for a writer that does not exist.
-            raise WriterExistsError(
-                f"snapshot {name!r}: a process holds the writer lock of {path}, which is "
-                f"{trust.describe(st)}, not a writer this user trusts: stop that process, or if "
-                f"the file is not your writer's, remove it with rm {path}"
-            )
-        raise WriterExistsError(f"snapshot {name!r} has a running writer: stop it before unlinking")
-    removed = 0
-    for shm_name, gen in segment_files(name):
-        if gen:
-            removed += _unlink_quiet(shm_name)
-    removed += _unlink_quiet(ctrl_name(name))
-    return removed
+    path = lock_path(name)
+    try:
+        fd = trust.open_nofollow(path, os.O_RDONLY, what="writer lock file", remedy="")
+    except (FileNotFoundError, UntrustedSegmentError):
+        fd = -1
+    except PermissionError:
+        raise SegmentPermissionError(
+            errno.EACCES, f"snapshot {name!r}: no permission to open its writer lock file {path}"
+        ) from None
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                st = os.fstat(fd)
+                if st.st_uid not in trust.trusted_writer_uids():
+                    # A squatter can lock its own file: say whose it is rather than
+                    # send the user looking for a writer that does not exist.
+                    raise WriterExistsError(
+                        f"snapshot {name!r}: a process holds the writer lock file {path}, which is "
+                        f"{trust.describe(st)}, not a writer this user trusts: stop that process, or if "
+                        f"the file is not your writer's, remove it with rm {path}"
+                    ) from None
+                raise WriterExistsError(
+                    f"snapshot {name!r} has a running writer: stop it before unlinking"
+                ) from None
+        _retire_path(shm_path(ctrl_name(name)))
+        removed = 0
+        for shm_name, gen in segment_files(name):
+            if gen:
+                removed += _unlink_quiet(shm_name)
+        removed += _unlink_quiet(ctrl_name(name))
+        if fd >= 0 and _same_file(fd, path):
+            _unlink_path_quiet(path)
+        return removed
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _retire_path(path: str) -> None:
+    """Retire the control segment at ``path`` if this process may write it (best effort)."""
+    try:
+        fd = trust.open_nofollow(path, os.O_RDWR, what="control segment", remedy="")
+    except (OSError, UntrustedSegmentError):
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < CTRL_SIZE:
+            return
+        mm = mmap.mmap(fd, CTRL_SIZE, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    try:
+        if _CTRL_HEAD.unpack_from(mm, 0)[:2] == (CTRL_MAGIC, LAYOUT_VERSION):
+            with memoryview(mm) as raw, raw.cast("Q") as words:
+                _retire(mm, words, futex.address(mm, OFF_SEQ))
+    finally:
+        mm.close()
+
+
+def _retire(ctrl: Any, words: Any, seq_addr: int) -> None:
+    """Set FLAG_RETIRED and republish the active record (its copy in the other slot).
+
+    seq: S (even) -> S+1 -> S+2. At S+2 the active slot is the other one, which now
+    holds the same record and extension, so readers see the same image (a reader
+    that loaded S reads a buffer rewritten only at S+3: none follows). Caller: the
+    lock holder (a writer, or ``unlink`` holding the lock).
+    """
+    seq = words[OFF_SEQ // 8]
+    words[OFF_FLAGS // 8] |= FLAG_RETIRED
+    if seq < 2:
+        futex.wake(seq_addr)
+        return
+    if seq % 2:  # a writer died mid-publication: the other slot is the incomplete one
+        seq -= 1
+    else:
+        fence()
+        words[OFF_SEQ // 8] = seq + 1
+        fence()
+    cur = (seq >> 1) & 1
+    nxt = 1 - cur
+    ctrl[OFF_RECORDS + nxt * RECORD.size : OFF_RECORDS + (nxt + 1) * RECORD.size] = ctrl[
+        OFF_RECORDS + cur * RECORD.size : OFF_RECORDS + (cur + 1) * RECORD.size
+    ]
+    ext = OFF_RECORD_EXT
+    ctrl[ext + nxt * RECORD_EXT.size : ext + (nxt + 1) * RECORD_EXT.size] = ctrl[
+        ext + cur * RECORD_EXT.size : ext + (cur + 1) * RECORD_EXT.size
+    ]
+    fence()
+    words[OFF_SEQ // 8] = seq + 2
+    fence()
+    futex.wake(seq_addr)
+
+
+def _file_id(st: os.stat_result) -> Tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """True if ``path`` (not followed) names the file open as ``fd``."""
+    try:
+        return _file_id(os.stat(path, follow_symlinks=False)) == _file_id(os.fstat(fd))
+    except OSError:
+        return False
+
+
+def _peek_pid(shm_name: str) -> int:
+    """The PID word of a control segment (0 if unreadable): for error messages only."""
+    try:
+        with open(shm_path(shm_name), "rb") as f:
+            f.seek(OFF_PID)
+            return U64.unpack(f.read(8))[0]
+    except (OSError, struct.error):
+        return 0
+
+
+def _unlink_path_quiet(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 try:

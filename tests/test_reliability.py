@@ -807,7 +807,8 @@ def test_shm_full_keeps_last_snapshot(etcd_server, prefix):
     assert "no room" in res["publisher"] and "last published snapshot stays" in res["publisher"], res
     assert res["publisher_errno"] == 28  # ENOSPC
     assert res["after_full"] == [1, "small", None], res
-    assert res["files_after_full"] == ["shmks.full1", "shmks.full1.1"], res  # no half-made generation
+    # no half-made generation (the lock file is the writer lock, not a segment)
+    assert res["files_after_full"] == [".shmks.full1.lock", "shmks.full1", "shmks.full1.1"], res
     assert res["recovered"] == [3, "small"], res
     assert res["writer_failures"] >= 1, res
     assert res["writer_after_full"] == [True, "small", None, True], res

@@ -353,18 +353,74 @@ def test_squatted_control_segment_the_writer_refuses(mode, etcd_server, prefix, 
         sq.stop()
 
 
+class LockHolder:
+    """A shell of another uid that opens ``paths`` read-only and holds ``flock -x`` on each
+    (as any reader of a 0644 snapshot could), and tries to open ``denied`` (the lock file)."""
+
+    def __init__(self, paths, denied: str, uid_args=NOBODY) -> None:
+        opens = " && ".join(f"exec {3 + i}<{p} && flock -x {3 + i}" for i, p in enumerate(paths))
+        script = (
+            f"{opens} && if (exec 9<{denied}) 2>/dev/null; then echo opened; else echo denied; fi && "
+            "echo ready && exec sleep 600"
+        )
+        self.proc = subprocess.Popen([*uid_args, "sh", "-c", script], stdout=subprocess.PIPE, text=True)
+        self.lock_file = self.proc.stdout.readline().strip()  # type: ignore[union-attr]
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.strip() == "ready", f"lock holder failed to start: {self.lock_file!r} {line!r}"
+
+    def stop(self) -> None:
+        hp.stop(self.proc)
+
+
 @needs_second_uid
-def test_unlink_names_a_squatter_holding_the_lock(shm_name, python_env):
-    """A squatter can flock its own file: `shmkeyspace unlink` still refuses (a lock is a
-    lock), but says whose file it is and that rm removes it, instead of "stop the writer"."""
-    path = _shm(shm_name)
+def test_a_reader_holding_locks_cannot_stop_the_writer(shm_name, python_env):
+    """Issue 21: a reader of another uid that can open the segments (0644) and holds
+    ``flock -x`` on the control and data segments cannot open the writer lock file, and
+    neither a restarted writer nor ``shmkeyspace unlink`` is blocked by its locks."""
+    pub = _publish_small(shm_name, mode=0o644)
+    ctrl = _shm(shm_name)
+    holder = LockHolder([ctrl, ctrl + ".1"], segment.lock_path(shm_name))
+    try:
+        assert holder.lock_file == "denied"
+        st = os.stat(segment.lock_path(shm_name))
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o600)
+        assert segment.writer_is_running(shm_name)
+        pub.close()
+        assert not segment.writer_is_running(shm_name)
+        # A restarted writer takes the name over in place, under the holder's locks.
+        pub = _publish_small(shm_name, mode=0o644)
+        with Reader(shm_name) as r:
+            assert r.get("/s/a").decoded == "secret"
+        pub.close()
+        res = _cli(["unlink", shm_name], python_env)
+        assert res.returncode == 0, res.stderr
+        assert hp.shm_files(shm_name) == []
+        assert not os.path.exists(segment.lock_path(shm_name))
+    finally:
+        holder.stop()
+        pub.close()
+
+
+@needs_second_uid
+def test_a_squatted_lock_file_is_refused_with_its_owner(shm_name, python_env):
+    """Someone else's file at the lock file's path (held locked, as a squatter would):
+    the writer refuses it in one line naming its owner, `unlink` says whose lock it is
+    and that rm removes it; after rm the name is usable again."""
+    path = segment.lock_path(shm_name)
     sq = Squatter(path, "600", lock=True)
     try:
+        with pytest.raises(UntrustedSegmentError) as ei:
+            segment.Publisher(shm_name)
+        assert str(ei.value) == (
+            f"snapshot {shm_name!r}: writer lock file {path} is owned by uid 65534 (nobody), mode 0600, "
+            f"not by uid 0 (root): refusing it; remove it (as root or its owner: rm {path}) "
+            "or choose another --name"
+        )
         line = _error_line(_cli(["unlink", shm_name], python_env))
         assert line == (
-            f"snapshot {shm_name!r}: a process holds the writer lock of {path}, which is owned by uid 65534 "
-            "(nobody), mode 0600, not a writer this user trusts: stop that process, or if the file is not "
-            f"your writer's, remove it with rm {path}"
+            f"snapshot {shm_name!r}: a process holds the writer lock file {path}, which is owned by uid "
+            f"65534 (nobody), mode 0600, not a writer this user trusts: stop that process, or if the file "
+            f"is not your writer's, remove it with rm {path}"
         )
         os.unlink(path)
         pub = _publish_small(shm_name)  # the name is usable again
