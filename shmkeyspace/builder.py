@@ -138,6 +138,13 @@ class ImageBuilder:
         """Every key, in key order: a new list, O(n) (for tests and tools)."""
         return self._k.keys_at(self._order, self.arena, 1)
 
+    def sample_keys(self, k: int) -> List[bytes]:
+        """About ``k`` keys evenly spaced in key order (every ``n // k``-th, from the first). O(k)."""
+        n = len(self)
+        if n == 0 or k <= 0:
+            return []
+        return self._k.keys_at(self._order, self.arena, max(1, n // k))
+
     # -- per-key facts -----------------------------------------------------------
     def mod_revision(self, key: bytes) -> Optional[int]:
         """The mod_revision of ``key``'s entry, or None if absent. O(1): a probe and one entry parse."""

@@ -132,8 +132,8 @@ OFF_FLAGS = 240
 FLAG_RETIRED = 1
 # 248: reserved.
 #: Per publication record slot, 32 B: the etcd cluster id, the identity (an xxh3 of
-#: prefix and decoder name: see :func:`identity`) and the history epoch of the image
-#: that slot names, then a reserved word. Written with the record, under the same
+#: prefix and decoder name: see :func:`identity`), the history epoch and the number of
+#: keys left out (decode failures) of the image that slot names. Written with the record, under the same
 #: seqlock. The epoch is raised when a writer publishes a snapshot that does not
 #: continue the previous one's history (etcd recreated or restored from a backup):
 #: revisions compare only within one epoch, and within one they never decrease.
@@ -176,6 +176,8 @@ class Published(NamedTuple):
     cluster_id: int
     identity: int
     epoch: int
+    #: Keys under the prefix the image leaves out (decode failures), as its writer counted.
+    excluded: int
 
 
 def identity(prefix: bytes, decoder_name: str) -> int:
@@ -552,9 +554,10 @@ class Publisher:
         self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
         # Per buffer: (gen, reuse token) of the image it holds, or None.
         self._held: List[Optional[Tuple[int, Any]]] = [None, None]
-        # What the next publications say of themselves (record extension).
+        # What the next publications say of themselves (record extension): nothing
+        # until set_identity() says, but the epoch continues.
         prev = self.previous
-        self._ext = (prev.cluster_id, prev.identity, prev.epoch) if prev is not None else (0, 0, 0)
+        self._ext = (0, 0, prev.epoch if prev else 0, 0)
         self._words[OFF_FLAGS // 8] = 0
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
@@ -596,11 +599,12 @@ class Publisher:
         ext = RECORD_EXT.unpack_from(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size)
         if not rec[0]:
             return None
-        return Published(*rec, *ext[:3])
+        return Published(*rec, *ext)
 
-    def set_identity(self, cluster_id: int, ident: int, epoch: int) -> None:
-        """What the next publications say of themselves: etcd cluster, :func:`identity`, epoch. O(1)."""
-        self._ext = (cluster_id, ident, epoch)
+    def set_identity(self, cluster_id: int, ident: int, epoch: int, excluded: int = 0) -> None:
+        """What the next publications say of themselves: etcd cluster, :func:`identity`, epoch,
+        keys left out. O(1)."""
+        self._ext = (cluster_id, ident, epoch, excluded)
 
     @property
     def epoch(self) -> int:
@@ -638,7 +642,8 @@ class Publisher:
                 return f"its {what} {path} was replaced by another file ({trust.describe(st)})"
         return ""
 
-    def _check_owner(self) -> None:
+    def check_owner(self) -> None:
+        """Raise WriterLostError, after retiring the block, if :meth:`lost` gives a reason."""
         reason = self.lost()
         if reason:
             self.retire()
@@ -840,7 +845,7 @@ class Publisher:
         (one futex syscall, ~1-4 us even with nobody waiting).
         Raises SegmentFullError (and publishes nothing) when shared memory is full.
         """
-        self._check_owner()
+        self.check_owner()
         need = feed_offset(length) + len(feed) if feed else length
         if self._data is None or need > self._buf_size:
             self._new_generation(need)
@@ -894,7 +899,7 @@ class Publisher:
         is read into shared memory and validated there, with no private copy
         (at 1M keys a 150 MB copy and its page faults, ~0.1 s of a warm start).
         """
-        self._check_owner()
+        self.check_owner()
         need = feed_offset(length) + len(feed) if feed else length
         self._new_generation(need)
         buf = 1 - self._active_buf
@@ -947,7 +952,7 @@ class Publisher:
             time.time_ns(),
             len(feed),
         )
-        RECORD_EXT.pack_into(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size, *self._ext, 0)
+        RECORD_EXT.pack_into(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size, *self._ext)
         self._store_seq(seq + 1)
         futex.wake(self._seq_addr)
         self._active_buf = buf
@@ -981,6 +986,10 @@ class Publisher:
         if unlink is None:
             unlink = self.unlink_on_close
         self._words[OFF_PID // 8] = 0
+        if unlink and self.lost():
+            # Another writer may own what the paths name now: remove nothing.
+            self.retire()
+            unlink = False
         if unlink:
             # Retired first: a reader re-opens the name instead of staying on this
             # block, where no writer will publish again (issue 25).

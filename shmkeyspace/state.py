@@ -11,10 +11,11 @@ Owns the on-disk format of ``DIR/NAME.snap``, both its writing and its reading::
 
 Promises:
 
-* :func:`write` is atomic: a temp file created ``O_EXCL`` in DIR (mode and group
-  as the segments), written, fsynced, renamed over NAME.snap, then DIR fsynced.
-  A crash leaves the old file or the new one, never a mix (at worst a stray
-  ``.NAME.snap.tmp.*`` that :func:`remove_temps` clears).
+* :func:`write` is atomic: the spare file ``.NAME.snap.spare`` (mode and group as
+  the segments) is overwritten in place, fsynced, renamed over NAME.snap (whose
+  old inode becomes the next spare), then DIR fsynced. A crash leaves the old
+  file or the new one, never a mix (at worst a stray ``.NAME.snap.prev`` that
+  :func:`remove_temps` clears); a failed write removes the spare.
 * :func:`read` (and :func:`open_file` + :meth:`Opened.read_image`, which reads
   the image straight into the caller's buffer: the writer's shared memory,
   still invisible to readers) validates completely before returning anything: no symlink
@@ -56,9 +57,13 @@ T = TypeVar("T")
 MAGIC = b"SHMKSTAT"
 FORMAT_VERSION = 1
 # magic, format version, head length (head + strings), cluster id, revision,
-# image length, count, written (wall ns), name/prefix/decoder lengths, reserved.
+# image length, count, written (wall ns), name/prefix/decoder lengths, and the
+# number of keys under the prefix left out of the image (their decode failed;
+# saturated at MAX_EXCLUDED; 0 in files of writers before it was recorded).
 HEAD = struct.Struct("<8sIIQqQQQHHHH")
 SUM_SIZE = 16
+#: The excluded-key count saturates here: "this many or more".
+MAX_EXCLUDED = 0xFFFF
 SUFFIX = ".snap"
 MAX_STRING = 4096
 #: The largest file :func:`read` accepts: one maximal image plus head and strings.
@@ -78,6 +83,9 @@ class StateFile:
     count: int
     written_at: float  # wall-clock seconds
     image: bytes
+    #: Keys under the prefix that etcd held at ``revision`` but the image leaves out
+    #: (decode failures); MAX_EXCLUDED means at least that many.
+    excluded: int = 0
 
     def view(self) -> ImageView:
         """An :class:`ImageView` of the image (validates it again; O(index size))."""
@@ -93,7 +101,14 @@ def _temp_prefix(name: str) -> str:
 
 
 def _pack_head(
-    name: str, prefix: str, decoder: str, cluster_id: int, revision: int, image_len: int, count: int
+    name: str,
+    prefix: str,
+    decoder: str,
+    cluster_id: int,
+    revision: int,
+    image_len: int,
+    count: int,
+    excluded: int = 0,
 ) -> bytes:
     strings = [s.encode("utf-8") for s in (name, prefix, decoder)]
     for what, s in zip(("name", "prefix", "decoder name"), strings):
@@ -110,7 +125,7 @@ def _pack_head(
         count,
         time.time_ns(),
         *(len(s) for s in strings),
-        0,
+        min(excluded, MAX_EXCLUDED),
     )
     return head + b"".join(strings)
 
@@ -162,6 +177,7 @@ def write(
     length: int,
     mode: int = 0o600,
     gid: Optional[int] = None,
+    excluded: int = 0,
 ) -> str:
     """Write ``parts`` (the image, ``length`` bytes) as ``DIR/NAME.snap``, atomically.
 
@@ -170,7 +186,8 @@ def write(
     those are copied out in CHUNK pieces into one reused buffer, each a single
     GIL-held memcpy, so the buffer is never exported while this thread waits
     on the disk and its owner can still resize it. Returns the path. Raises
-    OSError (disk full, permissions); NAME.snap is then unchanged.
+    OSError (disk full, permissions); NAME.snap is then unchanged, and the
+    partly written spare is removed (a full disk keeps no half file).
 
     The file is written into ``.NAME.snap.spare``, overwritten in place, then
     renamed over NAME.snap, whose old inode becomes the next spare (linked as
@@ -184,12 +201,13 @@ def write(
     final = path_for(state_dir, name)
     spare, prev = _spare_paths(state_dir, name)
     fd = _open_spare(spare, final, mode)
+    ok = False
     try:
         if gid is not None:
             os.fchown(fd, -1, gid)
         os.fchmod(fd, mode)  # the umask filtered open's mode, or an old spare had another
         h = xxh3_128()
-        head = _pack_head(name, prefix, decoder, cluster_id, revision, length, count)
+        head = _pack_head(name, prefix, decoder, cluster_id, revision, length, count, excluded)
         written = 0
 
         def out(b: Any) -> None:
@@ -219,8 +237,11 @@ def write(
         os.write(fd, h.digest())
         os.ftruncate(fd, len(head) + length + SUM_SIZE)  # an old spare may have been longer
         os.fsync(fd)
+        ok = True
     finally:
         os.close(fd)
+        if not ok:
+            _unlink_quiet(spare)  # a half-written spare only holds the space a full disk needs
     _unlink_quiet(prev)  # a link left by a crash mid-swap
     try:
         os.link(final, prev)
@@ -442,7 +463,7 @@ def open_file(
         # Every length is bounds-checked against the size fstat gave before
         # anything is allocated.
         head = _read_exact(fd, HEAD.size, p)
-        (magic, version, head_len, cluster_id, revision, image_len, count, written, nl, pl, dl, _) = (
+        (magic, version, head_len, cluster_id, revision, image_len, count, written, nl, pl, dl, excl) = (
             HEAD.unpack(head)
         )
         if magic != MAGIC:
@@ -471,7 +492,7 @@ def open_file(
     except BaseException:
         os.close(fd)
         raise
-    meta = StateFile(p, f_name, f_prefix, f_decoder, cluster_id, revision, count, written / 1e9, b"")
+    meta = StateFile(p, f_name, f_prefix, f_decoder, cluster_id, revision, count, written / 1e9, b"", excl)
     return Opened(fd, meta, head, strings, image_len)
 
 

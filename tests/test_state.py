@@ -208,6 +208,17 @@ def _alarm(signum, frame):
     raise _Timeout()
 
 
+def _publish_before(name: str) -> None:
+    """Publish a 1-key image that no writer continues from (no cluster id or identity
+    in its record): a Writer's restore then has only the state file to go by, instead
+    of taking over an earlier case's image that is still in shared memory."""
+    with segment.Publisher(name) as pub:
+        b0 = ImageBuilder()
+        b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
+        parts, total = b0.parts()
+        pub.publish(parts, total, 1, 1)
+
+
 def _case(d: str, data: bytes, name: str, r: Reader) -> str:
     """Write ``data`` as the state file and load it like a writer: 'ok' or the reason.
 
@@ -224,6 +235,7 @@ def _case(d: str, data: bytes, name: str, r: Reader) -> str:
     assert len(set(verdicts.values())) <= 1, f"the kernels disagree: {got}"
     if got and isinstance(next(iter(got.values())), str):
         reason = next(iter(got.values()))
+    _publish_before(name)
     before = (r.revision, r.get(b"/svc/k00000"))
     w = Writer(name, PREFIX, endpoints="127.0.0.1:1", decoder_name=DECODER, state_dir=d)
     try:
@@ -262,11 +274,7 @@ def test_fuzz_state_files(tmp_path, seed, shm_name):
     head_len = struct.unpack_from("<I", pristine, 12)[0]
     counts = {"refused": 0, "accepted": 0}
     old = signal.signal(signal.SIGALRM, _alarm)
-    with segment.Publisher(shm_name) as pub:  # what readers have before the first case
-        b0 = ImageBuilder()
-        b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
-        parts, total = b0.parts()
-        pub.publish(parts, total, 1, 1)
+    _publish_before(shm_name)  # what readers have before the first case
     r = Reader(shm_name)
     try:
         for i in range(1500):
