@@ -562,8 +562,10 @@ class Publisher:
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
         self._words[OFF_PIDNS // 8] = pid_namespace()
-        # This writer has not heard from etcd yet; a predecessor's contact says nothing.
+        # This writer has not heard from etcd yet, nor said where its data comes
+        # from: a predecessor's contact and source say nothing about it.
         self._words[OFF_CONTACT // 8] = 0
+        self._words[OFF_SOURCE // 8] = SOURCE_UNKNOWN
         self._words[OFF_STALE_AFTER // 8] = 0
         for off in (OFF_PERSISTS, OFF_PERSIST_FAILURES, OFF_PERSIST_NS, OFF_PERSIST_FAIL_NS):
             self._words[off // 8] = 0

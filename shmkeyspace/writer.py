@@ -254,6 +254,9 @@ class Writer:
             self._last_pub = (0, 0, prev.epoch + 1)
         #: Set when the writer lost its name (WriterLostError): run() raises it.
         self._fatal: Optional[BaseException] = None
+        # The resume found etcd's history other than the snapshot's: the full load
+        # that follows starts a new epoch whatever its revision.
+        self._history_reset = False
         self.publisher.set_heartbeat_interval(heartbeat_interval)
         self.publisher.set_stale_after(stale_after)
         self.keyspace.on_contact = self.publisher.set_contact
@@ -504,7 +507,9 @@ class Writer:
         case where readers see the revision decrease, and Health.epoch tells them.
         """
         last_cluster, last_rev, epoch = self._last_pub
-        if last_cluster and (cluster_id != last_cluster or rev < last_rev):
+        if last_cluster and (cluster_id != last_cluster or rev < last_rev or self._history_reset):
+            # (a reset history can even reach the same revision with other keys)
+            self._history_reset = False
             epoch += 1
             log.warning(
                 "%r: the published revision goes from %d (cluster %x) to %d (cluster %x): etcd's "
@@ -953,6 +958,7 @@ class Writer:
             why = "its entries could not be used"
         if why:
             self._close_early()
+            self._history_reset = cluster != sf.cluster_id or rev < sf.revision or bool(differs)
             if self._resumed:
                 log.warning("state file %s discarded: %s; full load from etcd", sf.path, why)
                 state.discard(self.state_dir or "", self.name)
@@ -1007,7 +1013,9 @@ class Writer:
             key, c, m, v = fp
             resp = client.get_response(key, revision=rev)
             kvs = list(resp.kvs)
-            got = (int(kvs[0].create_revision), int(kvs[0].mod_revision), int(kvs[0].version)) if kvs else None
+            got = (
+                (int(kvs[0].create_revision), int(kvs[0].mod_revision), int(kvs[0].version)) if kvs else None
+            )
             if got != (c, m, v):
                 return (
                     f"etcd's history differs from the snapshot's: key {key!r} at revision {rev} is "
@@ -1015,7 +1023,9 @@ class Writer:
                     f"{c}/{m}/{v} in the snapshot (a new cluster with the same id?)"
                 )
             n = int(
-                client.get_range_response(root, prefix_end(root) or b"\0", count_only=True, revision=rev).count
+                client.get_range_response(
+                    root, prefix_end(root) or b"\0", count_only=True, revision=rev
+                ).count
             )
             slack = sf.excluded if sf.excluded < state.MAX_EXCLUDED else n
             if not sf.count <= n <= sf.count + slack:
