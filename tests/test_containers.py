@@ -228,6 +228,12 @@ def _stat(argv_prefix: List[str], name: str, *extra: str) -> subprocess.Complete
     )
 
 
+def _stat_json(argv_prefix: List[str], name: str) -> dict:
+    res = _stat(argv_prefix, name, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 class Fleet:
     """The 'containers' of the test and their logs; :meth:`close` kills every one."""
 
@@ -323,16 +329,14 @@ def _run_fleet(fleet: Fleet, etcd_server, client, prefix, tmp_path, shm_dir):
     # 2. stat inside a reader's namespaces: the writer is in another one, its pid unknown here.
     reader_host = _inner_pid(readers[0])
     nsenter = ["nsenter", f"--target={reader_host}", "--mount", "--pid", "--"]
-    res = _stat(nsenter, name, "--json")
-    assert res.returncode == 0, res.stderr
-    st = json.loads(res.stdout)
+    st = _stat_json(nsenter, name)
     assert st["writer_alive"] and st["writer_pid"] == 1, st
     assert st["writer_pid_namespace"] == "other" and st["writer_pid_here"] is None, st
     res = _stat(nsenter, name)
     assert "alive (pid 1 in another PID namespace" in res.stdout, res.stdout + res.stderr
     # ... and from the host's PID namespace (the writer's is a child of it): the host pid.
     host_view = ["unshare", "--mount", "sh", "-c", MOUNT_SHM, shm_dir]
-    st = json.loads(_stat(host_view, name, "--json").stdout)
+    st = _stat_json(host_view, name)
     assert st["writer_pid_namespace"] == "other" and st["writer_pid_here"] == host_a, (st, host_a)
     res = _stat(host_view, name)
     assert f"alive (pid {host_a} in its own PID namespace, 1 there" in res.stdout, res.stdout + res.stderr
@@ -364,7 +368,7 @@ def _run_fleet(fleet: Fleet, etcd_server, client, prefix, tmp_path, shm_dir):
     s = wait_all("writer B", alive=True, writer_pidns=ns_b, value="v3", big=1400 << 10)
     client.put(f"{prefix}/k", "v4")
     s = wait_all("a put after the restart", value="v4", writer_pidns=ns_b)
-    st = json.loads(_stat(host_view, name, "--json").stdout)
+    st = _stat_json(host_view, name)
     assert st["writer_pid_here"] == host_b and st["source"] == "etcd", (st, host_b)
 
     # 7. Another generation under writer B (twice the bytes), followed too.
