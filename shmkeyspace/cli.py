@@ -701,9 +701,15 @@ def _print_entries(entries: List[Any], args: argparse.Namespace) -> int:
 
 
 def cmd_stat(args: argparse.Namespace) -> int:
+    from . import procns
+
     with _open_reader(args.name) as r:
         h = r.health()
     info: Dict[str, Any] = dict(h._asdict())
+    # writer_pid is the writer's pid in its own PID namespace (1 in a container).
+    where = procns.locate(h.writer_pid, h.writer_pidns)
+    info["writer_pid_here"] = where.here
+    info["writer_pid_namespace"] = where.namespace
     # Which read path this installation uses ("c": compiled; "python": pure Python).
     info["reader_implementation"] = r.implementation
     if args.endpoints:
@@ -721,10 +727,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
         _print_json(info)
         return EXIT_OK
     hb = "never" if h.heartbeat_age is None else f"{h.heartbeat_age:.1f} s ago"
+    pid = procns.describe(h.writer_pid, where)
     writer = (
-        f"alive (pid {h.writer_pid}, heartbeat {hb})"
+        f"alive ({pid}, heartbeat {hb})"
         if h.writer_alive
-        else f"NOT RUNNING (last pid {h.writer_pid or '-'}, heartbeat {hb}); serving the last snapshot"
+        else f"NOT RUNNING (last {pid}, heartbeat {hb}); serving the last snapshot"
     )
     age = time.time() - h.published_at
     published = datetime.datetime.fromtimestamp(h.published_at).isoformat(sep=" ", timespec="seconds")
@@ -768,7 +775,7 @@ _SOURCE_TEXT = {
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import segment
+    from . import procns, segment
 
     rows = []
     for n in segment.snapshot_names():
@@ -777,6 +784,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             with _open_reader(n) as r:
                 h = r.health()
             row.update(revision=h.revision, keys=h.keys, bytes=h.bytes, writer_pid=h.writer_pid)
+            where = procns.locate(h.writer_pid, h.writer_pidns)
+            row.update(writer_pid_here=where.here, writer_pid_namespace=where.namespace)
         except Exception as exc:
             row["error"] = _describe(exc)
         rows.append(row)
