@@ -1115,7 +1115,10 @@ static PyObject *Base_get(Base *self, PyObject *key)
         PyErr_Clear();
         goto retry;
     }
-    if (self->cache_size > 0) {
+    /* Absent keys are not cached: an answer of "absent" is one probe anyway, and a
+       cached one would outlive memory that was wrong under an unchanged seq (the
+       segment fuzz zeroes a table in place, then restores it: seed 1884526357). */
+    if (self->cache_size > 0 && found) {
         if (PyDict_GET_SIZE(cache) >= self->cache_size)
             PyDict_Clear(cache);
         if (PyDict_SetItem(cache, key, e) < 0) {

@@ -50,9 +50,11 @@ class _Notifier:
         self.name = name
         # Our own mapping (the Reader may close its own), trusting the owner the
         # Reader already checked.
+        self._owner_uid = owner_uid
         self._ctrl = segment.ControlView(name, owner_uid)
         self._words = self._ctrl.words
         self._addr = self._ctrl.seq_address()
+        self._left: List[segment.ControlView] = []  # blocks followed away from (kept mapped)
         self._cond = threading.Condition()
         self._subs: List[Tuple[int, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = []
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"shmkeyspace-aio-{name}")
@@ -72,6 +74,20 @@ class _Notifier:
             self._cond.notify()
         return fut
 
+    def _follow(self) -> bool:
+        """True if this block is retired (then every waiter re-checks, each slice: its Reader
+        follows the name); opens the name's new block when there is one."""
+        if not self._ctrl.retired:
+            return False
+        if self._ctrl.moved():
+            try:
+                new = segment.ControlView(self.name, self._owner_uid)
+            except Exception:  # not there yet, or not a writer's: keep polling
+                return True
+            self._left.append(self._ctrl)
+            self._ctrl, self._words, self._addr = new, new.words, new.seq_address()
+        return True
+
     def _run(self) -> None:
         delay = 0.001
         while True:
@@ -79,8 +95,9 @@ class _Notifier:
                 while not self._subs:
                     self._cond.wait()
                 cur = self.seq()
-                ready = [s for s in self._subs if s[0] != cur]
-                self._subs = [s for s in self._subs if s[0] == cur and not s[2].done()]
+                retired = self._follow()
+                ready = [s for s in self._subs if s[0] != cur or retired]
+                self._subs = [s for s in self._subs if s[0] == cur and not retired and not s[2].done()]
             for _, loop, fut in ready:
                 try:
                     loop.call_soon_threadsafe(_resolve, fut)

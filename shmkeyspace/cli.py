@@ -743,7 +743,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
         ("name", h.name),
         ("writer", writer),
         ("etcd contact", f"{contact}  ({'STALE' if h.stale else 'fresh'})"),
-        ("revision", f"{h.revision}  (published snapshot)"),
+        ("revision", f"{h.revision}  (published snapshot; history epoch {h.epoch})"),
         ("source", _SOURCE_TEXT.get(h.source, h.source)),
         ("etcd revision", f"{h.etcd_revision}  (last heard by the writer; lag {h.lag})"),
     ]
@@ -760,6 +760,12 @@ def cmd_stat(args: argparse.Namespace) -> int:
         ("bytes", f"{h.bytes}  ({_human_bytes(h.bytes)}, generation {h.generation})"),
         ("published", f"{published}  ({age:.1f} s ago)"),
         ("publications", str(h.seq // 2)),
+    ]
+    if h.persists or h.persist_failures:
+        rows.append(("state file", _persist_text(h)))
+    if h.retired:
+        rows.append(("segments", "RETIRED: removed by their writer or unlink; no newer writer to follow yet"))
+    rows += [
         ("read path", f"{r.implementation}  (SHMKEYSPACE_PURE_PYTHON=1 forces python)"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -768,8 +774,18 @@ def cmd_stat(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _persist_text(h: Any) -> str:
+    """The state-file row of ``stat``: writes, and failures (the newest first if any)."""
+    last = "-" if h.persist_age is None else f"last {h.persist_age:.1f} s ago"
+    text = f"{h.persists} written ({last})"
+    if h.persist_failures:
+        ago = "" if h.persist_failure_age is None else f", last {h.persist_failure_age:.1f} s ago"
+        text += f"; {h.persist_failures} FAILED{ago} (see the writer's log: disk full? permissions?)"
+    return text
+
+
 _SOURCE_TEXT = {
-    "disk": "disk  (restored from the state file; not yet caught up with etcd)",
+    "disk": "disk  (restored from the state file or the previous writer's memory; not yet caught up with etcd)",
     "etcd": "etcd  (current with etcd)",
 }
 

@@ -148,6 +148,19 @@ class WriterCollector(Collector):
             n,
             max(0, w.full_loads - (0 if w.restored is not None else 1)),
         )
+        yield _counter("shmkeyspace_writer_persists", "State files written (fail static).", n, w.persists)
+        yield _counter(
+            "shmkeyspace_writer_persist_failures",
+            "State files that could not be written (disk full, permissions; retried next interval).",
+            n,
+            w.persist_failures,
+        )
+        yield _gauge(
+            "shmkeyspace_writer_history_epoch",
+            "Raised when a full load follows a reset etcd history (revisions compare within one epoch).",
+            n,
+            w.publisher.epoch,
+        )
         yield _gauge("shmkeyspace_writer_keys", "Keys in the published snapshot.", n, keys)
         yield _gauge("shmkeyspace_writer_bytes", "Bytes of the published snapshot image.", n, nbytes)
 
@@ -215,6 +228,18 @@ class ReaderCollector(Collector):
         )
         yield _gauge("shmkeyspace_reader_lag_revisions", "etcd revision minus published revision.", n, h.lag)
         yield _gauge("shmkeyspace_reader_keys", "Keys in the published snapshot.", n, h.keys)
+        yield _gauge(
+            "shmkeyspace_reader_history_epoch",
+            "History epoch of the snapshot read (a reset etcd history raises it).",
+            n,
+            h.epoch,
+        )
+        yield _gauge(
+            "shmkeyspace_reader_persist_failures",
+            "State files the writer failed to write (fail static).",
+            n,
+            h.persist_failures,
+        )
         yield _gauge("shmkeyspace_reader_bytes", "Bytes of the published snapshot image.", n, h.bytes)
         # Fields other work adds to Health (contact tracking, fail static), when present.
         contact = getattr(h, "etcd_contact_age", None)

@@ -506,7 +506,9 @@ class Reader(_Base):
                 except _READ_ERRORS:
                     return self._get_slow(key)
                 if words[_SEQ] == s1:
-                    e = None if lst is None else _new(Entry, lst)
+                    if lst is None:
+                        return None  # absent keys are not cached (see _speedups.c, Base_get)
+                    e = _new(Entry, lst)
                     if self._cache_size:
                         cache = pub.cache
                         if len(cache) >= self._cache_size:

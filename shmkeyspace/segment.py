@@ -566,6 +566,7 @@ class Publisher:
         # from: a predecessor's contact and source say nothing about it.
         self._words[OFF_CONTACT // 8] = 0
         self._words[OFF_SOURCE // 8] = SOURCE_UNKNOWN
+        self._words[OFF_ETCD_REV // 8] = prev.revision if prev is not None else 0
         self._words[OFF_STALE_AFTER // 8] = 0
         for off in (OFF_PERSISTS, OFF_PERSIST_FAILURES, OFF_PERSIST_NS, OFF_PERSIST_FAIL_NS):
             self._words[off // 8] = 0
@@ -694,9 +695,18 @@ class Publisher:
             pass
 
     def heartbeat(self, etcd_revision: Optional[int] = None) -> None:
+        """Beat (CLOCK_MONOTONIC ns), and raise the newest etcd revision heard of to ``etcd_revision``.
+
+        That word never decreases while this writer runs (two threads beat, one
+        knowing less), and starts at the predecessor's published revision.
+        """
         self._words[OFF_HEARTBEAT // 8] = time.monotonic_ns()
-        if etcd_revision is not None:
+        if etcd_revision is not None and etcd_revision > self._words[OFF_ETCD_REV // 8]:
             self._words[OFF_ETCD_REV // 8] = etcd_revision
+
+    def reset_etcd_revision(self, revision: int) -> None:
+        """Set the newest-etcd-revision word to ``revision``, even lower (a reset etcd history)."""
+        self._words[OFF_ETCD_REV // 8] = revision
 
     def set_heartbeat_interval(self, seconds: float) -> None:
         self._words[OFF_HB_INTERVAL // 8] = int(seconds * 1e9)

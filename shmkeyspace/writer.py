@@ -511,6 +511,8 @@ class Writer:
             # (a reset history can even reach the same revision with other keys)
             self._history_reset = False
             epoch += 1
+            self.publisher.reset_etcd_revision(rev)
+            self.keyspace.etcd_revision = rev
             log.warning(
                 "%r: the published revision goes from %d (cluster %x) to %d (cluster %x): etcd's "
                 "history differs from what was published; history epoch %d (Health.epoch)",

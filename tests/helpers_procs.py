@@ -88,7 +88,7 @@ def spawn(
         env=child_env(kw.pop("env", None)),
         stdout=stdout,
         stderr=stderr,
-        stdin=subprocess.DEVNULL,
+        stdin=kw.pop("stdin", subprocess.DEVNULL),
         text=True,
         **kw,
     )

@@ -51,7 +51,7 @@ n = top = back = 0
 while True:
     h = r.health()
     top = max(top, h.revision)
-    back = max(back, top - h.revision)  # a successor that published an older state file first
+    back = max(back, top - h.revision)  # how far the revision ever went back (issue 25: never)
     e = r.get(prefix + "/k")
     big = r.prefixed(prefix + "/big")
     n += 1
@@ -384,3 +384,6 @@ def _run_fleet(fleet: Fleet, etcd_server, client, prefix, tmp_path, shm_dir):
     wait_all("writer B stopped", alive=False, writer_pid=0, value="v4")
     for r in readers:
         assert r.poll() is None, fleet.output()  # no reader died on the way
+    # Through the SIGKILL and the takeover, no reader saw the revision go back: writer B
+    # took over writer A's newer image instead of publishing its older state file.
+    assert all(r["back"] == 0 for r in seen()), seen()

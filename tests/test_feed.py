@@ -424,7 +424,7 @@ def test_aio_wait_for_revision_and_watch(etcd_server, client, prefix, shm_name):
                 None, lambda: int(client.put(f"{prefix}/a/k1", "1").header.revision)
             )
             assert await asyncio.gather(*waiters) == [True] * 50
-            aio_threads = [t for t in threading.enumerate() if t.name.startswith("shmkeyspace-aio-")]
+            aio_threads = [t for t in threading.enumerate() if t.name == f"shmkeyspace-aio-{shm_name}"]
             assert len(aio_threads) == 1  # one thread for the name, not one per waiter
             # The async iterator: changes under prefix/a/, in order, with their revisions.
             got = []

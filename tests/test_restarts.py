@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import threading
 
 import helpers_procs as hp
@@ -379,3 +380,125 @@ def _writer_pid(name):
         return _health(name).writer_pid
     except Exception:
         return 0
+
+
+# -- the smaller items ------------------------------------------------------------------
+
+FULL_STATE_DIR = r"""
+import json, os, sys, time
+from shmkeyspace import Writer
+endpoint, prefix, name, d = sys.argv[1:5]
+w = Writer(name, prefix, endpoints=endpoint, state_dir=d, persist_interval=0.1)
+w.start()
+deadline = time.monotonic() + 60
+while w.persist_failures < 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("failing", flush=True)
+sys.stdin.readline()  # the parent has looked at stat and Health
+from shmkeyspace.metrics import WriterCollector
+metrics = {m.name: m.samples[0].value for m in WriterCollector(w).collect()}
+files = sorted(os.listdir(d))
+w.stop()
+print(json.dumps({"failures": w.persist_failures, "persists": w.persists, "files": files,
+                  "metric": metrics.get("shmkeyspace_writer_persist_failures")}))
+"""
+
+
+def test_a_full_state_dir_shows_in_stat_and_metrics_and_leaves_no_partial_file(
+    etcd_server, prefix, shm_name, python_env, tmp_path
+):
+    """A state dir on a 64 KiB tmpfs and a 300 KiB snapshot: every write fails. The
+    failures show in ``stat``, Health and the writer's metrics, and no partly written
+    spare file is left behind taking the space."""
+    c = connect(etcd_server.endpoint)
+    try:
+        for i in range(300):
+            c.put(f"{prefix}/k{i:03d}", "x" * 1000)
+    finally:
+        c.close()
+    d = str(tmp_path / "state")
+    os.mkdir(d, 0o700)
+    p = hp.spawn(
+        FULL_STATE_DIR,
+        etcd_server.endpoint,
+        prefix,
+        shm_name,
+        d,
+        prefix=[
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            f'mount -t tmpfs -o size=64k,mode=0700 tmpfs {d} && exec "$0" "$@"',
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        line = p.stdout.readline()  # type: ignore[union-attr]
+        if line.strip() != "failing":
+            err = p.stderr.read()  # type: ignore[union-attr]
+            if "mount" in err and "permission" in err.lower():
+                pytest.skip(f"cannot mount a private tmpfs here: {err.strip()[:200]}")
+            raise AssertionError((line, err[-3000:]))
+        h = _health(shm_name)
+        assert h.persist_failures >= 2 and h.persists == 0 and h.persist_failure_age is not None, h
+        stat = test_cli.cli(["stat", shm_name], python_env)
+        assert stat.returncode == 0, stat.stderr
+        row = [ln for ln in stat.stdout.splitlines() if ln.startswith("state file")]
+        assert row and "FAILED" in row[0] and "0 written" in row[0], stat.stdout
+        p.stdin.write("go\n")  # type: ignore[union-attr]
+        p.stdin.flush()  # type: ignore[union-attr]
+        out, err = p.communicate(timeout=60)
+    finally:
+        hp.stop(p)
+    assert p.returncode == 0, err[-3000:]
+    res = hp.last_json(out)
+    assert res["failures"] >= 2 and res["persists"] == 0 and res["metric"] >= 2, res
+    assert res["files"] == [], res  # no half-written spare (nor anything else) left
+
+
+def test_a_writer_that_cannot_start_leaves_nothing_in_shared_memory(
+    etcd_server, prefix, shm_name, python_env, tmp_path
+):
+    """A state dir that cannot be created: one error line, exit 1, and no control
+    segment (``list`` used to show it as "writer loading?") nor lock file left."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    res = test_cli.cli(
+        [
+            "writer",
+            "--endpoints",
+            etcd_server.endpoint,
+            "--prefix",
+            prefix,
+            "--name",
+            shm_name,
+            "--state-dir",
+            str(blocker / "state"),
+        ],
+        python_env,
+    )
+    assert res.returncode == 1, (res.returncode, res.stderr)
+    assert "state" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert hp.shm_files(shm_name) == []
+    assert not os.path.exists(segment.lock_path(shm_name))
+    listed = test_cli.cli(["list", "--json"], python_env)
+    assert shm_name not in listed.stdout
+
+
+def test_the_systemd_unit_can_write_its_state_dir():
+    """ProtectSystem=strict makes / read-only: the unit must create its state dir
+    (StateDirectory=) and point the writer at it, or Restart=always loops."""
+    path = os.path.join(hp.ROOT, "workers", "shmkeyspace-writer@.service")
+    lines = [ln.strip() for ln in open(path) if ln.strip() and not ln.lstrip().startswith("#")]
+    kv = {}
+    for ln in lines:
+        if "=" in ln:
+            k, v = ln.split("=", 1)
+            kv.setdefault(k, []).append(v)
+    assert kv["ProtectSystem"] == ["strict"]
+    (state_dir,) = kv["StateDirectory"]
+    assert f"SHMKEYSPACE_STATE_DIR=/var/lib/{state_dir}" in kv["Environment"]
+    readme = open(os.path.join(hp.ROOT, "workers", "README.md")).read()
+    assert "not thread-safe" not in readme
+    assert "install -d -m 0755 /etc/shmkeyspace" in readme
