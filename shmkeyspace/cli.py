@@ -196,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and on exit [SHMKEYSPACE_PERSIST_INTERVAL, default 5]",
     )
     w.add_argument(
+        "--watch-silence",
+        type=_non_negative_float,
+        default=_env("WATCH_SILENCE", "1800"),
+        metavar="S",
+        help="re-open a watch stream that delivered nothing, not even a progress notification, for "
+        "this long while etcd answers reads (a dead stream behind a gRPC proxy); 0: no bound. Behind a "
+        "proxy, set it to ~3x etcd's --experimental-watch-progress-notify-interval "
+        "[SHMKEYSPACE_WATCH_SILENCE, default 1800]",
+    )
+    w.add_argument(
         "--stale-after",
         type=_positive_float,
         default=_env("STALE_AFTER", "5"),
@@ -536,6 +546,7 @@ def cmd_writer(args: argparse.Namespace) -> int:
         changes_keep=args.changes_keep,
         changes_bytes=args.changes_bytes,
         stale_after=args.stale_after,
+        watch_silence=args.watch_silence,
     )
     metrics_server = None
     if args.metrics_port:

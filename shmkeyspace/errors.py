@@ -165,6 +165,14 @@ class EtcdContactLostError(ShmKeyspaceError, ConnectionError):
     """
 
 
+class WatchSilentError(EtcdContactLostError):
+    """The watch stream delivered nothing, not even progress notifications, for the
+    writer's ``watch_silence``, while etcd answered reads (a dead stream behind a gRPC
+    proxy: etcd issue 21813). Raised inside the watch loop: the stream is abandoned and
+    opened again (on the next endpoint), like a lost contact.
+    """
+
+
 class WatchCanceledError(ShmKeyspaceError):
     """etcd canceled or ended the watch stream (``reason`` says why, when it did)."""
 

@@ -35,7 +35,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
 
-from .errors import EtcdContactLostError, InvalidPrefixError, KeySpaceError, ShmKeyspaceError, describe
+from .errors import (
+    EtcdContactLostError,
+    InvalidPrefixError,
+    KeySpaceError,
+    ShmKeyspaceError,
+    WatchSilentError,
+    describe,
+)
 from .key_values import KeyValue, KeyValues, prefix_end, to_key
 
 _new_kv = tuple.__new__
@@ -81,6 +88,13 @@ PAGE_BYTES = 32 << 20
 #: Seconds without contact with etcd after which the mirror counts as stale and
 #: the watch abandons its stream (the writer's --stale-after).
 DEFAULT_STALE_AFTER = 5.0
+#: Seconds a watch stream may deliver nothing at all (no event, no progress
+#: notification) before it is abandoned although etcd answers reads: 3 x etcd's
+#: default --experimental-watch-progress-notify-interval (10 min). Direct to etcd
+#: the writer's progress requests are answered every stale_after / 4; behind a gRPC
+#: proxy they are not (etcd issue 19710) and only the server's own notifications
+#: arrive, so lower it together with that interval (e.g. 5 s -> 15 s).
+DEFAULT_WATCH_SILENCE = 1800.0
 #: Pages of more keys than this that time out are halved and retried (see _range_page).
 MIN_TIMEOUT_PAGE = 1000
 
@@ -405,6 +419,7 @@ class KeySpace:
         stale_after: float = DEFAULT_STALE_AFTER,
         reconnect: Optional[Callable[[], Any]] = None,
         first: Optional["_Session"] = None,
+        watch_silence: Optional[float] = None,
     ) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
 
@@ -419,6 +434,14 @@ class KeySpace:
         the stream is abandoned. The stream carries etcd's require-leader
         metadata, so a member that loses its leader cancels it.
 
+        ``watch_silence`` (seconds, None: no bound): a stream that delivers
+        nothing at all for that long, not even a progress notification, is
+        abandoned and opened again even though reads keep the contact fresh: a
+        gRPC proxy can leave a watcher on a broadcast that never delivers again
+        (etcd issue 21813). Departure from plain etcd semantics: a healthy but
+        idle stream behind a proxy with no progress notifications inside the
+        bound is re-opened too (cheap: one Watch call, from the same revision).
+
         After a stream ends for any reason but compaction, ``reconnect()`` (if
         given) returns the client to continue with: the writer's moves on to the
         next endpoint. Without it the same client is used again.
@@ -429,12 +452,18 @@ class KeySpace:
         """
         stop = stop or threading.Event()
         try:
-            self._watch_loop(client, stop, max_backoff, stale_after, reconnect, first)
+            self._watch_loop(client, stop, max_backoff, stale_after, reconnect, first, watch_silence)
         finally:
             if first is not None and not first.closed:
                 first.close()
 
-    def open_watch(self, client: Any, start: int, stale_after: float = DEFAULT_STALE_AFTER) -> "_Session":
+    def open_watch(
+        self,
+        client: Any,
+        start: int,
+        stale_after: float = DEFAULT_STALE_AFTER,
+        watch_silence: Optional[float] = None,
+    ) -> "_Session":
         """Open a watch stream from revision ``start`` now, to hand to :meth:`watch` as ``first``.
 
         Lets a caller that knows where it will resume (a writer restoring a
@@ -443,7 +472,7 @@ class KeySpace:
         start like :meth:`watch` (StartCompactedError); close the result if
         it is not used.
         """
-        session = _Session(self, client, queue.Queue(), stale_after, start)
+        session = _Session(self, client, queue.Queue(), stale_after, start, watch_silence)
         try:
             self._check_start(client, start)
             session.open()
@@ -460,6 +489,7 @@ class KeySpace:
         stale_after: float,
         reconnect: Optional[Callable[[], Any]],
         first: Optional["_Session"],
+        watch_silence: Optional[float] = None,
     ) -> None:
         backoff = 0.05
         move_on = False
@@ -481,7 +511,7 @@ class KeySpace:
                 if early is not None:
                     early.close()
                 q = queue.Queue()
-                session = _Session(self, client, q, stale_after)
+                session = _Session(self, client, q, stale_after, watch_silence=watch_silence)
             try:
                 if session is not early:
                     self._check_start(client)
@@ -634,9 +664,12 @@ class _Session:
         q: "queue.Queue[Any]",
         stale_after: float,
         start: Optional[int] = None,
+        watch_silence: Optional[float] = None,
     ) -> None:
         if not stale_after > 0:
             raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}")
+        #: No delivery at all for this long (ns; 0: no bound) abandons the stream.
+        self.silence_ns = int(watch_silence * 1e9) if watch_silence else 0
         self.ks = ks
         #: The revision the stream starts at (None: the KeySpace's header.revision + 1 when opened).
         self.start = start
@@ -650,6 +683,7 @@ class _Session:
         self.probe_timeout = max(0.2, min(2.0, stale_after / 2))
         self.opened_ns = time.monotonic_ns()
         self.last_tick_ns = self.opened_ns
+        self.delivered_ns = self.opened_ns  # the stream's last response (events or progress)
         self.responses = 0
         self.unanswered = 0  # progress requests sent since the last response
         self.progress = False  # progress requests are sent (and believed answered)
@@ -680,6 +714,7 @@ class _Session:
             return
         if not isinstance(item, BaseException):
             self.responses += 1
+            self.delivered_ns = time.monotonic_ns()
             self.unanswered = 0
             self.ks.note_contact()
         self.q.put(item)
@@ -691,6 +726,12 @@ class _Session:
         if now - since > self.stale_ns:
             return EtcdContactLostError(
                 f"no contact with etcd for {(now - since) / 1e9:.1f}s (stale_after {self.stale_after:g}s)"
+            )
+        if self.silence_ns and now - self.delivered_ns > self.silence_ns:
+            return WatchSilentError(
+                f"the watch stream delivered nothing, not even a progress notification, for "
+                f"{(now - self.delivered_ns) / 1e9:.1f}s (watch_silence {self.silence_ns / 1e9:g}s) while "
+                "etcd answered reads: a dead stream behind a gRPC proxy (etcd issue 21813)?"
             )
         if now - since < self.tick_ns or now - self.last_tick_ns < self.tick_ns:
             return None

@@ -70,7 +70,7 @@ from .errors import (
 )
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue, prefix_end
-from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, Header, KeySpace
+from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, DEFAULT_WATCH_SILENCE, Header, KeySpace
 from .snapshot import MAX_IMAGE, ImageView, pack_entry
 
 if TYPE_CHECKING:
@@ -212,11 +212,19 @@ class Writer:
         changes_keep: int = DEFAULT_KEEP,
         changes_bytes: int = DEFAULT_BYTES,
         stale_after: float = DEFAULT_STALE_AFTER,
+        watch_silence: Optional[float] = DEFAULT_WATCH_SILENCE,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
         if not stale_after > 0:
             raise InvalidSettingError(f"stale_after must be > 0 seconds, got {stale_after!r}")
+        if watch_silence is not None and not watch_silence >= 0:
+            raise InvalidSettingError(
+                f"watch_silence must be >= 0 seconds (0: no bound), got {watch_silence!r}"
+            )
+        #: A watch stream silent this long (no event, no progress notification) is
+        #: re-opened although reads succeed (KeySpace.watch); None or 0: no bound.
+        self.watch_silence = watch_silence or None
         self._max_image = max_image_bytes
         # validates prefix before any side effect
         self.keyspace = KeySpace(prefix, self._decode, store=lambda: _PackedLoader(self._max_image))
@@ -882,7 +890,7 @@ class Writer:
         if sf is None or cluster != sf.cluster_id or rev < sf.revision:
             return
         try:
-            early = self.keyspace.open_watch(client, sf.revision + 1, self.stale_after)
+            early = self.keyspace.open_watch(client, sf.revision + 1, self.stale_after, self.watch_silence)
         except Exception as exc:  # compacted, or etcd went away: the watch proper finds out
             log.debug("no early watch of %r from revision %d: %s", self.name, sf.revision + 1, exc)
             return
@@ -939,9 +947,11 @@ class Writer:
         sf = self.restored
         assert sf is not None
         differs = ""
+        t_check = time.monotonic()
         if cluster == sf.cluster_id and rev >= sf.revision and self._resumed:
             while True:
                 try:
+                    t_check = time.monotonic()
                     differs = self._history_differs(self.connect())
                     break
                 except Exception as exc:
@@ -967,6 +977,7 @@ class Writer:
             self._persisted = (0, 0)  # the next file may have a lower revision (another history)
             self.load()
             return
+        check_s = time.monotonic() - t_check
         with self.keyspace.lock:
             self._catchup = (rev, -1, -1)  # -1: the key count and greatest mod_revision are not known yet
             self._check_caught_up()
@@ -974,10 +985,12 @@ class Writer:
             t = threading.Thread(target=self._find_top, args=(rev,), daemon=True, name="shmkeyspace-top")
             t.start()
         log.info(
-            "resuming %r from the state file's revision %d (etcd at %d): no full load",
+            "resuming %r from the %s's revision %d (etcd at %d; history checked in %.3f s): no full load",
             self.keyspace.root,
+            "previous writer's image" if self._from_shm else "state file",
             sf.revision,
             rev,
+            check_s,
         )
         self.loaded.set()
 
@@ -1313,6 +1326,7 @@ class Writer:
                     stale_after=self.stale_after,
                     reconnect=self._reconnect if self._failover is not None else None,
                     first=early,
+                    watch_silence=self.watch_silence,
                 )
             if self._fatal is not None:
                 raise self._fatal

@@ -483,3 +483,57 @@ def test_tls_and_auth_through_the_proxy(tmp_path, prefix, shm_name):
                     other.start()
             finally:
                 other.stop()
+
+
+def test_a_silent_stream_behind_the_proxy_is_reopened(tmp_path, prefix, shm_name, caplog):
+    """Issue 21: behind a proxy, contact is proven by reads, so a watch stream that
+    delivers nothing (etcd issue 21813: a watcher left on a broadcast that never
+    delivers again) would keep a frozen writer "fresh". With ``watch_silence`` the
+    writer abandons a stream that delivered nothing, not even a progress notification,
+    for that long, and opens it again; reads kept the contact fresh meanwhile.
+
+    Two phases through a real ``etcd grpc-proxy``: with etcd sending progress
+    notifications every 0.3 s (``--experimental-watch-progress-notify-interval``),
+    which the proxy forwards, an idle stream is never abandoned; once they stop
+    (etcd restarted without them, so the proxy's upstream watch has none), the same
+    idle stream is silent and is re-opened, and the writer still applies the next put.
+    """
+    import logging
+
+    notify = ["--experimental-watch-progress-notify-interval=300ms"]
+    with EtcdServer(extra_args=notify) as srv, EtcdGrpcProxy(srv.endpoint) as px:
+        c = connect(srv.endpoint)
+        try:
+            c.put(f"{prefix}/a", json.dumps(1))
+            caplog.set_level(logging.INFO, logger="shmkeyspace")
+            w = Writer(shm_name, prefix, endpoints=px.endpoint, stale_after=30.0, watch_silence=1.5)
+            w.start()
+            try:
+                # Phase 1: 4 s idle (more than twice the bound), notifications flowing.
+                hp.wait_until(lambda: False, 4.0, interval=0.2)
+                assert "delivered nothing" not in caplog.text, caplog.text
+                c.put(f"{prefix}/b", json.dumps(2))
+                rev = int(c.get_response(b"\0probe").header.revision)
+                with Reader(shm_name) as r:
+                    assert r.wait_for_revision(rev, 30)
+                # Phase 2: no progress notifications any more; the stream goes quiet.
+                c.close()
+                srv.extra_args = []
+                srv.kill()
+                srv.start()
+                c = connect(srv.endpoint)
+                assert hp.wait_until(lambda: caplog.text.count("delivered nothing") >= 2, 60), caplog.text
+                assert "abandoning the stream" in caplog.text
+                with Reader(shm_name) as r:
+                    h = r.health()
+                    assert h.writer_alive and not h.stale, h  # reads kept the contact fresh
+                c.put(f"{prefix}/c", json.dumps(3))
+                rev = int(c.get_response(b"\0probe").header.revision)
+                with Reader(shm_name) as r:
+                    assert r.wait_for_revision(rev, 30)
+                    assert r.get(f"{prefix}/c").decoded == b"3"  # the raw decoder
+                assert w.error is None
+            finally:
+                w.stop()
+        finally:
+            c.close()
