@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         "and on exit [SHMKEYSPACE_PERSIST_INTERVAL, default 5]",
     )
     w.add_argument(
+        "--view-grace",
+        type=_non_negative_float,
+        default=_env("VIEW_GRACE", "0.2"),
+        metavar="S",
+        help="every snapshot view (Reader.snapshot()) stays valid at least this long; under sustained "
+        "churn publications are spaced by it (0: as fast as possible) [SHMKEYSPACE_VIEW_GRACE, default 0.2]",
+    )
+    w.add_argument(
         "--watch-silence",
         type=_non_negative_float,
         default=_env("WATCH_SILENCE", "1800"),
@@ -547,6 +555,7 @@ def cmd_writer(args: argparse.Namespace) -> int:
         changes_bytes=args.changes_bytes,
         stale_after=args.stale_after,
         watch_silence=args.watch_silence,
+        view_grace=args.view_grace,
     )
     metrics_server = None
     if args.metrics_port:

@@ -587,8 +587,10 @@ class Reader(_Base):
         """A view of one publication for several queries (a context manager).
 
         Queries on the view raise SnapshotExpiredError once the writer has recycled
-        its buffer (two publications later); ``copy=True`` takes a private copy of
-        the image instead, which never expires. Both raise ReaderClosedError once
+        its buffer (two publications later), which a Writer never does sooner than
+        its ``view_grace`` (default 0.2 s) after the view was opened: a view is
+        guaranteed that long, however busy the host. ``copy=True`` takes a private
+        copy of the image instead, which never expires. Both raise ReaderClosedError once
         the Reader is closed.
         """
         for _ in range(_MAX_RETRIES):
@@ -821,9 +823,11 @@ class SnapshotView:
                 f"snapshot view of {self._reader.name!r} at revision {self.revision}: its Reader is closed"
             )
         if self._private is None and self._reader._moved(self._seq, self._words):
+            grace = self._words[segment.OFF_VIEW_GRACE // 8] / 1e9
             raise SnapshotExpiredError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
-                "reused its buffer; keep views short or use snapshot(copy=True)"
+                f"reused its buffer (views are guaranteed {grace:g} s, the writer's --view-grace); keep "
+                "views shorter or use snapshot(copy=True)"
             )
         return out
 

@@ -130,7 +130,10 @@ OFF_FLAGS = 240
 #: This control segment no longer belongs to the name: its writer stopped after it was
 #: removed or replaced, or ``unlink`` removed it. Readers re-open the name.
 FLAG_RETIRED = 1
-# 248: reserved.
+#: The writer's view grace, ns (0: none, or an older writer): a buffer is not
+#: rewritten until this long after it stopped being the published one, so a
+#: snapshot view stays valid at least this long after it was opened.
+OFF_VIEW_GRACE = 248
 #: Per publication record slot, 32 B: the etcd cluster id, the identity (an xxh3 of
 #: prefix and decoder name: see :func:`identity`), the history epoch and the number of
 #: keys left out (decode failures) of the image that slot names. Written with the record, under the same
@@ -432,8 +435,14 @@ class Publisher:
         gid: Optional[int] = None,
         unlink_on_close: bool = False,
         uid: Union[int, str, None] = None,
+        view_grace: float = 0.0,
     ) -> None:
         self.name = validate_name(name)
+        if not view_grace >= 0:
+            raise InvalidSettingError(f"view_grace must be >= 0 seconds, got {view_grace!r}")
+        #: Seconds a buffer rests after it stopped being the published one before it
+        #: is written again (see :meth:`publish`).
+        self.view_grace = view_grace
         #: What :meth:`close` (and leaving a ``with`` block) does when not told: remove the segments?
         self.unlink_on_close = unlink_on_close
         self.mode = trust.check_mode(mode)
@@ -554,6 +563,11 @@ class Publisher:
         self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
         # Per buffer: (gen, reuse token) of the image it holds, or None.
         self._held: List[Optional[Tuple[int, Any]]] = [None, None]
+        # Per buffer: monotonic ns when it stopped being the published one (0: never was).
+        self._retired_ns = [0, 0]
+        #: Seconds publications waited for a view grace to run out, and how often.
+        self.grace_waits = 0
+        self.grace_wait_seconds = 0.0
         # What the next publications say of themselves (record extension): nothing
         # until set_identity() says, but the epoch continues.
         prev = self.previous
@@ -562,6 +576,7 @@ class Publisher:
         self._words[OFF_PID // 8] = os.getpid()
         self._words[OFF_STARTED // 8] = time.time_ns()
         self._words[OFF_PIDNS // 8] = pid_namespace()
+        self._words[OFF_VIEW_GRACE // 8] = int(self.view_grace * 1e9)
         # This writer has not heard from etcd yet, nor said where its data comes
         # from: a predecessor's contact and source say nothing about it.
         self._words[OFF_CONTACT // 8] = 0
@@ -786,6 +801,7 @@ class Publisher:
         self._reserved = [_round_up(need, PAGE), 0]
         self._written = [None, None]
         self._held = [None, None]
+        self._retired_ns = [0, 0]  # no reader has seen either buffer of this generation
         self._active_buf = 1
         if old_fd >= 0:
             os.close(old_fd)
@@ -865,6 +881,7 @@ class Publisher:
         off = PAGE + buf * self._buf_size
         if need > self._reserved[buf]:
             self._reserve(buf, need)  # before the odd seq: a failure publishes nothing and changes nothing
+        self._rest(buf)
         seq = self.seq
         if seq % 2 == 0:
             seq += 1
@@ -891,6 +908,26 @@ class Publisher:
         if reuse is not None:
             self._held[buf] = (self.gen, reuse[0])
         self._commit(buf, off, seq, length, revision, count, feed)
+
+    def _rest(self, buf: int) -> None:
+        """Wait until buffer ``buf`` has rested :attr:`view_grace` since it was retired.
+
+        A SnapshotView (and a long query) reads the published buffer until the
+        writer starts rewriting it, one publication after the next; with the
+        grace that is never sooner than ``view_grace`` after the view's buffer
+        stopped being the published one, so every view lives at least that long.
+        Cost: none while publications are further apart than the grace; under
+        sustained churn publications are spaced by at least the grace (each then
+        carries a bigger batch), i.e. up to ``view_grace`` more latency. No
+        memory: still two buffers.
+        """
+        if not self.view_grace or not self._retired_ns[buf]:
+            return
+        wait = self._retired_ns[buf] / 1e9 + self.view_grace - time.monotonic()
+        if wait > 0:
+            self.grace_waits += 1
+            self.grace_wait_seconds += wait
+            time.sleep(wait)
 
     def publish_from(
         self,
@@ -967,6 +1004,8 @@ class Publisher:
         RECORD_EXT.pack_into(self.ctrl, OFF_RECORD_EXT + slot * RECORD_EXT.size, *self._ext)
         self._store_seq(seq + 1)
         futex.wake(self._seq_addr)
+        if self._published_gen == self.gen:
+            self._retired_ns[1 - buf] = time.monotonic_ns()  # the buffer readers leave now
         self._active_buf = buf
         self._last_length = length
         self._published_gen = self.gen

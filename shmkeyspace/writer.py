@@ -81,6 +81,11 @@ if TYPE_CHECKING:
 
 #: Default seconds between two writes of the state file (``--persist-interval``).
 DEFAULT_PERSIST_INTERVAL = 5.0
+#: Default ``view_grace`` (``--view-grace``): every snapshot view stays valid at
+#: least this long. A buffer readers left is rewritten only this long after, so
+#: under sustained churn publications are spaced by it (at most this much more
+#: latency, measured in bench/view_grace.py); idle or slow changes pay nothing.
+DEFAULT_VIEW_GRACE = 0.2
 
 log = logging.getLogger(__name__)
 _MISSING = object()
@@ -213,6 +218,7 @@ class Writer:
         changes_bytes: int = DEFAULT_BYTES,
         stale_after: float = DEFAULT_STALE_AFTER,
         watch_silence: Optional[float] = DEFAULT_WATCH_SILENCE,
+        view_grace: float = DEFAULT_VIEW_GRACE,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
@@ -245,7 +251,7 @@ class Writer:
         self.decoder_name = decoder_name or _callable_name(decoder)
         # Checked before any segment exists: a writer that cannot start leaves nothing behind.
         self.state_dir = state.prepare_dir(state_dir) if state_dir else None
-        self.publisher = segment.Publisher(name, mode=mode, gid=gid)
+        self.publisher = segment.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
         #: What the published images are a mirror of (segment.identity): a restarted
         #: writer takes its predecessor's image over only when this matches.
         self.identity = segment.identity(self.keyspace.root_key, self.decoder_name)
