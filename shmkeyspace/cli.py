@@ -198,10 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--view-grace",
         type=_non_negative_float,
-        default=_env("VIEW_GRACE", "0.2"),
+        default=_env("VIEW_GRACE", "0.1"),
         metavar="S",
         help="every snapshot view (Reader.snapshot()) stays valid at least this long; under sustained "
-        "churn publications are spaced by it (0: as fast as possible) [SHMKEYSPACE_VIEW_GRACE, default 0.2]",
+        "churn publications are spaced by it (0: as fast as possible) [SHMKEYSPACE_VIEW_GRACE, default 0.1]",
     )
     w.add_argument(
         "--watch-silence",

@@ -474,11 +474,15 @@ class Reader(_Base):
             segment.fence()
         return (self._words if words is None else words)[_SEQ] != s1
 
-    def _moved(self, s1: int, words: Any = None) -> bool:
-        """True if the buffer read under ``s1`` may have been overwritten since."""
+    def _moved(self, s1: int, words: Any = None, lives: int = 2) -> bool:
+        """True if the buffer read under ``s1`` may have been overwritten since.
+
+        ``lives``: seq moves the buffer survives, ``2 * (buffers - 1)``; queries use
+        2, which holds for any number of buffers (views use their segment's count).
+        """
         if self._fence:
             segment.fence()
-        return (self._words if words is None else words)[_SEQ] - (s1 & ~1) > 2
+        return (self._words if words is None else words)[_SEQ] - (s1 & ~1) > lives
 
     # -- queries ---------------------------------------------------------------------
     def _py_get(self, key: Key) -> Optional[Entry]:
@@ -588,7 +592,7 @@ class Reader(_Base):
 
         Queries on the view raise SnapshotExpiredError once the writer has recycled
         its buffer (two publications later), which a Writer never does sooner than
-        its ``view_grace`` (default 0.2 s) after the view was opened: a view is
+        its ``view_grace`` (default 0.1 s) after the view was opened: a view is
         guaranteed that long, however busy the host. ``copy=True`` takes a private
         copy of the image instead, which never expires. Both raise ReaderClosedError once
         the Reader is closed.
@@ -596,12 +600,12 @@ class Reader(_Base):
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
             if not copy:
-                return SnapshotView(self, s1, pub.ctrl.words, pub.view, pub.kern, None)
+                return SnapshotView(self, s1, pub.ctrl.words, pub.data.buffers, pub.view, pub.kern, None)
             img = self._copy_image(s1, pub)
             if img is None:
                 continue
             view = ImageView(memoryview(img), 0, len(img))
-            return SnapshotView(self, s1, pub.ctrl.words, view, self._impl.kernel(view), img)
+            return SnapshotView(self, s1, pub.ctrl.words, 2, view, self._impl.kernel(view), img)
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
 
     def _copy_image(self, s1: int, pub: _Pub) -> Optional[bytes]:
@@ -806,11 +810,21 @@ class SnapshotView:
     """One publication, for several consistent queries. See :meth:`Reader.snapshot`."""
 
     def __init__(
-        self, reader: Reader, seq: int, words: Any, view: ImageView, kern: Any, private: Optional[bytes]
+        self,
+        reader: Reader,
+        seq: int,
+        words: Any,
+        buffers: int,
+        view: ImageView,
+        kern: Any,
+        private: Optional[bytes],
     ) -> None:
         self._reader = reader
         self._seq = seq
         self._words = words  # the seq words of the block this view's publication is in
+        # The writer rotates through ``buffers`` buffers: this view's is rewritten by the
+        # publication ``buffers`` after its own, whose odd seq store is seq + 2 * buffers - 1.
+        self._lives = 2 * (buffers - 1)
         self._view = view
         self._kern = kern
         self._impl = reader._impl
@@ -822,7 +836,7 @@ class SnapshotView:
             raise ReaderClosedError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision}: its Reader is closed"
             )
-        if self._private is None and self._reader._moved(self._seq, self._words):
+        if self._private is None and self._reader._moved(self._seq, self._words, self._lives):
             grace = self._words[segment.OFF_VIEW_GRACE // 8] / 1e9
             raise SnapshotExpiredError(
                 f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "

@@ -156,7 +156,13 @@ SEQ_WORD = OFF_SEQ // 8
 RECORD = struct.Struct("<QQQQqQQQ")
 U64 = struct.Struct("<Q")
 
-_DATA_HEAD = struct.Struct("<8sIIQQQQ")  # magic, version, reserved, gen, seg_size, buf_size, buf0_off
+# magic, version, buffers (0: 2, from writers before it was recorded), gen, seg_size,
+# buf_size, buf0_off.
+_DATA_HEAD = struct.Struct("<8sIIQQQQ")
+#: Buffers per data segment: 2, or 3 with a view grace (see Publisher._rest). The
+#: writer fills them in strict rotation, so the buffer of one publication is next
+#: written by the publication ``buffers`` later; a snapshot view relies on that.
+MAX_BUFFERS = 8
 
 #: True where plain loads and stores may be reordered (anything but x86).
 NEEDS_FENCE = platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86")
@@ -397,10 +403,16 @@ class DataView:
         if self.size < expect_size or self.size < _DATA_HEAD.size:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is {self.size} bytes, record says {expect_size}")
-        magic, version, _, g, _, _, _ = _DATA_HEAD.unpack_from(self.mm, 0)
+        magic, version, nbuf, g, _, buf_size, buf0 = _DATA_HEAD.unpack_from(self.mm, 0)
         if magic != DATA_MAGIC or version != LAYOUT_VERSION or g != gen:
             self.mm.close()
             raise CorruptSegmentError(f"{self.shm_name} is not generation {gen} of a shmkeyspace snapshot")
+        #: Buffers the writer rotates through (see MAX_BUFFERS): a view's buffer is
+        #: rewritten ``buffers`` publications after the one it reads.
+        self.buffers = nbuf or 2
+        if not 2 <= self.buffers <= MAX_BUFFERS or buf0 + self.buffers * buf_size > self.size:
+            self.mm.close()
+            raise CorruptSegmentError(f"{self.shm_name}: {nbuf} buffers of {buf_size} bytes do not fit it")
         self.buf: Any = memoryview(self.mm)
 
     def close(self) -> None:
@@ -443,6 +455,10 @@ class Publisher:
         #: Seconds a buffer rests after it stopped being the published one before it
         #: is written again (see :meth:`publish`).
         self.view_grace = view_grace
+        #: Buffers per data segment: a third one with a grace, so that back-to-back
+        #: publications wait for it only when two come within the grace (measured in
+        #: bench/scenarios/visibility.py).
+        self.buffers = 3 if view_grace else 2
         #: What :meth:`close` (and leaving a ``with`` block) does when not told: remove the segments?
         self.unlink_on_close = unlink_on_close
         self.mode = trust.check_mode(mode)
@@ -555,16 +571,17 @@ class Publisher:
         self._data_fd = -1  # kept open to reserve buffer 1 when it is first written (_reserve)
         self._last_length = 0  # of the last image published
         self._published_gen = 0  # the generation of the last publication
-        self._reserved = [0, 0]  # bytes of each buffer reserved (from its start)
+        nb = self.buffers
+        self._reserved = [0] * nb  # bytes of each buffer reserved (from its start)
         self._data_size = 0
         self._buf_size = 0
-        self._active_buf = 1  # so the first publication goes to buffer 0
+        self._active_buf = nb - 1  # so the first publication goes to buffer 0
         # Per buffer: (gen, token, start, end) of the stable span it holds, or None.
-        self._written: List[Optional[Tuple[Any, int, int, int]]] = [None, None]
+        self._written: List[Optional[Tuple[Any, int, int, int]]] = [None] * nb
         # Per buffer: (gen, reuse token) of the image it holds, or None.
-        self._held: List[Optional[Tuple[int, Any]]] = [None, None]
+        self._held: List[Optional[Tuple[int, Any]]] = [None] * nb
         # Per buffer: monotonic ns when it stopped being the published one (0: never was).
-        self._retired_ns = [0, 0]
+        self._retired_ns = [0] * nb
         #: Seconds publications waited for a view grace to run out, and how often.
         self.grace_waits = 0
         self.grace_wait_seconds = 0.0
@@ -759,7 +776,7 @@ class Publisher:
     # -- data segments ----------------------------------------------------------
     def _new_generation(self, need: int) -> None:
         buf_size = max(1 << 20, _round_up(need * 2, PAGE))
-        seg_size = PAGE + 2 * buf_size
+        seg_size = PAGE + self.buffers * buf_size
         gen = self.gen + 1
         shm_name = data_name(self.name, gen)
         # A leftover (a crashed writer's, or anyone's) is unlinked and the name
@@ -794,15 +811,16 @@ class Publisher:
         except BaseException:
             os.close(fd)
             raise
-        _DATA_HEAD.pack_into(mm, 0, DATA_MAGIC, LAYOUT_VERSION, 0, gen, seg_size, buf_size, PAGE)
+        nb = self.buffers
+        _DATA_HEAD.pack_into(mm, 0, DATA_MAGIC, LAYOUT_VERSION, nb, gen, seg_size, buf_size, PAGE)
         old, old_fd = self._data, self._data_fd
         self._data, self._data_size, self._buf_size, self.gen = mm, seg_size, buf_size, gen
         self._data_fd = fd
-        self._reserved = [_round_up(need, PAGE), 0]
-        self._written = [None, None]
-        self._held = [None, None]
-        self._retired_ns = [0, 0]  # no reader has seen either buffer of this generation
-        self._active_buf = 1
+        self._reserved = [_round_up(need, PAGE)] + [0] * (nb - 1)
+        self._written = [None] * nb
+        self._held = [None] * nb
+        self._retired_ns = [0] * nb  # no reader has seen any buffer of this generation
+        self._active_buf = nb - 1
         if old_fd >= 0:
             os.close(old_fd)
         if old is not None:
@@ -820,7 +838,7 @@ class Publisher:
         released. Raises SegmentFullError. Not thread-safe, like
         :meth:`publish`: callers serialize the two.
         """
-        buf = 1 - self._active_buf
+        buf = self._next_buf()
         if self._data is None:
             return
         n = self._last_length + (self._last_length >> 3)
@@ -877,7 +895,7 @@ class Publisher:
         need = feed_offset(length) + len(feed) if feed else length
         if self._data is None or need > self._buf_size:
             self._new_generation(need)
-        buf = 1 - self._active_buf
+        buf = self._next_buf()
         off = PAGE + buf * self._buf_size
         if need > self._reserved[buf]:
             self._reserve(buf, need)  # before the odd seq: a failure publishes nothing and changes nothing
@@ -909,17 +927,22 @@ class Publisher:
             self._held[buf] = (self.gen, reuse[0])
         self._commit(buf, off, seq, length, revision, count, feed)
 
+    def _next_buf(self) -> int:
+        """The buffer the next publication writes: the next in strict rotation, which is
+        the one readers left longest ago (views count on the rotation: DataView.buffers)."""
+        return (self._active_buf + 1) % self.buffers
+
     def _rest(self, buf: int) -> None:
         """Wait until buffer ``buf`` has rested :attr:`view_grace` since it was retired.
 
-        A SnapshotView (and a long query) reads the published buffer until the
-        writer starts rewriting it, one publication after the next; with the
-        grace that is never sooner than ``view_grace`` after the view's buffer
-        stopped being the published one, so every view lives at least that long.
-        Cost: none while publications are further apart than the grace; under
-        sustained churn publications are spaced by at least the grace (each then
-        carries a bigger batch), i.e. up to ``view_grace`` more latency. No
-        memory: still two buffers.
+        A SnapshotView reads the published buffer until the writer starts
+        rewriting it, :attr:`buffers` publications later; with the grace that is
+        never sooner than ``view_grace`` after the view's buffer stopped being the
+        published one, so every view lives at least that long. With the third
+        buffer a publication waits only when two publications came within the
+        grace: back-to-back updates are then spaced by half the grace (measured:
+        bench/scenarios/visibility.py). Memory: one more buffer (lazily reserved,
+        as far as used: about one more image in /dev/shm).
         """
         if not self.view_grace or not self._retired_ns[buf]:
             return
@@ -951,7 +974,7 @@ class Publisher:
         self.check_owner()
         need = feed_offset(length) + len(feed) if feed else length
         self._new_generation(need)
-        buf = 1 - self._active_buf
+        buf = self._next_buf()
         off = PAGE + buf * self._buf_size
         self._written[buf] = self._held[buf] = None
         assert self._data is not None
@@ -1005,7 +1028,7 @@ class Publisher:
         self._store_seq(seq + 1)
         futex.wake(self._seq_addr)
         if self._published_gen == self.gen:
-            self._retired_ns[1 - buf] = time.monotonic_ns()  # the buffer readers leave now
+            self._retired_ns[self._active_buf] = time.monotonic_ns()  # the buffer readers leave now
         self._active_buf = buf
         self._last_length = length
         self._published_gen = self.gen

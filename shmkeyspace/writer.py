@@ -85,7 +85,7 @@ DEFAULT_PERSIST_INTERVAL = 5.0
 #: least this long. A buffer readers left is rewritten only this long after, so
 #: under sustained churn publications are spaced by it (at most this much more
 #: latency, measured in bench/view_grace.py); idle or slow changes pay nothing.
-DEFAULT_VIEW_GRACE = 0.2
+DEFAULT_VIEW_GRACE = 0.1
 
 log = logging.getLogger(__name__)
 _MISSING = object()

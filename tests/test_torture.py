@@ -29,14 +29,18 @@ def _paths():
 
 
 @pytest.mark.parametrize(
-    "impl,fenced", _paths(), ids=lambda v: {False: "x86-path", True: "fenced-path"}.get(v, v)
+    "impl,fenced,grace",
+    [pytest.param(i, f, 0.0, id=f"{i}-{'fenced' if f else 'x86'}-path") for i, f in _paths()]
+    + [pytest.param("python", False, 0.002, id="python-x86-path-3-buffers")],
 )
-def test_no_torn_reads_under_continuous_publication(shm_name, impl, fenced):
+def test_no_torn_reads_under_continuous_publication(shm_name, impl, fenced, grace):
+    """``grace`` > 0: three buffers in rotation (a Writer's default), where snapshot
+    views count on the rotation to live longer (2 * (buffers - 1) seq moves)."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     last = ctx.Value("q", 0)
     seconds = float(hp.scaled(6, 120, "SHMKEYSPACE_SOAK_TORTURE_SECONDS"))
-    writer = ctx.Process(target=torture.publish_forever, args=(shm_name, 48, seconds + 4, 1, last))
+    writer = ctx.Process(target=torture.publish_forever, args=(shm_name, 48, seconds + 4, 1, last, grace))
     writer.start()
     readers = []
     try:

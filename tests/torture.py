@@ -73,16 +73,20 @@ def changes(r: int, big_kib: int) -> Dict[bytes, Optional[Tuple[object, int]]]:
     return out
 
 
-def publish_forever(name: str, big_kib: int, stop_after: float, start_rev: int = 1, report=None) -> int:
+def publish_forever(
+    name: str, big_kib: int, stop_after: float, start_rev: int = 1, report=None, view_grace: float = 0.0
+) -> int:
     """Publish revisions start_rev, start_rev+1, ... as fast as possible for ``stop_after`` s.
 
     Runs in a child process. Returns (and ``report.put``s) the last revision published.
+    ``view_grace`` > 0: three buffers in rotation, a publication waiting for the one
+    it writes to have rested that long (what a Writer does by default).
     """
     from shmkeyspace import segment
     from shmkeyspace.builder import ImageBuilder
     from shmkeyspace.snapshot import pack_entry
 
-    pub = segment.Publisher(name)
+    pub = segment.Publisher(name, view_grace=view_grace)
     b = ImageBuilder()
     deadline = time.monotonic() + stop_after
     r = start_rev

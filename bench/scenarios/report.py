@@ -99,12 +99,13 @@ def compute_targets(res: Dict[str, Any]) -> List[Dict[str, Any]]:
         out[-1]["pss_pct"] = m["pss_pct_of_mirror"]
         out[-1]["met"] = m["pct_of_mirror"] <= 5.0 if not math.isnan(m["pct_of_mirror"]) else None
     for v in res.get("visibility", []):
-        limit = v["apply_delay_ms"] + 5.0
+        # back-to-back updates wait out the view grace (bench/scenarios/visibility.py)
+        limit = max(v["apply_delay_ms"], v.get("view_grace_ms", 0.0)) + 5.0
         add(
             "visibility_p50",
             v["keys"],
             v["value_size"],
-            f"delay {v['apply_delay_ms']:g} ms, {v['load']}",
+            f"delay {v['apply_delay_ms']:g} ms, grace {v.get('view_grace_ms', 0.0):g} ms, {v['load']}",
             v["p50_ms"],
             "ms",
             None,
@@ -319,15 +320,15 @@ def markdown(res: Dict[str, Any]) -> str:
             [
                 _vs(v["keys"]),
                 str(v["value_size"]),
-                f"{v['apply_delay_ms']:g}",
+                f"{v['apply_delay_ms']:g} / {v.get('view_grace_ms', 0.0):g}",
                 v["load"] + (f" ({v['achieved_rate']:.0f} puts/s)" if v["load"] == "loaded" else ""),
                 str(v["samples"]),
                 fmt(v["p50_ms"]),
                 fmt(v["p99_ms"]),
                 fmt(v["put_p50_ms"]),
                 fmt(v["publish_wall_p50_ms"]),
-                f"≤ {v['apply_delay_ms'] + 5:g}",
-                _met(v["p50_ms"] <= v["apply_delay_ms"] + 5),
+                f"≤ {max(v['apply_delay_ms'], v.get('view_grace_ms', 0.0)) + 5:g}",
+                _met(v["p50_ms"] <= max(v["apply_delay_ms"], v.get("view_grace_ms", 0.0)) + 5),
             ]
             for v in vis
         ]
@@ -336,7 +337,7 @@ def markdown(res: Dict[str, Any]) -> str:
                 [
                     "keys",
                     "value B",
-                    "apply delay ms",
+                    "apply delay / view grace ms",
                     "background",
                     "samples",
                     "p50 ms",

@@ -4,7 +4,11 @@ A probe key under the prefix is put (pyetcd, loopback) and the benchmark's Reade
 polls ``revision`` every ~0.1 ms until it reaches the put's revision. Measured
 from just before ``put`` to the first poll that sees it, with the Writer's apply
 delay at 30 ms and at 0, idle and under background load: a separate process putting
-to other keys under the prefix at a capped rate (bounded in count and time).
+to other keys under the prefix at a capped rate (bounded in count and time); and,
+with the 30 ms delay, at the writer's default view grace (Writer(view_grace), 0.1 s)
+and without one. The probe puts one key after another, each once the last is
+visible: back-to-back updates, the case a grace costs most (a publication waits
+until the buffer it writes has rested the grace).
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ def _samples(ctx, count: int) -> Dict[str, List[float]]:
     return {"vis": vis, "put": put}
 
 
+GRACES = (0.1, 0.0)  # the writer's default view grace, and none
+
+
 def run(ctx) -> List[Dict[str, Any]]:
     cfg, st, w = ctx.cfg, ctx.settings, ctx.writer
     rows = []
-    for delay in (0.030, 0.0):
+    for delay, grace in [(0.030, g) for g in GRACES] + [(0.0, 0.0)]:
         w.ask(f"delay {delay}")
+        w.ask(f"grace {grace}")
         for load in (False, True):
             loader = None
             achieved = None
@@ -79,6 +87,7 @@ def run(ctx) -> List[Dict[str, Any]]:
                     "keys": cfg.n,
                     "value_size": cfg.value_size,
                     "apply_delay_ms": delay * 1e3,
+                    "view_grace_ms": grace * 1e3,
                     "load": "loaded" if load else "idle",
                     "target_rate": st.load_rate if load else 0.0,
                     "achieved_rate": achieved["rate"] if achieved else 0.0,
@@ -93,4 +102,5 @@ def run(ctx) -> List[Dict[str, Any]]:
                 }
             )
     w.ask("delay 0.03")
+    w.ask(f"grace {GRACES[0]}")
     return rows

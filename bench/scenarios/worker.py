@@ -112,6 +112,9 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
             elif cmd[0] == "delay":
                 w.apply_delay = float(cmd[1])
                 emit(ok=True)
+            elif cmd[0] == "grace":
+                w.publisher.view_grace = float(cmd[1])
+                emit(ok=True)
             elif cmd[0] == "clock":
                 emit(perf_counter_ns=time.perf_counter_ns())
             else:
