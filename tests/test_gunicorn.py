@@ -526,3 +526,44 @@ def test_workers_boot_from_the_state_file_with_etcd_down(client, prefix, shm_nam
             assert r.health().source == "disk" and r.health().writer_alive
     finally:
         gu.stop()
+
+
+def test_workers_follow_a_writer_restarted_on_new_segments(
+    etcd_server, prefix, shm_name, python_env, tmp_path
+):
+    """Issue 25: with SHMKEYSPACE_UNLINK_ON_EXIT=1, SIGTERM to the writer removes its
+    segments and the master restarts it on new ones. The workers (never restarted)
+    follow: a new put becomes visible in every worker and /health reports the new
+    writer alive, instead of "stale" forever on the removed block."""
+    client = connect(etcd_server.endpoint)
+    key = f"{prefix}/cfg"
+    gu = None
+    try:
+        client.put(key, json.dumps({"v": 0}))
+        env = fleet_env(python_env, etcd_server, prefix, shm_name, SHMKEYSPACE_UNLINK_ON_EXIT="1")
+        gu = Gunicorn(env, tmp_path)
+        gu.wait_up()
+        workers, writer = gu.wait_children(WORKERS)
+        gu.poll_all(f"/get?key={key}", workers, value_is(0))
+        ino = os.stat(segment.shm_path(segment.ctrl_name(shm_name))).st_ino
+        os.kill(writer, signal.SIGTERM)  # exits 0, unlinking its segments; the master restarts it
+        assert wait_until(
+            lambda: (
+                os.path.exists(segment.shm_path(segment.ctrl_name(shm_name)))
+                and os.stat(segment.shm_path(segment.ctrl_name(shm_name))).st_ino != ino
+            ),
+            60,
+        ), gu.log()
+        workers2, writer2 = gu.wait_children(WORKERS, exclude=[writer])
+        assert workers2 == workers, "workers must not be restarted when the writer is"
+        rev = client.put(key, json.dumps({"v": 1})).header.revision
+        gu.poll_all(f"/get?key={key}", workers, value_is(1, rev))
+        gu.poll_all(
+            "/health",
+            workers,
+            lambda status, body: status == 200 and body["writer_alive"] and body["writer_pid"] == writer2,
+        )
+    finally:
+        if gu is not None:
+            gu.stop()
+        client.close()

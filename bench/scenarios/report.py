@@ -327,6 +327,7 @@ def markdown(res: Dict[str, Any]) -> str:
                 fmt(v["p99_ms"]),
                 fmt(v["put_p50_ms"]),
                 fmt(v["publish_wall_p50_ms"]),
+                f"{v['shm_bytes'] / 1e6:.1f} ({v['buffers']})" if "shm_bytes" in v else "—",
                 f"≤ {max(v['apply_delay_ms'], v.get('view_grace_ms', 0.0)) + 5:g}",
                 _met(v["p50_ms"] <= max(v["apply_delay_ms"], v.get("view_grace_ms", 0.0)) + 5),
             ]
@@ -344,6 +345,7 @@ def markdown(res: Dict[str, Any]) -> str:
                     "p99 ms",
                     "put RTT p50 ms",
                     "publish wall p50 ms",
+                    "/dev/shm MB (buffers)",
                     "target p50",
                     "met?",
                 ],

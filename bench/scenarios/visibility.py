@@ -76,6 +76,7 @@ def run(ctx) -> List[Dict[str, Any]]:
                 w.ask("stats")
                 s = _samples(ctx, st.visibility_samples)
                 pubs = w.ask("stats")["records"]
+                shm = w.ask("shm")
                 if loader is not None:
                     loader.send("stop")
                     achieved = loader.read(60)
@@ -99,6 +100,8 @@ def run(ctx) -> List[Dict[str, Any]]:
                     "publications": len(pubs),
                     "publish_wall_p50_ms": median([p["wall_total"] for p in pubs]) / 1e6 if pubs else None,
                     "publish_keys_p50": median([p["changed"] or 0 for p in pubs]) if pubs else None,
+                    "shm_bytes": shm["bytes"],
+                    "buffers": shm["buffers"],
                 }
             )
     w.ask("delay 0.03")

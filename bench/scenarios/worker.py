@@ -85,6 +85,8 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
         apply_delay=float(apply_delay),
         unlink_on_exit=True,
         on_publish=on_publish,
+        # the CLI's variable: a run can measure the writer without a view grace (2 buffers)
+        view_grace=float(os.environ.get("SHMKEYSPACE_VIEW_GRACE", "0.1")),
     )
     c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
     w.start()
@@ -115,6 +117,12 @@ def mode_writer(endpoint: str, prefix: str, name: str, apply_delay: str) -> None
             elif cmd[0] == "grace":
                 w.publisher.view_grace = float(cmd[1])
                 emit(ok=True)
+            elif cmd[0] == "shm":
+                # /dev/shm bytes the data segments hold (reserved as used: st_blocks)
+                from shmkeyspace import segment as seg
+
+                held = sum(os.stat(seg.shm_path(f)).st_blocks * 512 for f, g in seg.segment_files(name) if g)
+                emit(bytes=held, buffers=w.publisher.buffers)
             elif cmd[0] == "clock":
                 emit(perf_counter_ns=time.perf_counter_ns())
             else:
