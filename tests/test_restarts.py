@@ -98,6 +98,13 @@ sys.exit(1)
 """
 
 
+def _start(writers, python_env, tmp_path, endpoint, prefix, name, *extra):
+    """A ``shmkeyspace writer --decoder json`` process (tracked in ``writers`` for cleanup)."""
+    w = WriterProc(python_env, tmp_path, endpoint, prefix, name, "--decoder", "json", *extra)
+    writers.append(w)
+    return w
+
+
 def _etcd_view(c, prefix):
     return {
         meta.key.decode(): (json.loads(value), meta.create_revision, meta.mod_revision, meta.version)
@@ -154,14 +161,13 @@ def test_kill9_under_churn_never_goes_back(etcd_server, prefix, shm_name, python
     reader = None
     restarts = hp.scaled(20, 100, "SHMKEYSPACE_RESTARTS")
     try:
-        w = WriterProc(
+        w = _start(
+            writers,
             python_env,
             tmp_path,
             etcd_server.endpoint,
             prefix,
             shm_name,
-            "--decoder",
-            "json",
             "--state-dir",
             d,
             "--persist-interval",
@@ -169,21 +175,19 @@ def test_kill9_under_churn_never_goes_back(etcd_server, prefix, shm_name, python
             "--apply-delay",
             "5",
         )
-        writers.append(w)
         w.wait_published(_rev(c))
         reader = hp.spawn(MONOTONIC_READER, shm_name, prefix, stop_file, str(nkeys))
         for _ in range(restarts):
             # Let the writer publish past what the state file holds, then kill it hard.
             w.wait_published(_rev(c))
             w.stop(signal.SIGKILL)
-            w = WriterProc(
+            w = _start(
+                writers,
                 python_env,
                 tmp_path,
                 etcd_server.endpoint,
                 prefix,
                 shm_name,
-                "--decoder",
-                "json",
                 "--state-dir",
                 d,
                 "--persist-interval",
@@ -191,7 +195,6 @@ def test_kill9_under_churn_never_goes_back(etcd_server, prefix, shm_name, python
                 "--apply-delay",
                 "5",
             )
-            writers.append(w)
         stop_churn.set()
         churner.join(30)
         want = _etcd_view(c, prefix)
@@ -229,20 +232,18 @@ def test_recreated_etcd_is_caught_and_the_mirror_equals_etcd(
         cluster = int(c.get_response(b"\0probe").header.cluster_id)
     finally:
         c.close()
-    w = WriterProc(
+    w = _start(
+        writers,
         python_env,
         tmp_path,
         own_etcd.endpoint,
         prefix,
         shm_name,
-        "--decoder",
-        "json",
         "--state-dir",
         d,
         "--persist-interval",
         "0.2",
     )
-    writers.append(w)
     w.wait_published(rev)
     assert w.stop() == 0  # a clean stop writes the state file
     epoch0 = _health(shm_name).epoch
@@ -256,20 +257,18 @@ def test_recreated_etcd_is_caught_and_the_mirror_equals_etcd(
         assert int(c.get_response(b"\0probe").header.cluster_id) == cluster
         assert _rev(c) == rev  # the same revision, the newest key at the same revisions
         want = _etcd_view(c, prefix)
-        w2 = WriterProc(
+        w2 = _start(
+            writers,
             python_env,
             tmp_path,
             own_etcd.endpoint,
             prefix,
             shm_name,
-            "--decoder",
-            "json",
             "--state-dir",
             d,
             "--persist-interval",
             "0.2",
         )
-        writers.append(w2)
         assert wait_until(lambda: _health(shm_name).writer_pid == w2.proc.pid, 60), w2.output()
         assert wait_until(lambda: _health(shm_name).source == "etcd", 60), w2.output()
         assert _reader_view(shm_name) == want, w2.output()
@@ -310,9 +309,8 @@ def test_readers_follow_a_writer_that_recreated_the_segments(
     try:
         key = f"{prefix}/x"
         c.put(key, json.dumps("v1"))
-        extra = ["--decoder", "json"] + (["--unlink-on-exit"] if how == "unlink-on-exit" else [])
-        w1 = WriterProc(python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, *extra)
-        writers.append(w1)
+        extra = ["--unlink-on-exit"] if how == "unlink-on-exit" else []
+        w1 = _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, *extra)
         w1.wait_published(_rev(c))
         ino1 = os.stat(segment.shm_path(segment.ctrl_name(shm_name))).st_ino
         p = _get_until(shm_name, key, "v2")
@@ -323,8 +321,7 @@ def test_readers_follow_a_writer_that_recreated_the_segments(
             res = test_cli.cli(["unlink", shm_name], python_env)
             assert res.returncode == 0, res.stderr
         assert not os.path.exists(segment.shm_path(segment.ctrl_name(shm_name)))
-        w2 = WriterProc(python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, "--decoder", "json")
-        writers.append(w2)
+        w2 = _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name)
         w2.wait_published(_rev(c))
         assert os.stat(segment.shm_path(segment.ctrl_name(shm_name))).st_ino != ino1
         c.put(key, json.dumps("v2"))
@@ -347,15 +344,13 @@ def test_rm_of_the_control_segment_stops_its_writer_never_two_writers(
     try:
         key = f"{prefix}/x"
         c.put(key, json.dumps("v1"))
-        w1 = WriterProc(python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, "--decoder", "json")
-        writers.append(w1)
+        w1 = _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name)
         w1.wait_published(_rev(c))
         p = _get_until(shm_name, key, "v2")
         os.unlink(segment.shm_path(segment.ctrl_name(shm_name)))
         # A second writer right away: refused while w1 still holds the lock, or it
         # starts only once w1 has given the name up. Never both serving it.
-        w2 = WriterProc(python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, "--decoder", "json")
-        writers.append(w2)
+        w2 = _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name)
         assert wait_until(lambda: w1.proc.poll() is not None, 60), w1.output()
         assert w1.proc.returncode == 1, w1.output()
         out1 = w1.output()
@@ -363,8 +358,7 @@ def test_rm_of_the_control_segment_stops_its_writer_never_two_writers(
         assert wait_until(lambda: w2.proc.poll() is not None or _writer_pid(shm_name) == w2.proc.pid, 60)
         if w2.proc.poll() is not None:
             assert "already has a live writer" in w2.output(), w2.output()
-            w2 = WriterProc(python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, "--decoder", "json")
-            writers.append(w2)
+            w2 = _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name)
         w2.wait_published(_rev(c))
         c.put(key, json.dumps("v2"))
         got = _finish(p)
