@@ -160,41 +160,20 @@ def test_kill9_under_churn_never_goes_back(etcd_server, prefix, shm_name, python
     stop_file = str(tmp_path / "stop-reader")
     reader = None
     restarts = hp.scaled(20, 100, "SHMKEYSPACE_RESTARTS")
+    args = ("--state-dir", d, "--persist-interval", "0.2", "--apply-delay", "5")
+
+    def start():
+        return _start(writers, python_env, tmp_path, etcd_server.endpoint, prefix, shm_name, *args)
+
     try:
-        w = _start(
-            writers,
-            python_env,
-            tmp_path,
-            etcd_server.endpoint,
-            prefix,
-            shm_name,
-            "--state-dir",
-            d,
-            "--persist-interval",
-            "0.2",
-            "--apply-delay",
-            "5",
-        )
+        w = start()
         w.wait_published(_rev(c))
         reader = hp.spawn(MONOTONIC_READER, shm_name, prefix, stop_file, str(nkeys))
         for _ in range(restarts):
             # Let the writer publish past what the state file holds, then kill it hard.
             w.wait_published(_rev(c))
             w.stop(signal.SIGKILL)
-            w = _start(
-                writers,
-                python_env,
-                tmp_path,
-                etcd_server.endpoint,
-                prefix,
-                shm_name,
-                "--state-dir",
-                d,
-                "--persist-interval",
-                "0.2",
-                "--apply-delay",
-                "5",
-            )
+            w = start()
         stop_churn.set()
         churner.join(30)
         want = _etcd_view(c, prefix)
