@@ -591,7 +591,8 @@ class Reader(_Base):
         """A view of one publication for several queries (a context manager).
 
         Queries on the view raise SnapshotExpiredError once the writer has recycled
-        its buffer (two publications later), which a Writer never does sooner than
+        its buffer (two publications later; three with a view grace, a Writer's
+        default: the data segment then has three buffers), which it never does sooner than
         its ``view_grace`` (default 0.1 s) after the view was opened: a view is
         guaranteed that long, however busy the host. ``copy=True`` takes a private
         copy of the image instead, which never expires. Both raise ReaderClosedError once
