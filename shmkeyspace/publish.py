@@ -15,8 +15,9 @@ Owns :class:`UpdatePublisher`, the writer's KeySpace observer, and
   published, and the publication is retried at the next update or heartbeat
   (:meth:`UpdatePublisher.retry`): the writer never dies of it, and what it
   publishes is always a whole state;
-* after each publication ``on_publish`` receives its :class:`PublishStats`
-  (one that raises is logged), and ``publish_hooks`` its wall seconds;
+* after each publication the observers (:meth:`UpdatePublisher.add_observer`)
+  receive its :class:`PublishStats`, in the order they were added; one that
+  raises is logged and the others still run;
 * a publication after the writer closed is dropped, never made (it would
   recreate the segments of a closed Publisher).
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Collection, List, Optional, Tuple
 
 from . import segment
 from .errors import ImageTooLargeError, SegmentFullError, WriterLostError
@@ -125,10 +126,7 @@ class UpdatePublisher:
         self.closed = False
         self._failing = 0  # failed publications in a row
         self._on_lost = on_lost
-        #: Called after every publication (under the KeySpace lock: keep it short).
-        self.on_publish: Optional[PublishObserver] = None
-        #: Called with the seconds each successful publication took (metrics.py).
-        self.publish_hooks: list = []
+        self._observers: List[PublishObserver] = []
         self._persister: Optional[Persister] = None
         self._resumer: Optional[Resumer] = None
         #: Publications made, failed, and the wall time of the last one (seconds).
@@ -144,6 +142,14 @@ class UpdatePublisher:
         """Wire in the persister and the resume (the Writer does, once it built them)."""
         self._persister = persister
         self._resumer = resumer
+
+    def add_observer(self, fn: PublishObserver) -> None:
+        """Call ``fn(stats)`` after every publication, after the observers added before it.
+
+        It runs on the publishing thread under the KeySpace lock: keep it short.
+        One that raises is logged; the writer and the other observers go on.
+        """
+        self._observers.append(fn)
 
     @property
     def excluded_count(self) -> int:
@@ -239,8 +245,6 @@ class UpdatePublisher:
         c3, w3 = time.thread_time_ns(), time.perf_counter_ns()
         self.publications += 1
         self.last_publish_seconds = (w3 - w0) / 1e9
-        for hook in self.publish_hooks:
-            hook(self.last_publish_seconds)
         log.debug(
             "published %r revision %d: %d keys, %d bytes in %.2f ms",
             self.name,
@@ -249,7 +253,7 @@ class UpdatePublisher:
             total,
             (w3 - w0) / 1e6,
         )
-        if self.on_publish is not None:
+        if self._observers:
             stats = PublishStats(
                 revision=rev,
                 keys=len(b),
@@ -268,10 +272,11 @@ class UpdatePublisher:
                 publications=self.publications,
                 publish_failures=self.publish_failures,
             )
-            try:
-                self.on_publish(stats)
-            except Exception:
-                log.exception("on_publish hook of %r failed", self.name)
+            for fn in self._observers:
+                try:
+                    fn(stats)
+                except Exception:
+                    log.exception("on_publish hook of %r failed", self.name)
         return True
 
     def stamp(self, cluster_id: int, rev: int) -> Tuple[int, int, int]:

@@ -30,7 +30,8 @@ heartbeat, the full load, run/start/stop. It promises:
 
 Lifecycle: :meth:`run` blocks (load, then watch) and raises the fatal error,
 also kept in :attr:`error`; :meth:`start` runs it on a thread once loaded;
-:meth:`stop` ends it. ``on_publish(stats)`` is called after every publication.
+:meth:`stop` ends it. Observers (``on_publish``, the first one, and
+:meth:`add_publish_observer`) are called after every publication.
 On exit the segments stay (readers keep the last snapshot and see the writer as
 dead; a restarted writer takes over in place) unless ``unlink_on_exit``.
 
@@ -177,7 +178,10 @@ class Writer:
             self.name, self.keyspace, self.publisher, self.changelog, self.identity, last, self._lose
         )
         self.keyspace.observers.append(self.publishing)
-        self.publishing.on_publish = on_publish
+        #: The first publish observer, as given (see add_publish_observer).
+        self.on_publish = on_publish
+        if on_publish is not None:
+            self.publishing.add_observer(on_publish)
         #: Values the decoder rejected (metrics).
         self.decode_failures = 0
         self.loaded = threading.Event()
@@ -248,6 +252,16 @@ class Writer:
             self.decode_failures += 1
             raise
 
+    # -- publish observers ------------------------------------------------------------
+    def add_publish_observer(self, fn: PublishObserver) -> None:
+        """Call ``fn(stats)`` with the :class:`PublishStats` of every publication from now on.
+
+        Observers run in the order they were added (``on_publish`` first), on the
+        publishing thread under the KeySpace lock: keep them short. One that
+        raises is logged; the writer and the other observers go on.
+        """
+        self.publishing.add_observer(fn)
+
     # -- state --------------------------------------------------------------------
     @property
     def error(self) -> Optional[BaseException]:
@@ -292,20 +306,6 @@ class Writer:
     def endpoint(self) -> Optional[str]:
         """The etcd endpoint the writer uses now (None with a client passed in)."""
         return self.session.endpoint
-
-    @property
-    def on_publish(self) -> Optional[PublishObserver]:
-        """Called after every publication (under the KeySpace lock: keep it short)."""
-        return self.publishing.on_publish
-
-    @on_publish.setter
-    def on_publish(self, fn: Optional[PublishObserver]) -> None:
-        self.publishing.on_publish = fn
-
-    @property
-    def publish_hooks(self) -> list:
-        """Called with the seconds each successful publication took (metrics.py)."""
-        return self.publishing.publish_hooks
 
     # Counters and state kept by the parts, read here (the names predate the parts).
     @property
