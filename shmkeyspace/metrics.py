@@ -35,6 +35,7 @@ from . import segment
 from .errors import ShmKeyspaceError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .publish import PublishStats
     from .reader import Reader
     from .writer import Writer
 
@@ -73,7 +74,11 @@ class WriterCollector(Collector):
             buckets=PUBLISH_BUCKETS,
             registry=registry,
         ).labels(writer.name)
-        writer.publish_hooks.append(self.publish_seconds.observe)
+        writer.add_publish_observer(self._observe)
+
+    def _observe(self, stats: PublishStats) -> None:
+        # wall_total: the publication's wall time, what Writer.last_publish_seconds holds.
+        self.publish_seconds.observe(stats.wall_total / 1e9)
 
     def _control(self) -> Optional[segment.ControlView]:
         if self._ctrl is None:
