@@ -125,6 +125,7 @@ class UpdatePublisher:
         #: Set (under keyspace.lock) when the writer closed its Publisher.
         self.closed = False
         self._failing = 0  # failed publications in a row
+        self._etcd_pending = False  # a full load awaits publication: then source "etcd"
         self._on_lost = on_lost
         self._observers: List[PublishObserver] = []
         self._persister: Optional[Persister] = None
@@ -214,7 +215,9 @@ class UpdatePublisher:
             self.full_loads += 1
             if self._resumer is not None:
                 self._resumer.full_load(rev, self.full_loads)
-            self.publisher.set_source(segment.SOURCE_ETCD)
+            # "etcd" once this image is the published one (also when a retry
+            # publishes it): before, readers could see the disk copy labelled "etcd".
+            self._etcd_pending = True
         c1, w1 = time.thread_time_ns(), time.perf_counter_ns()
         try:
             parts, total = b.parts()
@@ -236,6 +239,9 @@ class UpdatePublisher:
             self._on_lost(exc)
             return False
         self.last_pub = stamp
+        if self._etcd_pending:
+            self.publisher.set_source(segment.SOURCE_ETCD)
+            self._etcd_pending = False
         self.unpublished = False
         self._failing = 0
         if self._resumer is not None:

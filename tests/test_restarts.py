@@ -180,8 +180,12 @@ def test_kill9_under_churn_never_goes_back(etcd_server, prefix, shm_name, python
         w.wait_published(_rev(c))
         assert wait_until(lambda: _health(shm_name).source == "etcd", 60), w.output()
         assert wait_until(lambda: _reader_view(shm_name) == want, 30), w.output()
-        log = w.output()
-        assert "took over" in log and "from the previous writer's shared memory" in log, log
+        # The path under test was taken: a restart found the image in shared memory
+        # newer than the state file and took it over. Not every restart does (when
+        # the churn stalls, the last file can be as new as the image: then the file
+        # is used, by design), so this asks it of the run, not of the last writer.
+        logs = [x.output() for x in writers]
+        assert any("from the previous writer's shared memory" in lg for lg in logs), logs[-1]
     finally:
         stop_churn.set()
         open(stop_file, "w").close()
