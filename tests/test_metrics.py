@@ -116,3 +116,41 @@ def test_reader_collector(etcd_server, client, prefix, shm_name):
         lambda: _samples(generate_latest(reg).decode())["shmkeyspace_reader_writer_alive"] == 0, 30
     )
     coll.close()
+
+
+def test_publish_observers_run_in_order_and_one_that_raises_stops_nothing(
+    etcd_server, client, prefix, shm_name
+):
+    """One callback mechanism (issue 24): ``on_publish`` is the first observer,
+    ``add_publish_observer`` adds more; an observer that raises is logged and the
+    others, and the writer, go on. The metrics collector observes the same way."""
+    from shmkeyspace import Writer
+    from shmkeyspace.metrics import WriterCollector
+
+    client.put(f"{prefix}/a", "1")
+    calls = []
+
+    def boom(stats):
+        calls.append(("boom", stats.revision))
+        raise RuntimeError("observer failure")
+
+    w = Writer(shm_name, prefix, endpoints=etcd_server.endpoint, on_publish=boom)
+    w.add_publish_observer(lambda stats: calls.append(("second", stats.revision)))
+    registry = CollectorRegistry()
+    collector = WriterCollector(w, registry)
+    try:
+        w.start()
+        rev = int(client.put(f"{prefix}/b", "2").header.revision)
+        with Reader(shm_name) as r:
+            assert r.wait_for_revision(rev, 30)
+        assert hp.wait_until(lambda: ("second", rev) in calls, 30), calls
+        i = calls.index(("second", rev))
+        assert calls[i - 1] == ("boom", rev), calls  # in order, the raising one first
+        assert w.error is None
+        hist = {m.name: m for m in collector.collect()}
+        assert "shmkeyspace_writer_publications" in hist
+        seen = _samples(generate_latest(registry).decode())
+        assert seen["shmkeyspace_writer_publish_seconds_count"] >= 1, seen  # it observed publications
+    finally:
+        w.stop()
+        collector.close()
