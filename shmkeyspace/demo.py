@@ -370,8 +370,8 @@ class _Demo:
             ("snapshot size", f"{mib(h.bytes)} (shared: one copy per host)"),
             (
                 "shm segment",
-                "{} of /dev/shm (a {} file: two buffers, room to grow)".format(
-                    *map(mib, self.segment_bytes(h.generation))
+                "{} of /dev/shm (a {} file: {} buffers, room to grow)".format(
+                    *self.segment_bytes(h.generation)
                 ),
             ),
             ("writer publications", f"{h.seq // 2}"),
@@ -555,15 +555,18 @@ class _Demo:
         sys.stdout.write("\n".join(out) + "\n")
         sys.stdout.flush()
 
-    def segment_bytes(self, gen: int) -> Tuple[int, int]:
-        """(bytes of /dev/shm the data segment holds, its file size)."""
+    def segment_bytes(self, gen: int) -> Tuple[str, str, int]:
+        """(/dev/shm the data segment holds, its file size, as MiB text; its buffer count)."""
         from . import segment
 
         try:
             st = os.stat(segment.shm_path(segment.data_name(self.name, gen)))
-        except OSError:
-            return 0, 0
-        return st.st_blocks * 512, st.st_size
+            view = segment.DataView(self.name, gen, 0, owner_uid=st.st_uid)
+        except (OSError, ShmKeyspaceError):
+            return mib(0), mib(0), 0
+        buffers = view.buffers  # 3 with the writer's default view grace
+        view.close()
+        return mib(st.st_blocks * 512), mib(st.st_size), buffers
 
     def show_writer_log(self) -> None:
         try:

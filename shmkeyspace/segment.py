@@ -5,7 +5,8 @@ Owns the on-host layout of one snapshot name ``NAME``:
 * a control segment ``/shmks.NAME`` (one page, never resized, never unlinked by a
   writer) holding the seqlock word, two publication records, the writer's pid and
   heartbeat;
-* data segments ``/shmks.NAME.GEN``, one per generation, each holding two buffers.
+* data segments ``/shmks.NAME.GEN``, one per generation, each holding two buffers
+  (three with a view grace: :attr:`Publisher.buffers`).
 
 Seqlock protocol (``seq`` counts half-publications):
     writer:  seq is even and names the active record ``(seq >> 1) & 1``. To publish,
