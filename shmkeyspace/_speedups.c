@@ -16,8 +16,9 @@
  *          holds a buffer export of the mapping (so the mapping cannot be
  *          unmapped under it: mmap.close() raises BufferError while an Image
  *          lives) and the offsets of its regions. lookup(key), range(lo, hi)
- *          answer from it and know nothing of the seqlock, exactly like the
- *          Python kernels: the caller checks seq around them.
+ *          (and lookup_raw, range_raw: the same entries as msgpack bytes, for
+ *          Reader.typed) answer from it and know nothing of the seqlock, exactly
+ *          like the Python kernels: the caller checks seq around them.
  *   ReaderBase  the base class of reader.Reader: its get() is Reader.get's hot
  *          path: seq load, the per-publication cache (a dict), the probe, the
  *          copy-out, a second seq load, the unpack. Anything unusual (new
@@ -929,10 +930,93 @@ static PyObject *Image_range(Image *self, PyObject *args)
     return out;
 }
 
+/* Image.lookup_raw(key) -> bytes | None: the entry's msgpack bytes (a private copy),
+   for decoders of their own (Reader.typed). O(1). */
+static PyObject *Image_lookup_raw(Image *self, PyObject *key)
+{
+    const uint8_t *k;
+    Py_ssize_t kn;
+    PyObject *tmp, *out = NULL;
+    Scratch s;
+    size_t n = 0;
+    int found;
+    if (query_bytes(key, &k, &kn, &tmp) < 0)
+        return NULL;
+    scratch_init(&s);
+    found = find_entry(self, k, kn, &s, &n);
+    if (found > 0)
+        out = PyBytes_FromStringAndSize((const char *)s.p, (Py_ssize_t)n);
+    else if (found == 0)
+        out = Py_NewRef(Py_None);
+    scratch_free(&s);
+    Py_XDECREF(tmp);
+    return out;
+}
+
+/* Image.range_raw(lo, hi) -> bytes: the entries lo <= key < hi as one msgpack array
+   (array32 header, then the entries' bytes in key order: a private copy). O(log n + k). */
+static PyObject *Image_range_raw(Image *self, PyObject *args)
+{
+    PyObject *lo, *hi, *out;
+    uint64_t i, j, total = 0;
+    size_t pos;
+    uint8_t *p;
+    if (!PyArg_ParseTuple(args, "SO:range_raw", &lo, &hi))
+        return NULL;
+    if (hi != Py_None && !PyBytes_Check(hi)) {
+        PyErr_SetString(PyExc_TypeError, "range bounds must be bytes");
+        return NULL;
+    }
+    if (lower_bound(self, (const uint8_t *)PyBytes_AS_STRING(lo), (size_t)PyBytes_GET_SIZE(lo), &i) < 0)
+        return NULL;
+    if (hi == Py_None)
+        j = self->count;
+    else if (lower_bound(self, (const uint8_t *)PyBytes_AS_STRING(hi), (size_t)PyBytes_GET_SIZE(hi), &j) < 0)
+        return NULL;
+    if (j < i)
+        j = i;
+    for (uint64_t x = i; x < j; x++) {
+        uint64_t off = rd32(self->order + 8 * x), n = rd32(self->order + 8 * x + 4);
+        if (off + n > self->arena_len)
+            return corrupt("range entry lies outside the arena");
+        total += n;
+    }
+    if (total > self->arena_len)
+        return corrupt("range is larger than the arena");
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(5 + total));
+    if (out == NULL)
+        return NULL;
+    p = (uint8_t *)PyBytes_AS_STRING(out);
+    p[0] = 0xdd;
+    p[1] = (uint8_t)((j - i) >> 24);
+    p[2] = (uint8_t)((j - i) >> 16);
+    p[3] = (uint8_t)((j - i) >> 8);
+    p[4] = (uint8_t)(j - i);
+    pos = 5;
+    for (uint64_t x = i; x < j; x++) {
+        /* Lengths are re-read: a torn one must not overrun the copy (the seqlock
+           check then discards it). */
+        uint64_t off = rd32(self->order + 8 * x), n = rd32(self->order + 8 * x + 4);
+        if (off + n > self->arena_len || pos + n > 5 + (size_t)total) {
+            Py_DECREF(out);
+            return corrupt("range entry moved while copied");
+        }
+        memcpy(p + pos, self->arena + off, n);
+        pos += n;
+    }
+    if (pos != 5 + (size_t)total) {
+        Py_DECREF(out);
+        return corrupt("range entry moved while copied");
+    }
+    return out;
+}
+
 static PyMethodDef Image_methods[] = {
     {"of", (PyCFunction)Image_of, METH_O | METH_CLASS, "Image.of(view): kernels over a snapshot.ImageView."},
     {"lookup", (PyCFunction)Image_lookup, METH_O, "lookup(key) -> Entry or None. O(1)."},
     {"range", (PyCFunction)Image_range, METH_VARARGS, "range(lo: bytes, hi: bytes | None) -> [Entry]."},
+    {"lookup_raw", (PyCFunction)Image_lookup_raw, METH_O, "lookup_raw(key) -> the entry's bytes or None."},
+    {"range_raw", (PyCFunction)Image_range_raw, METH_VARARGS, "range_raw(lo, hi) -> one msgpack array."},
     {NULL, NULL, 0, NULL},
 };
 
