@@ -558,6 +558,25 @@ class Reader(_Base):
                     return raw
         return self._consistent(self._impl.lookup_raw, key)
 
+    def _py_get_decoded(
+        self, vdec: Callable[[bytes], Any], edec: Callable[[bytes], Any], fail: Callable, key: Key
+    ) -> Optional[Entry]:
+        """The Entry of ``key`` decoded by ``edec(entry bytes)`` (a 6-item tuple), or
+        None; a ValueError of the decoder goes to ``fail(key, exc)``, which raises.
+        ``_speedups.ReaderBase._get_decoded`` does this in C, with ``vdec`` decoding
+        only the value (faster)."""
+        raw = self._get_raw(key)
+        if raw is None:
+            return None
+        try:
+            return _new(Entry, edec(raw))
+        except ValueError as exc:
+            fail(key, exc)
+            raise  # fail() raises; not reached
+
+    if _speedups is None:
+        _get_decoded = _py_get_decoded
+
     def typed(self, type_: Any) -> "TypedView":
         """A view of this Reader whose entries' ``decoded`` is a ``type_`` (a msgspec
         Struct, or any type msgspec decodes into): see :class:`TypedView`.
@@ -870,12 +889,15 @@ class TypedView:
             raise ExtraMissingError("Reader.typed needs msgspec: pip install 'shmkeyspace[typed]'") from None
         entry = Tuple[Any, type_, int, int, int, int]
         try:
+            self._value = msgspec.msgpack.Decoder(type_).decode
             self._one = msgspec.msgpack.Decoder(entry).decode
             self._many = msgspec.msgpack.Decoder(List[entry]).decode
         except TypeError as exc:
             raise InvalidSettingError(f"Reader.typed: msgspec cannot decode into {type_!r}: {exc}") from None
         self._error = msgspec.DecodeError
         self._reader = reader
+        # get without a Python frame: the method below, bound (in C when the extension is built).
+        self.__dict__["get"] = partial(reader._get_decoded, self._value, self._one, self._fail_key)
         #: The type of the ``decoded`` values this view answers.
         self.type = type_
 
@@ -885,15 +907,18 @@ class TypedView:
             "(is its writer's decoder decoders.struct of this type?)"
         )
 
-    def get(self, key: Key) -> Optional[Entry]:
-        """The entry of ``key`` with a ``type_`` value, or None. O(1)."""
-        raw = self._reader._get_raw(key)
-        if raw is None:
-            return None
-        try:
-            return _new(Entry, self._one(raw))
-        except self._error as exc:
+    def _fail_key(self, key: Key, exc: Exception) -> None:
+        if isinstance(exc, self._error):
             raise self._fail(f"the value of key {key!r}", exc) from None
+        raise exc
+
+    def get(self, key: Key) -> Optional[Entry]:
+        """The entry of ``key`` with a ``type_`` value, or None. O(1).
+
+        (Each view's ``get`` is this, bound in C: ``partial(reader._get_decoded,
+        decoder, fail)``, which saves a Python frame per call.)
+        """
+        return self._reader._get_decoded(self._value, self._one, self._fail_key, key)
 
     def __getitem__(self, key: Key) -> Entry:
         e = self.get(key)

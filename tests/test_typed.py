@@ -16,7 +16,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import conftest
 import msgspec
@@ -118,6 +118,25 @@ def test_a_value_of_another_type_raises_value_type_error(etcd_server, client, pr
                 assert r.typed(dict).get(f"{prefix}/k").decoded == {"host": "h"}
                 with pytest.raises(TypeError):
                     r.typed(Service).get(42)
+
+
+class Deep(msgspec.Struct):
+    x: Any
+
+
+def test_values_the_compiled_decoder_leaves_to_the_whole_entry_decoder(etcd_server, client, prefix, shm_name):
+    deep: Any = 1
+    for _ in range(250):  # deeper than the C decoder's MAX_DEPTH: the whole entry goes to msgspec
+        deep = [deep]
+    client.put(f"{prefix}/deep", msgspec.json.encode(Deep(deep)))
+    client.put(f"{prefix}/flat", msgspec.json.encode(Deep([1, "a", None])))
+    with Writer(shm_name, prefix, endpoints=etcd_server.endpoint, decoder=decoders.struct(Deep)) as w:
+        w.start()
+        for impl in IMPLEMENTATIONS:
+            with Reader(shm_name, implementation=impl) as r:
+                assert r.typed(Deep).get(f"{prefix}/deep").decoded == Deep(deep)
+                assert r.typed(Deep).get(f"{prefix}/flat".encode()) == r.typed(Deep).get(f"{prefix}/flat")
+                assert r.typed(Deep).get(f"{prefix}/flat").key == f"{prefix}/flat"
 
 
 def test_bad_settings_are_one_clear_error():
@@ -227,6 +246,7 @@ def test_typed_equals_convert_of_untyped(etcd_server, client, prefix, shm_name, 
         assert [e.decoded for e in t.prefixed(p)] == [data[k] for k in sorted(data, key=str.encode)]
         for k in list(data)[:10] + probes:
             u = r.get(p + k)
+            assert r.typed(Service).get((p + k).encode()) == t.get(p + k)  # bytes keys too
             assert t.get(p + k) == (None if u is None else conv([u])[0])
         for a, b in zip(probes, probes[1:]):
             assert t.range(p + a, p + b) == conv(r.range(p + a, p + b))
@@ -244,9 +264,9 @@ def test_typed_equals_convert_of_untyped(etcd_server, client, prefix, shm_name, 
             for k in list(data)[::3]:
                 data[k] = msgspec.structs.replace(data[k], port=data[k].port // 2, tags=["u"])
                 rev = client.put(p + k, msgspec.json.encode(data[k])).header.revision
-            _wait(lambda: w.revision >= rev)
             for impl in IMPLEMENTATIONS:
                 with Reader(name, implementation=impl) as r:
+                    assert r.wait_for_revision(rev, timeout=30)  # published, not only applied
                     check(r)
     finally:
         from shmkeyspace import segment
