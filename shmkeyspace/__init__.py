@@ -41,6 +41,8 @@ _EXPORTS = {
     "InvalidSettingError": "errors",
     "FileMissingError": "errors",
     "ClientMissingError": "errors",
+    "ExtraMissingError": "errors",
+    "ValueTypeError": "errors",
     "EtcdConnectError": "errors",
     "EtcdServerError": "errors",
     "SegmentPermissionError": "errors",

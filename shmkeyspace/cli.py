@@ -118,8 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "--decoder",
         default=_env("DECODER", "raw"),
-        metavar="raw|utf8|json|msgpack|MODULE:FUNCTION",
-        help="how values are decoded before publishing [SHMKEYSPACE_DECODER, default raw]",
+        metavar="raw|utf8|json|msgpack|MODULE:FUNCTION|struct:MODULE:TYPE",
+        help="how values are decoded before publishing (struct: a msgspec Struct, the typed extra) "
+        "[SHMKEYSPACE_DECODER, default raw]",
     )
     w.add_argument(
         "--apply-delay",

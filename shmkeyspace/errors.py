@@ -141,6 +141,14 @@ class ClientMissingError(ShmKeyspaceError, ImportError):
     """No usable etcd client library is installed (the ``writer`` extra)."""
 
 
+class ExtraMissingError(ShmKeyspaceError, ImportError):
+    """An optional extra a feature needs is not installed (e.g. ``typed``: msgspec)."""
+
+
+class ValueTypeError(ShmKeyspaceError, ValueError):
+    """A published value does not fit the type a typed view asks for (``Reader.typed``)."""
+
+
 class EtcdConnectError(ShmKeyspaceError, ConnectionError):
     """etcd does not answer at the given endpoints."""
 

@@ -36,12 +36,14 @@ from .derived import Derived, Deriver
 from .errors import (
     ChangesTooOldError,
     CorruptSegmentError,
+    ExtraMissingError,
     InvalidKeyError,
     InvalidSettingError,
     ReaderClosedError,
     SegmentNotFoundError,
     SnapshotExpiredError,
     UntrustedSegmentError,
+    ValueTypeError,
 )
 from .key_values import prefix_end
 from .snapshot import ImageView, query_key, unpackb
@@ -148,12 +150,21 @@ class _Impl(NamedTuple):
     lookup: Callable[..., Optional[Entry]]
     range: Callable[..., List[Entry]]
     kernel: Callable[[ImageView], Any]
+    # The same entries as msgpack bytes (TypedView decodes them itself).
+    lookup_raw: Callable[..., Optional[bytes]]
+    range_raw: Callable[..., bytes]
 
 
-_IMPLS = {"python": _Impl(_py_lookup, _py_range, _py_kernel)}
+_IMPLS = {"python": _Impl(_py_lookup, _py_range, _py_kernel, ImageView.lookup_raw, ImageView.range_raw)}
 if _speedups is not None:
     _speedups.setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest)
-    _IMPLS["c"] = _Impl(_speedups.Image.lookup, _speedups.Image.range, _speedups.Image.of)
+    _IMPLS["c"] = _Impl(
+        _speedups.Image.lookup,
+        _speedups.Image.range,
+        _speedups.Image.of,
+        _speedups.Image.lookup_raw,
+        _speedups.Image.range_raw,
+    )
 
 #: The implementations this installation offers: "c" (the compiled extension) if it
 #: is built and SHMKEYSPACE_PURE_PYTHON is not set, and always "python".
@@ -529,6 +540,56 @@ class Reader(_Base):
             raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
         return self._consistent(self._impl.lookup, key)
 
+    def _get_raw(self, key: Key) -> Optional[bytes]:
+        """The msgpack bytes of ``key``'s entry (a private copy read under one
+        publication) or None: :meth:`_py_get`'s fast path without the unpack or the cache."""
+        if type(key) is not str and not isinstance(key, (bytes, bytearray, memoryview)):
+            raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
+        words: Any = self._words
+        s1 = words[_SEQ]
+        pub = self._pub
+        if s1 == pub.seq and pub.words is words and not self._fence:
+            try:
+                raw = self._impl.lookup_raw(pub.kern, key)
+            except _READ_ERRORS:
+                pass
+            else:
+                if words[_SEQ] == s1:
+                    return raw
+        return self._consistent(self._impl.lookup_raw, key)
+
+    def _py_get_decoded(
+        self, vdec: Callable[[bytes], Any], edec: Callable[[bytes], Any], fail: Callable, key: Key
+    ) -> Optional[Entry]:
+        """The Entry of ``key`` decoded by ``edec(entry bytes)`` (a 6-item tuple), or
+        None; a ValueError of the decoder goes to ``fail(key, exc)``, which raises.
+        ``_speedups.ReaderBase._get_decoded`` does this in C, with ``vdec`` decoding
+        only the value (faster)."""
+        raw = self._get_raw(key)
+        if raw is None:
+            return None
+        try:
+            return _new(Entry, edec(raw))
+        except ValueError as exc:
+            fail(key, exc)
+            raise  # fail() raises; not reached
+
+    if _speedups is None:
+        _get_decoded = _py_get_decoded
+
+    def typed(self, type_: Any) -> "TypedView":
+        """A view of this Reader whose entries' ``decoded`` is a ``type_`` (a msgspec
+        Struct, or any type msgspec decodes into): see :class:`TypedView`.
+
+        Needs msgspec (the ``typed`` extra; ExtraMissingError otherwise). One view
+        per type is kept, so ``r.typed(Service).get(key)`` costs no decoder set-up.
+        """
+        views = self.__dict__.setdefault("_typed_views", {})
+        view = views.get(type_)
+        if view is None:
+            view = views[type_] = TypedView(self, type_)
+        return view
+
     def __getitem__(self, key: Key) -> Entry:
         e = self.get(key)
         if e is None:
@@ -805,6 +866,87 @@ class Reader(_Base):
             max(0.0, time.time() - fail_ns / 1e9) if fail_ns else None,
             ctrl.retired,
         )
+
+
+class TypedView:
+    """``Reader.typed(type_)``: get, range and prefixed answering Entries whose
+    ``decoded`` is a ``type_``, for values a writer published with
+    ``decoders.struct(type_)`` (or any values that fit ``type_``).
+
+    The query kernels hand over each entry's msgpack bytes (read under one
+    publication, like every query) and msgspec decodes them straight into the
+    type: no intermediate dict. ``get`` (``ReaderBase._get_decoded`` in C)
+    decodes only the value with msgspec; ``range``/``prefixed`` decode all the
+    entries as one ``list[tuple[key, type_, int, int, int, int]]``. Measured by
+    ``bench/typed_values.py`` (100k keys, 5-field Struct, cold gets, C path):
+    0.84 us a typed get against 1.07 us for unpacking to a dict then
+    ``msgspec.convert`` (0.79x), and 0.80 us for the untyped dict get (1.05x).
+    Values are fresh objects per call (no cache). A value that does not fit
+    ``type_`` raises ValueTypeError; the Reader's own queries are unaffected.
+    """
+
+    def __init__(self, reader: Reader, type_: Any) -> None:
+        try:
+            import msgspec
+        except ImportError:
+            raise ExtraMissingError("Reader.typed needs msgspec: pip install 'shmkeyspace[typed]'") from None
+        entry = Tuple[Any, type_, int, int, int, int]
+        try:
+            self._value = msgspec.msgpack.Decoder(type_).decode
+            self._one = msgspec.msgpack.Decoder(entry).decode
+            self._many = msgspec.msgpack.Decoder(List[entry]).decode
+        except TypeError as exc:
+            raise InvalidSettingError(f"Reader.typed: msgspec cannot decode into {type_!r}: {exc}") from None
+        self._error = msgspec.DecodeError
+        self._reader = reader
+        # get without a Python frame: the method below, bound (in C when the extension is built).
+        self.__dict__["get"] = partial(reader._get_decoded, self._value, self._one, self._fail_key)
+        #: The type of the ``decoded`` values this view answers.
+        self.type = type_
+
+    def _fail(self, what: str, exc: Exception) -> ValueTypeError:
+        return ValueTypeError(
+            f"snapshot {self._reader.name!r}: {what} does not decode as {self.type!r}: {exc} "
+            "(is its writer's decoder decoders.struct of this type?)"
+        )
+
+    def _fail_key(self, key: Key, exc: Exception) -> None:
+        if isinstance(exc, self._error):
+            raise self._fail(f"the value of key {key!r}", exc) from None
+        raise exc
+
+    def get(self, key: Key) -> Optional[Entry]:
+        """The entry of ``key`` with a ``type_`` value, or None. O(1).
+
+        (Each view's ``get`` is this, bound in C: ``partial(reader._get_decoded,
+        decoder, fail)``, which saves a Python frame per call.)
+        """
+        return self._reader._get_decoded(self._value, self._one, self._fail_key, key)
+
+    def __getitem__(self, key: Key) -> Entry:
+        e = self.get(key)
+        if e is None:
+            raise KeyError(key)
+        return e
+
+    def _entries(self, raw: bytes) -> List[Entry]:
+        try:
+            return list(map(_make_entry, self._many(raw)))
+        except self._error as exc:
+            raise self._fail("a value in the range", exc) from None
+
+    def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
+        """As :meth:`Reader.range`, with ``type_`` values. O(log n + k)."""
+        r = self._reader
+        lo = query_key(from_key)[0]
+        hi = None if to_key is None else query_key(to_key)[0]
+        return self._entries(r._consistent(r._impl.range_raw, lo, hi))
+
+    def prefixed(self, prefix: Key) -> List[Entry]:
+        """As :meth:`Reader.prefixed`, with ``type_`` values. O(log n + k)."""
+        r = self._reader
+        p = query_key(prefix)[0]
+        return self._entries(r._consistent(r._impl.range_raw, p, prefix_end(p)))
 
 
 class SnapshotView:

@@ -22,7 +22,9 @@ own memory, updated per changed key; publishing copies the image into shared
 memory.
 
 This module owns the reading side of the format: :class:`ImageView` with its
-query kernels (``lookup``, ``range``); ``shmkeyspace/_speedups.c`` is a compiled
+query kernels (``lookup``, ``range``, and ``lookup_raw``, ``range_raw``: the same
+entries as msgpack bytes, for decoders of their own such as ``Reader.typed``'s);
+``shmkeyspace/_speedups.c`` is a compiled
 copy of those kernels and must change together with them. The kernels answer
 from one image and know nothing of the seqlock: ``reader.py`` runs them between
 its seq checks and retries when the writer moved. Anything they raise because of
@@ -401,6 +403,57 @@ class ImageView:
         if set(map(type, lists)) != {list} or set(map(len, lists)) != {6}:
             raise CorruptSegmentError("range holds an entry that is not a 6-field array")
         return lists
+
+    def lookup_raw(self, key: Any) -> Optional[bytes]:
+        """The msgpack bytes of ``key``'s entry (a private copy), or None. O(1).
+
+        For readers that decode entries themselves (``Reader.typed``); only the key
+        is parsed here, so a value is checked by whoever decodes it.
+        """
+        kb, _ = query_key(key)
+        h = xxh3_64_intdigest(kb) or 1
+        table = self.table
+        mask = self.mask
+        i = (h & mask) << 1
+        sh = table[i]
+        probes = 0
+        while sh:
+            if sh == h:
+                ol = table[i + 1]
+                off = ol & 0xFFFFFFFF
+                n = ol >> 32
+                if off + n > self.arena_len:
+                    raise CorruptSegmentError(f"hash slot {i >> 1} points outside the arena")
+                base = self.arena_base
+                raw = self.src[base + off : base + off + n]  # the copy every later step reads
+                if raw_key(raw, 0, n) == kb:
+                    return raw
+            probes += 1
+            if probes > mask:
+                raise CorruptSegmentError("hash table has no empty slot")
+            i = (i + 2) & (mask << 1 | 1)
+            sh = table[i]
+        return None
+
+    def range_raw(self, lo: bytes, hi: Optional[bytes]) -> bytes:
+        """The entries with ``lo <= key < hi`` as one msgpack array (bytes, a private copy).
+
+        What :meth:`range` unpacks, left packed: an array32 header, then the
+        entries' bytes in key order. O(log n + k).
+        """
+        i = self.lower_bound(lo)
+        j = self.count if hi is None else self.lower_bound(hi)
+        n = max(0, j - i)
+        order = self.order
+        offs = order[2 * i : 2 * j : 2].tolist()
+        lens = order[2 * i + 1 : 2 * j : 2].tolist()
+        if n and max(map(add, offs, lens)) > self.arena_len:
+            raise CorruptSegmentError("range entry lies outside the arena")
+        src, base = self.src, self.arena_base
+        head = b"\xdd" + n.to_bytes(4, "big")
+        if n and offs[-1] + lens[-1] - offs[0] == sum(lens) and offs == sorted(offs):
+            return head + src[base + offs[0] : base + offs[-1] + lens[-1]]  # back to back
+        return head + b"".join([src[base + o : base + o + m] for o, m in zip(offs, lens)])
 
     def release(self) -> None:
         for name in ("table", "order", "arena", "_fence_region", "buf"):
