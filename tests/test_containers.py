@@ -350,7 +350,9 @@ def _run_fleet(fleet: Fleet, etcd_server, client, prefix, tmp_path, shm_dir):
     client.put(f"{prefix}/big1", "x" * (700 << 10))
     client.put(f"{prefix}/big2", "y" * (700 << 10))
     s = wait_all("a new generation", big=1400 << 10, value="v2")
-    assert all(r["generation"] > gen1 for r in s), s
+    # The reader script reads health (the generation) before the keys, so one line
+    # can pair the new keys with the previous generation: wait for the generation too.
+    assert hp.wait_until(lambda: all(r["generation"] > gen1 for r in seen()), WAIT), seen()
 
     # 5. The writer dies (SIGKILL): readers keep the last snapshot and see it dead.
     hp.stop(writer_a, signal.SIGKILL)
@@ -376,7 +378,7 @@ def _run_fleet(fleet: Fleet, etcd_server, client, prefix, tmp_path, shm_dir):
     client.put(f"{prefix}/big3", "z" * (1400 << 10))
     client.put(f"{prefix}/big4", "w" * (1400 << 10))
     s = wait_all("a generation under writer B", big=4200 << 10, value="v4")
-    assert all(r["generation"] > gen_b for r in s), s
+    assert hp.wait_until(lambda: all(r["generation"] > gen_b for r in seen()), WAIT), seen()
 
     # 8. SIGTERM to the writer, pid 1 of its namespace, stops it cleanly (exit 0).
     os.kill(host_b, signal.SIGTERM)
