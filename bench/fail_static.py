@@ -54,7 +54,8 @@ sys.path.insert(0, ROOT)
 from bench.bench_load import PREFIX, key_of, seed, value_of  # noqa: E402
 from shmkeyspace import Reader, segment, state  # noqa: E402
 from shmkeyspace._support import writer_command  # noqa: E402
-from shmkeyspace.etcd import EtcdServer, connect  # noqa: E402
+from shmkeyspace.embedded import EtcdServer  # noqa: E402
+from shmkeyspace.etcd import connect  # noqa: E402
 
 NAME = "bench-fail-static"
 FULL_LOAD = "full load #"

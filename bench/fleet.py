@@ -60,8 +60,9 @@ from scenarios.common import ETCD_ARGS, key_of, make_value, seed  # noqa: E402
 
 from shmkeyspace import Reader  # noqa: E402
 from shmkeyspace._support import child_env, percentile, writer_command  # noqa: E402
+from shmkeyspace.embedded import EtcdGrpcProxy, EtcdServer, process_cpu_seconds, scrape_metrics  # noqa: E402
 from shmkeyspace.errors import ShmKeyspaceError  # noqa: E402
-from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, process_cpu_seconds, scrape_metrics  # noqa: E402
+from shmkeyspace.etcd import connect  # noqa: E402
 
 VALUE_SIZE = 100
 WATCHERS = "etcd_debugging_mvcc_watcher_total"

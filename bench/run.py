@@ -126,7 +126,8 @@ def build_peers(ctx: Context, need: List[str]) -> None:
 
 
 def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res: Dict[str, list]) -> None:
-    from shmkeyspace.etcd import EtcdServer, connect
+    from shmkeyspace.embedded import EtcdServer
+    from shmkeyspace.etcd import connect
 
     prefix = common.config_prefix(n, vs)
     cfg = common.Config(
@@ -206,7 +207,7 @@ def versions() -> Dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "not installed"
     try:
-        from shmkeyspace.etcd import find_etcd_binary
+        from shmkeyspace.embedded import find_etcd_binary
 
         v = subprocess.run(
             [find_etcd_binary(), "--version"], capture_output=True, text=True, timeout=20

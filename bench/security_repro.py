@@ -15,7 +15,7 @@ import subprocess
 import sys
 import uuid
 
-from shmkeyspace.etcd import EtcdServer
+from shmkeyspace.embedded import EtcdServer
 
 CLI = [sys.executable, "-m", "shmkeyspace"]
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]

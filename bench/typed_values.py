@@ -34,7 +34,8 @@ from bench.scenarios.common import median, time_interleaved, time_loop  # noqa: 
 from bench.scenarios.peers import LmdbPeer  # noqa: E402
 from shmkeyspace import Reader, Writer, decoders, segment  # noqa: E402
 from shmkeyspace._support import put_many  # noqa: E402
-from shmkeyspace.etcd import EtcdServer, connect  # noqa: E402
+from shmkeyspace.embedded import EtcdServer  # noqa: E402
+from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.reader import IMPLEMENTATIONS  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
 

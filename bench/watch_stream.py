@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace import etcd as etcd_glue  # noqa: E402
-from shmkeyspace.etcd import EtcdServer, connect  # noqa: E402
+from shmkeyspace.embedded import EtcdServer  # noqa: E402
+from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.keyspace import KeySpace  # noqa: E402
 
 TXN = 100

@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace._support import memory, put_many, writer_command  # noqa: E402
-from shmkeyspace.etcd import EtcdServer  # noqa: E402
+from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.key_values import prefix_end  # noqa: E402
 
 PREFIX = "/pp/"

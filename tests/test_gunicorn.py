@@ -31,7 +31,8 @@ from conftest import PYTHON, ROOT
 from helpers_procs import shm_files, wait_until
 
 from shmkeyspace import Reader, Writer, segment
-from shmkeyspace.etcd import connect, free_port
+from shmkeyspace.embedded import free_port
+from shmkeyspace.etcd import connect
 
 CONF = os.path.join(ROOT, "workers", "gunicorn.conf.py")
 EXAMPLES = os.path.join(ROOT, "examples")

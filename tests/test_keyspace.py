@@ -19,7 +19,8 @@ import pytest
 
 from shmkeyspace import decoders
 from shmkeyspace._support import etcd_reachable
-from shmkeyspace.etcd import EtcdServer, connect
+from shmkeyspace.embedded import EtcdServer
+from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end
 from shmkeyspace.keyspace import FIRST_PAGE, KeySpace, KeySpaceError
 

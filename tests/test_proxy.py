@@ -36,7 +36,8 @@ import pytest
 
 from shmkeyspace import Reader, Writer
 from shmkeyspace._support import writer_command
-from shmkeyspace.etcd import EtcdGrpcProxy, EtcdServer, connect, find_etcd_binary, free_port, scrape_metrics
+from shmkeyspace.embedded import EtcdGrpcProxy, EtcdServer, find_etcd_binary, free_port, scrape_metrics
+from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end
 
 K = 10

@@ -32,8 +32,9 @@ import pytest
 
 from shmkeyspace import Reader, Writer
 from shmkeyspace._support import etcd_reachable
+from shmkeyspace.embedded import free_port
 from shmkeyspace.errors import NotSerializableError
-from shmkeyspace.etcd import connect, free_port
+from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end
 
 SOAK_ONLY = pytest.mark.skipif(
@@ -921,7 +922,7 @@ def test_value_near_etcd_request_limit(client, prefix, shm_name):
 @SOAK_ONLY
 def test_prefix_of_a_million_keys(prefix, shm_name):
     """1M keys: paginated load + first publication, then reads (soak only)."""
-    from shmkeyspace.etcd import EtcdServer
+    from shmkeyspace.embedded import EtcdServer
 
     n = hp.scaled(1_000_000, 1_000_000, "SHMKEYSPACE_SOAK_KEYS")
     args = [

@@ -20,7 +20,8 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer
-from shmkeyspace.etcd import EtcdCluster, WatchStream, connect
+from shmkeyspace.embedded import EtcdCluster
+from shmkeyspace.etcd import WatchStream, connect
 from shmkeyspace.key_values import prefix_end
 
 STALE_AFTER = 1.5  # small, so the tests are quick; the default is 5 s
@@ -386,7 +387,7 @@ def test_writer_with_auth_limited_to_its_prefix(own_etcd, prefix, shm_name):
     """Probes and the watch carry the auth token; the probe reads only the prefix's own key."""
     import subprocess
 
-    from shmkeyspace.etcd import find_etcd_binary
+    from shmkeyspace.embedded import find_etcd_binary
 
     etcdctl = find_etcd_binary() + "ctl"
     if not os.access(etcdctl, os.X_OK):
