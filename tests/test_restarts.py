@@ -215,18 +215,22 @@ def test_recreated_etcd_is_caught_and_the_mirror_equals_etcd(
         cluster = int(c.get_response(b"\0probe").header.cluster_id)
     finally:
         c.close()
-    w = _start(
-        writers,
-        python_env,
-        tmp_path,
-        own_etcd.endpoint,
-        prefix,
-        shm_name,
-        "--state-dir",
-        d,
-        "--persist-interval",
-        "0.2",
-    )
+
+    def start():
+        return _start(
+            writers,
+            python_env,
+            tmp_path,
+            own_etcd.endpoint,
+            prefix,
+            shm_name,
+            "--state-dir",
+            d,
+            "--persist-interval",
+            "0.2",
+        )
+
+    w = start()
     w.wait_published(rev)
     assert w.stop() == 0  # a clean stop writes the state file
     epoch0 = _health(shm_name).epoch
@@ -240,18 +244,7 @@ def test_recreated_etcd_is_caught_and_the_mirror_equals_etcd(
         assert int(c.get_response(b"\0probe").header.cluster_id) == cluster
         assert _rev(c) == rev  # the same revision, the newest key at the same revisions
         want = _etcd_view(c, prefix)
-        w2 = _start(
-            writers,
-            python_env,
-            tmp_path,
-            own_etcd.endpoint,
-            prefix,
-            shm_name,
-            "--state-dir",
-            d,
-            "--persist-interval",
-            "0.2",
-        )
+        w2 = start()
         assert wait_until(lambda: _health(shm_name).writer_pid == w2.proc.pid, 60), w2.output()
         assert wait_until(lambda: _health(shm_name).source == "etcd", 60), w2.output()
         assert _reader_view(shm_name) == want, w2.output()
