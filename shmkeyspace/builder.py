@@ -151,6 +151,11 @@ class ImageBuilder:
         slot, ol = self._k.find(self._table, self.arena, key)
         return None if slot < 0 else self._k.entry_mod(self.arena, ol & _M32, ol >> 32)
 
+    def lookup_buffers(self) -> Tuple[bytearray, bytearray]:
+        """``(table, arena)`` as they are now, for the compiled apply path's key lookups
+        (apply.py); valid until the builder next changes."""
+        return self._table, self.arena
+
     def packed(self, key: bytes) -> bytes:
         """The packed entry of ``key`` (KeyError if absent). O(entry)."""
         slot, ol = self._k.find(self._table, self.arena, key)

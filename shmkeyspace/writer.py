@@ -72,7 +72,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import segment, state
+from . import apply, segment, state
 from .errors import InvalidSettingError, WriterLostError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue
@@ -82,7 +82,7 @@ from .publish import PublishObserver, PublishStats, UpdatePublisher
 from .resume import Resumer
 from .session import EtcdSession
 from .snapshot import MAX_IMAGE, pack_entry
-from .store import PackedLoader
+from .store import PackedLoader, PackedStore
 
 #: Default ``view_grace`` (``--view-grace``): every snapshot view stays valid at
 #: least this long. A buffer readers left is rewritten only this long after, so
@@ -124,6 +124,7 @@ class Writer:
         stale_after: float = DEFAULT_STALE_AFTER,
         watch_silence: Optional[float] = DEFAULT_WATCH_SILENCE,
         view_grace: float = DEFAULT_VIEW_GRACE,
+        apply_impl: Optional[str] = None,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
@@ -137,8 +138,14 @@ class Writer:
         #: re-opened although reads succeed (KeySpace.watch); None or 0: no bound.
         self.watch_silence = watch_silence or None
         self._max_image = max_image_bytes
+        self._apply_kind = apply.compiled_kind(decoder)
+        self._applier: Optional[apply.CompiledApply] = None
+        self._apply_impl = "python"
+        self._set_apply_impl(apply_impl or apply.default_impl())
         # validates prefix before any side effect
-        self.keyspace = KeySpace(prefix, self._decode, store=lambda: PackedLoader(self._max_image))
+        self.keyspace = KeySpace(
+            prefix, self._decode, store=lambda: PackedLoader(self._max_image, self._applier)
+        )
         self.changelog = ChangeLog(changes_keep, changes_bytes)  # validates the sizes
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
@@ -230,6 +237,34 @@ class Writer:
         self.publishing.attach(self.persister, self.resumer)
         if self.state_dir:
             state.remove_temps(self.state_dir, self.name)  # we hold the writer lock now
+
+    # -- the apply path -------------------------------------------------------------
+    def _set_apply_impl(self, impl: str) -> None:
+        if impl not in apply.IMPLEMENTATIONS:
+            raise InvalidSettingError(f"apply_impl must be one of {apply.IMPLEMENTATIONS}, not {impl!r}")
+        self._apply_impl = impl
+        use_c = impl == "c" and self._apply_kind is not None
+        self._applier = apply.CompiledApply(self._apply_kind) if use_c and self._apply_kind else None
+
+    @property
+    def apply_impl(self) -> str:
+        """The path watch events take: "c" (apply.py, built-in decoders only) or "python".
+
+        "c" asked for with a decoder it does not know reads back "python". Settable
+        (tests, benchmarks): the next batch takes the new path.
+        """
+        return "c" if self._applier is not None else "python"
+
+    @apply_impl.setter
+    def apply_impl(self, impl: str) -> None:
+        with self.keyspace.lock:
+            self._set_apply_impl(impl)
+            self._attach_applier()
+
+    def _attach_applier(self) -> None:
+        store = self.keyspace.key_values
+        if isinstance(store, PackedStore):
+            store.set_applier(self._applier)
 
     # -- decode + pack (the KeySpace's decoder) -----------------------------------
     def _pack(self, kv: KeyValue) -> bytes:
@@ -383,7 +418,11 @@ class Writer:
         new segment included); etcd is not contacted. A bad file is logged and
         ignored; readers never see it. (Resumer.restore)
         """
-        return self.resumer.restore()
+        ok = self.resumer.restore()
+        if ok:
+            with self.keyspace.lock:  # the resume built the store from the file's image
+                self._attach_applier()
+        return ok
 
     def persist_now(self) -> None:
         """Write the state file now unless it already holds what is published (blocks).
