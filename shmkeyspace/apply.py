@@ -110,7 +110,7 @@ class CompiledApply:
     ) -> int:
         """Apply the events of ``responses``; returns the new revision. One C call."""
         table, arena = builder.lookup_buffers()
-        return compiled.apply_events(  # type: ignore[no-any-return]
+        return compiled.apply_events(
             responses,
             root_key,
             floor,
@@ -126,8 +126,8 @@ class CompiledApply:
             revision,
         )
 
-    def pack(self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int) -> Optional[bytes]:
+    def pack(
+        self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int
+    ) -> Optional[bytes]:
         """The entry the C loop packs for one put, or None where it defers to Python (tests)."""
-        return compiled.pack_value(  # type: ignore[no-any-return]
-            self._code, self._fns, key, value, create, mod, version, lease
-        )
+        return compiled.pack_value(self._code, self._fns, key, value, create, mod, version, lease)
