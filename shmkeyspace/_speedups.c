@@ -2620,6 +2620,134 @@ done:
     return result;
 }
 
+/* update_entries(items, start, table, arena, order, dirty_slots, dirty_pos)
+ *     -> (next, garbage, appended)
+ *
+ * ImageBuilder._apply_one(table=True) for the run of items[start:] that update a
+ * key already present ((key, (packed, mod)) with key in the table), in order:
+ * the entry is appended to ``arena`` (a bytearray), the key's table slot and
+ * order pair point at it, the slot and position go into the dirty sets (unless
+ * None). Stops at the first item that inserts or deletes (the builder does it
+ * in Python) and returns its index, with the bytes that became garbage and the
+ * entries appended. The image stays what the Python code makes, byte for byte.
+ */
+static PyObject *update_entries(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *items, *arena, *dslots, *dpos;
+    Py_ssize_t i, start;
+    Py_buffer tb, ob;
+    unsigned long long garbage = 0, appended = 0;
+    PyObject *out = NULL;
+    (void)mod;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "update_entries takes 7 arguments");
+        return NULL;
+    }
+    items = args[0];
+    arena = args[3];
+    dslots = args[5];
+    dpos = args[6];
+    start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(items) || !PyByteArray_CheckExact(arena) || (dslots != Py_None && !PySet_Check(dslots)) ||
+        (dpos != Py_None && !PySet_Check(dpos))) {
+        PyErr_SetString(PyExc_TypeError, "update_entries: bad arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &tb, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[4], &ob, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    for (i = start; i < PyList_GET_SIZE(items); i++) {
+        PyObject *it = PyList_GET_ITEM(items, i), *key, *p, *packed;
+        Py_buffer arena_view, pk;
+        long long ol;
+        Py_ssize_t lo = 0, hi = ob.len / 8, off, n;
+        uint64_t h, mask, slot, slots = (uint64_t)tb.len / 16;
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != 2)
+            break;
+        key = PyTuple_GET_ITEM(it, 0);
+        p = PyTuple_GET_ITEM(it, 1);
+        if (!PyBytes_CheckExact(key) || !PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) != 2)
+            break; /* a delete (None), or anything unusual: the Python code */
+        packed = PyTuple_GET_ITEM(p, 0);
+        /* the slot: table_find's probe, keeping the slot index */
+        arena_view.buf = PyByteArray_AS_STRING(arena);
+        arena_view.len = PyByteArray_GET_SIZE(arena);
+        ol = table_find(&tb, &arena_view, (const uint8_t *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+        if (ol == -2)
+            goto done;
+        if (ol == -1)
+            break; /* a new key */
+        if (key_hash((const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), &h) < 0)
+            goto done;
+        mask = slots - 1;
+        for (slot = h & mask;; slot = (slot + 1) & mask)
+            if (rd64((const uint8_t *)tb.buf + 16 * slot + 8) == (uint64_t)ol && rd64((const uint8_t *)tb.buf + 16 * slot) == h)
+                break;
+        /* the position: lower_bound over the order array */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            const uint8_t *o = (const uint8_t *)ob.buf + 8 * mid, *k;
+            uint64_t eo = rd32(o), el = rd32(o + 4);
+            size_t kn;
+            if (eo + el > (uint64_t)arena_view.len || raw_key((const uint8_t *)arena_view.buf + eo, (size_t)el, &k, &kn) < 0) {
+                PyErr_Format(PyExc_ValueError, "update_entries: order entry %zd is not an entry", mid);
+                goto done;
+            }
+            if (key_cmp(k, kn, (const uint8_t *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key)) < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (PyObject_GetBuffer(packed, &pk, PyBUF_SIMPLE) < 0)
+            goto done;
+        off = PyByteArray_GET_SIZE(arena);
+        n = pk.len;
+        if ((uint64_t)n >> 32 || (uint64_t)(off + n) >> 32 || PyByteArray_Resize(arena, off + n) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_OverflowError, "update_entries: past the format's 4 GiB offsets");
+            PyBuffer_Release(&pk);
+            goto done;
+        }
+        memcpy(PyByteArray_AS_STRING(arena) + off, pk.buf, (size_t)n);
+        PyBuffer_Release(&pk);
+        garbage += (uint64_t)ol >> 32;
+        appended++;
+        {
+            uint64_t nol = (uint64_t)off | (uint64_t)n << 32;
+            uint32_t o32 = (uint32_t)off, n32 = (uint32_t)n;
+            memcpy((uint8_t *)tb.buf + 16 * slot + 8, &nol, 8);
+            memcpy((uint8_t *)ob.buf + 8 * lo, &o32, 4);
+            memcpy((uint8_t *)ob.buf + 8 * lo + 4, &n32, 4);
+        }
+        if (dslots != Py_None) {
+            PyObject *x = PyLong_FromUnsignedLongLong(slot);
+            if (x == NULL || PySet_Add(dslots, x) < 0) {
+                Py_XDECREF(x);
+                goto done;
+            }
+            Py_DECREF(x);
+        }
+        if (dpos != Py_None) {
+            PyObject *x = PyLong_FromSsize_t(lo);
+            if (x == NULL || PySet_Add(dpos, x) < 0) {
+                Py_XDECREF(x);
+                goto done;
+            }
+            Py_DECREF(x);
+        }
+    }
+    out = Py_BuildValue("(nKK)", i, garbage, appended);
+done:
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&ob);
+    return out;
+}
+
 /* pack_value(kind, fns, key, value, create, mod, version, lease) -> packed entry or None
    (None: the Python path must decide): the fast decode + pack of one value (tests). */
 static PyObject *py_pack_value(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
@@ -2706,6 +2834,8 @@ static PyMethodDef module_methods[] = {
     {"keys_at", (PyCFunction)(void (*)(void))keys_at, METH_FASTCALL, "builder._py_keys_at in C."},
     {"apply_events", (PyCFunction)(void (*)(void))apply_events, METH_FASTCALL,
      "KeySpace.apply's event loop for the built-in decoders (apply.py)."},
+    {"update_entries", (PyCFunction)(void (*)(void))update_entries, METH_FASTCALL,
+     "ImageBuilder._apply_one for a run of updates of present keys (apply.py)."},
     {"pack_value", (PyCFunction)(void (*)(void))py_pack_value, METH_FASTCALL, "apply_events' decode + pack (tests)."},
     {NULL, NULL, 0, NULL},
 };

@@ -114,6 +114,9 @@ class ImageBuilder:
         self._log: Dict[int, Tuple[Optional[set], Optional[set], Tuple[int, int, int, int]]] = {}
         #: Largest image allowed (bytes); the format's limit unless lowered.
         self.max_image = MAX_IMAGE
+        #: Updates of present keys run in C (_speedups.update_entries, the same
+        #: bytes): set with the writer's compiled apply path (store.PackedStore).
+        self.compiled_updates = False
 
     @property
     def impl(self) -> str:
@@ -210,6 +213,7 @@ class ImageBuilder:
         new = ImageBuilder()
         new.max_image = self.max_image
         new.impl = self.impl
+        new.compiled_updates = self.compiled_updates
         new.begin()
         for k, p in items:
             new.add_sorted(k, p)
@@ -345,11 +349,29 @@ class ImageBuilder:
             for k, p in changes.items():
                 self._apply_one(k, p, table=False)
             self._rebuild_table()
+        elif self.compiled_updates and compiled is not None:
+            self._apply_compiled(list(changes.items()))
         else:
             for k, p in changes.items():
                 self._apply_one(k, p, table=True)
         if self._garbage > len(self.arena) // 2 or self._appended > max(1024, len(self) // 4):
             self.compact()
+
+    def _apply_compiled(self, items: List[Tuple[bytes, Optional[Tuple[Packed, int]]]]) -> None:
+        # _apply_one(table=True) over items, in order: each run of updates of present
+        # keys in one C call (~0.3 us a key instead of ~3 us), inserts and deletes here.
+        assert compiled is not None
+        i, n = 0, len(items)
+        while i < n:
+            i, garbage, appended = compiled.update_entries(
+                items, i, self._table, self.arena, self._order, self._dirty_slots, self._dirty_pos
+            )
+            self._garbage += garbage
+            self._appended += appended
+            if i < n:
+                k, p = items[i]
+                self._apply_one(k, p, table=True)
+                i += 1
 
     def _entries(self) -> Dict[bytes, Packed]:
         """{key: packed entry} of every key, in key order (O(n) transient objects)."""

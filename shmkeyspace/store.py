@@ -61,6 +61,7 @@ class PackedStore:
         """Use ``applier`` (None: KeySpace.apply's Python loop) from the next batch on."""
         self.applier = applier
         self.apply_events = None if applier is None else self._apply_events
+        self.builder.compiled_updates = applier is not None
 
     def _apply_events(
         self,
