@@ -50,7 +50,9 @@ def _puts(endpoint: str, ids: List[int], gen: int) -> float:
     clients = [pyetcd_client(endpoint) for _ in range(2)]
     halves = [ids[: len(ids) // 2], ids[len(ids) // 2 :]]
     ths = [
-        threading.Thread(target=put_many, args=(cl, ((key_of(i), value_of(i, gen)) for i in h)), kwargs={"batch": 128})
+        threading.Thread(
+            target=put_many, args=(cl, ((key_of(i), value_of(i, gen)) for i in h)), kwargs={"batch": 128}
+        )
         for cl, h in zip(clients, halves)
     ]
     t0 = time.perf_counter_ns()
@@ -65,7 +67,9 @@ def _puts(endpoint: str, ids: List[int], gen: int) -> float:
 
 
 def _spawn(endpoint: str, name: str, impl: str, state_dir: str, log_path: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SHMKEYSPACE_APPLY=impl)
+    env = dict(
+        os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SHMKEYSPACE_APPLY=impl
+    )
     with open(log_path, "a") as logf:
         return subprocess.Popen(
             [
@@ -88,7 +92,9 @@ def _stop(p: subprocess.Popen) -> None:
     p.wait(120)
 
 
-def run_path(etcd: EtcdServer, n: int, impl: str, burst: int, catch_up: int, rnd: random.Random, gen: int) -> Dict:
+def run_path(
+    etcd: EtcdServer, n: int, impl: str, burst: int, catch_up: int, rnd: random.Random, gen: int
+) -> Dict:
     c = pyetcd_client(etcd.endpoint)
     name = f"apaths-{os.getpid()}-{n}-{impl}-{gen}"
     state_dir = tempfile.mkdtemp(prefix="apaths-")
@@ -167,7 +173,9 @@ def main() -> int:
             out[str(n)] = runs
         finally:
             etcd.stop()
-    print("\n| keys | path | burst: etcd ack / visible (ratio) | live 100k: visible | catch-up after restart (× live) |")
+    print(
+        "\n| keys | path | burst: etcd ack / visible (ratio) | live 100k: visible | catch-up after restart (× live) |"
+    )
     print("| ---: | --- | --- | --- | --- |")
     for n, runs in out.items():
         for r in runs:

@@ -5,7 +5,10 @@
  * Owns nothing of the format: it is a C copy of the query kernels of
  * snapshot.ImageView (lookup, range), of the hot path of Reader.get, and of
  * builder.py's kernels (scan_entries, build_table, find_slot, entry_mod,
- * lower_bound, keys_at), and must change together with those modules. The
+ * lower_bound, keys_at), and of the writer's apply path (apply_events: the
+ * event loop of keyspace.KeySpace.apply for the built-in decoders, with a
+ * msgpack packer of decoded values; update_entries: builder._apply_one for runs
+ * of updates; owned by apply.py), and must change together with those modules. The
  * pure-Python path stays the reference; both run the same tests
  * (tests/test_speedups.py, the property, torture, thread and fuzz suites are
  * parametrized over implementations; tests/test_state.py fuzzes the two

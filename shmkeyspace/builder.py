@@ -37,7 +37,10 @@ The kernels that walk those arrays (:class:`_Kernels`: scan, table, find,
 entry_mod, lower_bound, keys_at) have C twins in ``_speedups.c``;
 :attr:`ImageBuilder.impl` picks one set ("c" when the extension is built and
 SHMKEYSPACE_PURE_PYTHON is not set). The Python ones are the reference: the
-tests run both and require the same results.
+tests run both and require the same results. With :attr:`ImageBuilder.compiled_updates`
+(the writer's compiled apply path, ``apply.py``) runs of updates of present keys in
+:meth:`ImageBuilder.apply_entries` go through ``_speedups.update_entries`` in one call,
+making the same bytes (``tests/test_apply_paths.py``).
 """
 
 from __future__ import annotations

@@ -97,7 +97,10 @@ class Writer:
     """Mirror etcd keys under ``prefix`` into the snapshot ``name``.
 
     Either pass a python-etcd3-API ``client``, or ``endpoints`` (plus any keyword
-    of :func:`shmkeyspace.etcd.connect` in ``connect_args``).
+    of :func:`shmkeyspace.etcd.connect` in ``connect_args``). ``apply_impl``: the
+    path watch events take, "c" (``apply.py``: the built-in decoders, in C) or
+    "python" (KeySpace.apply's loop, the reference); default ``SHMKEYSPACE_APPLY``,
+    else "c" where the extension is built.
     """
 
     def __init__(
