@@ -66,6 +66,10 @@ def _puts(endpoint: str, ids: List[int], gen: int) -> float:
     return t0, ack
 
 
+#: Extra arguments of the CLI writer (--writer-args), e.g. "--view-grace 0".
+WRITER_ARGS: List[str] = []
+
+
 def _spawn(endpoint: str, name: str, impl: str, state_dir: str, log_path: str) -> subprocess.Popen:
     env = dict(
         os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), SHMKEYSPACE_APPLY=impl
@@ -80,6 +84,7 @@ def _spawn(endpoint: str, name: str, impl: str, state_dir: str, log_path: str) -
                 state_dir,
                 "--timeout",
                 "120",
+                *WRITER_ARGS,
             ],
             stdout=logf,
             stderr=subprocess.STDOUT,
@@ -152,8 +157,10 @@ def main() -> int:
     ap.add_argument("--burst", type=int, default=20_000)
     ap.add_argument("--catch-up", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--writer-args", default="", help='extra writer arguments, e.g. "--view-grace 0"')
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    WRITER_ARGS[:] = args.writer_args.split()
     out: Dict[str, Any] = {}
     for n in (int(x) for x in args.keys.split(",")):
         etcd = EtcdServer(extra_args=["--quota-backend-bytes", str(8 << 30), "--max-txn-ops", "1024"]).start()
@@ -185,7 +192,8 @@ def main() -> int:
                 f"{lv['visible_s']:.2f} s (ack {lv['ack_s']:.2f}) | {cu['s']:.2f} s ({cu['x_live']:.2f}×) |"
             )
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "apply_paths.json"), "w") as f:
+    suffix = "".join(c if c.isalnum() else "_" for c in args.writer_args.strip())
+    with open(os.path.join(args.out, f"apply_paths{'_' + suffix if suffix else ''}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return 0
 

@@ -135,7 +135,8 @@ def _patch_header(h: Header, update: Any, reset: bool = False) -> Header:
 
 
 def _event_kv(ev: Any, key: bytes, mod: int) -> KeyValue:
-    """The raw KeyValue of a put event (``key`` and ``mod`` already read from it)."""
+    """The raw KeyValue of a put event (``key`` and ``mod`` already read from it), as
+    KeySpace.apply's loop builds it (inline there: a call costs ~0.1 us an event)."""
     return KeyValue(key, bytes(ev.value), int(ev.create_revision), mod, int(ev.version), int(ev.lease), None)
 
 
@@ -284,7 +285,16 @@ class KeySpace:
                         kvs.remove(key)
                         self._excluded.discard(key)
                     else:
-                        kv = self._decode(_event_kv(ev, key, mod))
+                        raw = KeyValue(
+                            key,
+                            bytes(ev.value),
+                            int(ev.create_revision),
+                            mod,
+                            int(ev.version),
+                            int(ev.lease),
+                            None,
+                        )
+                        kv = self._decode(raw)
                         if kv is None:
                             self._excluded.add(key)
                             kvs.remove(key)
