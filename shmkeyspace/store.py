@@ -75,12 +75,16 @@ class PackedStore:
         revision: int,
     ) -> int:
         """KeySpace.apply's loop over ``responses`` (see its hook), in C. O(events)."""
-        if self.t_first is None:
+        fresh = self.t_first is None
+        if fresh:
             self.t_first = (time.thread_time_ns(), time.perf_counter_ns())
         assert self.applier is not None
-        return self.applier(
+        rev = self.applier(
             responses, root_key, floor, self.pending, self.builder, excluded, slow, skip, changed, revision
         )
+        if fresh and not changed:
+            self.t_first = None  # no update follows: the batch's stats start at the next one
+        return rev
 
     def __len__(self) -> int:
         n = len(self.builder)

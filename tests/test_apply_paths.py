@@ -18,6 +18,8 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import msgpack
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shmkeyspace import apply, decoders
 from shmkeyspace.etcd import WatchResponse
@@ -233,6 +235,53 @@ def test_fast_entries_are_pack_entry_bytes(kind: str) -> None:
             taken += 1
             assert got == want, (key, value)
     assert taken > 200
+
+
+_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+    | st.binary(max_size=300)
+)
+values = st.recursive(
+    _leaves,
+    lambda c: st.lists(c, max_size=20) | st.dictionaries(st.text(max_size=5), c, max_size=20),
+    max_leaves=40,
+)
+_revs = st.lists(st.integers(-(2**63), 2**63 - 1), min_size=4, max_size=4)
+
+
+def _reference(kind: str, key: bytes, value: bytes, revs: List[int]) -> Optional[bytes]:
+    from shmkeyspace.key_values import KeyValue
+
+    user = decoders.BUILTIN[kind]
+    try:
+        return pack_entry(key, user(KeyValue(key, value, *revs, None)), *revs, kind == "msgpack")
+    except Exception:
+        return None
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.binary(max_size=70), value=values, revs=_revs)
+def test_msgpack_values_pack_as_pack_entry_does(key: bytes, value: Any, revs: List[int]) -> None:
+    raw = msgpack.packb(value, use_bin_type=True)
+    got = apply.CompiledApply("msgpack").pack(key, raw, *revs)
+    if got is not None:
+        assert got == _reference("msgpack", key, raw, revs)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.binary(max_size=70), value=values, revs=_revs)
+def test_json_values_pack_as_pack_entry_does(key: bytes, value: Any, revs: List[int]) -> None:
+    try:
+        raw = json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    except TypeError:  # bytes in the value: not JSON
+        return
+    got = apply.CompiledApply("json").pack(key, raw, *revs)
+    if got is not None:
+        assert got == _reference("json", key, raw, revs)
 
 
 # -- real Writers, real etcd ---------------------------------------------------------------
