@@ -217,7 +217,8 @@ def main() -> int:
                 f"{lv['visible_s']:.2f} s (ack {lv['ack_s']:.2f}) | {cu['s']:.2f} s ({cu['x_live']:.2f}×) |"
             )
     os.makedirs(args.out, exist_ok=True)
-    suffix = "".join(c if c.isalnum() else "_" for c in args.writer_args.strip())
+    suffix = "_".join("".join(c if c.isalnum() else "_" for c in args.writer_args).split("_")).strip("_")
+    suffix = "_".join(x for x in suffix.split("_") if x)
     with open(os.path.join(args.out, f"apply_paths{'_' + suffix if suffix else ''}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return 0
