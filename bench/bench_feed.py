@@ -31,7 +31,7 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shmkeyspace import futex, segment  # noqa: E402
+from shmkeyspace import futex, publisher, segment  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.feed import ChangeLog  # noqa: E402
 from shmkeyspace.reader import Reader  # noqa: E402
@@ -41,7 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WAITER = r"""
 import json, sys, time
-from shmkeyspace import futex, segment
+from shmkeyspace import futex, segment, publisher
 from shmkeyspace.reader import Reader
 name, count, poll = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if poll:
@@ -96,7 +96,7 @@ def _publish_small(pub, b, rev):
 
 def wake_latency(waiters: int, publications: int, poll: bool) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     rev = 1
     _publish_small(pub, b, rev)
@@ -146,7 +146,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def idle_cpu(seconds: float, poll: bool) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     _publish_small(pub, ImageBuilder(), 1)
     p = subprocess.Popen(
         [sys.executable, "-c", IDLE, name, str(seconds), "1" if poll else "0"],
@@ -175,7 +175,7 @@ def idle_cpu(seconds: float, poll: bool) -> dict:
 def changes_cost(n_keys: int = 100_000, repeats: int = 2000) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
     keys = [b"/svc/g%04d/%06d" % (i // 100, i) for i in range(n_keys)]
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     log = ChangeLog()
     rev = 10
@@ -241,7 +241,7 @@ def _time(fn, repeats: int) -> float:
 
 def wake_cost() -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     try:
         _publish_small(pub, ImageBuilder(), 1)
         ctrl = segment.ControlView(name)

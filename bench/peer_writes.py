@@ -28,7 +28,7 @@ from typing import Callable, List
 import lmdb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shmkeyspace import segment  # noqa: E402
+from shmkeyspace import publisher  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
@@ -73,7 +73,7 @@ def lmdb_put(env: "lmdb.Environment") -> Callable[[int, bytes], None]:
 def main() -> None:
     name = "peerwrites-" + uuid.uuid4().hex[:8]
     builder = ImageBuilder()
-    with segment.Publisher(name, unlink_on_close=True) as pub:
+    with publisher.Publisher(name, unlink_on_close=True) as pub:
         builder.reset([(KEYS[i], entry(i, 1)) for i in range(N)], 1)
         parts, total = builder.parts()
         pub.publish(parts, total, 1, N, stable=builder.stable_span())

@@ -33,7 +33,7 @@ from scenarios import common  # noqa: E402
 from scenarios.peers import READER_UNPACKB, UNPACKER_NAME, LmdbPeer  # noqa: E402
 from xxhash import xxh3_64_intdigest  # noqa: E402
 
-from shmkeyspace import Reader, segment  # noqa: E402
+from shmkeyspace import Reader, publisher  # noqa: E402
 from shmkeyspace import reader as reader_mod  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
@@ -60,7 +60,7 @@ def main() -> None:
     name = f"prof-{uuid.uuid4().hex[:8]}"
     lm = LmdbPeer()
     try:
-        with segment.Publisher(name, unlink_on_close=True) as pub:
+        with publisher.Publisher(name, unlink_on_close=True) as pub:
             b = ImageBuilder()
             b.reset(items, n + 1)
             parts, total = b.parts()

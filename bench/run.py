@@ -189,10 +189,10 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
             if ctx.writer is not None:
                 ctx.writer.close(30)
             ctx.client.close()
-            from shmkeyspace import segment
+            from shmkeyspace import writerlock
 
             try:
-                segment.unlink_all(cfg.name)
+                writerlock.unlink_all(cfg.name)
             except Exception:
                 pass
 

@@ -14,14 +14,14 @@ import os
 import timeit
 import uuid
 
-from shmkeyspace import Reader, segment, trust
+from shmkeyspace import Reader, publisher, segment, trust
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.snapshot import pack_entry
 
 
 def main() -> None:
     name = f"bench-sec-{uuid.uuid4().hex[:8]}"
-    with segment.Publisher(name) as pub:
+    with publisher.Publisher(name) as pub:
         b = ImageBuilder()
         b.reset([(b"/s/a", pack_entry(b"/s/a", "v", 1, 1, 1, 0))], 1)
         parts, total = b.parts()

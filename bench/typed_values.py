@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.scenarios.common import median, time_interleaved, time_loop  # noqa: E402
 from bench.scenarios.peers import LmdbPeer  # noqa: E402
-from shmkeyspace import Reader, Writer, decoders, segment  # noqa: E402
+from shmkeyspace import Reader, Writer, decoders, writerlock  # noqa: E402
 from shmkeyspace._support import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> int:
             long_txn.close()
             lmdb.close()
         client.close()
-        segment.unlink_all(name)
+        writerlock.unlink_all(name)
         if srv is not None:
             srv.__exit__(None, None, None)
     return 0

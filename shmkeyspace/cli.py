@@ -812,11 +812,11 @@ _SOURCE_TEXT = {
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from . import procns, segment
+    from . import procns, segment, writerlock
 
     rows = []
     for n in segment.snapshot_names():
-        row: Dict[str, Any] = {"name": n, "writer_running": segment.writer_is_running(n)}
+        row: Dict[str, Any] = {"name": n, "writer_running": writerlock.writer_is_running(n)}
         try:
             with _open_reader(n) as r:
                 h = r.health()
@@ -848,12 +848,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_unlink(args: argparse.Namespace) -> int:
-    from . import segment
+    from . import segment, writerlock
     from .errors import WriterExistsError
 
     name = segment.validate_name(args.name)
     try:
-        removed = segment.unlink_all(name)
+        removed = writerlock.unlink_all(name)
     except WriterExistsError as exc:
         raise CliError(f"{exc}") from None
     if not removed:

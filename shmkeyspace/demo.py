@@ -580,7 +580,7 @@ class _Demo:
 
     def cleanup(self) -> None:
         """Stop everything this demo started. Safe to call at any point, more than once."""
-        from . import segment
+        from . import writerlock
 
         for c in self.children:
             try:
@@ -592,7 +592,7 @@ class _Demo:
             reap(self.writer, signal.SIGTERM, timeout=10)  # clean stop: it unlinks (--unlink-on-exit)
             self.writer = None
         try:
-            segment.unlink_all(self.name)  # in case the writer could not
+            writerlock.unlink_all(self.name)  # in case the writer could not
         except Exception:
             pass
         if self.client is not None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, U
 
 from xxhash import xxh3_64_intdigest
 
-from . import feed, futex, segment
+from . import feed, futex, segment, writerlock
 from .derived import Derived, Deriver
 from .errors import (
     ChangesTooOldError,
@@ -826,7 +826,7 @@ class Reader(_Base):
             and age < limit
             and not ctrl.retired
             and not ctrl.moved()
-            and segment.writer_is_running(self.name)
+            and writerlock.writer_is_running(self.name)
         )
         rec = ctrl.active_record(s1)
         # Never below the published revision: the writer has heard of at least that.
