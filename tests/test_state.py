@@ -455,11 +455,11 @@ def test_split_scan_agrees_with_one_pass(monkeypatch):
     """scan_image checks big images in two halves on two threads: same Top, same
     verdicts, bad entries named by their index in the image, and the order across
     the seam checked too."""
-    from shmkeyspace import builder as builder_mod
+    from shmkeyspace import kernels
     from shmkeyspace.builder import scan_image
     from shmkeyspace.snapshot import HEADER
 
-    monkeypatch.setattr(builder_mod, "_SPLIT_SCAN", 4)
+    monkeypatch.setattr(kernels, "SPLIT_SCAN", 4)
     items = [(f"/svc/k{i:02d}".encode(), i) for i in range(10)]
     b = ImageBuilder()
     b.reset([(k, pack_entry(k, i, 1, 10 + (i * 7) % 10, 1, 0)) for k, i in items], 100)
