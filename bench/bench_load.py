@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace import decoders  # noqa: E402
-from shmkeyspace._support import put_many  # noqa: E402
+from shmkeyspace.children import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.keyspace import KeySpace  # noqa: E402

@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 
 from bench.bench_load import PREFIX, key_of, seed, value_of  # noqa: E402
 from shmkeyspace import Reader, state, writerlock  # noqa: E402
-from shmkeyspace._support import writer_command  # noqa: E402
+from shmkeyspace.children import writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 

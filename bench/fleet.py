@@ -59,7 +59,7 @@ for p in (ROOT, BENCH_DIR):
 from scenarios.common import ETCD_ARGS, key_of, make_value, seed  # noqa: E402
 
 from shmkeyspace import Reader  # noqa: E402
-from shmkeyspace._support import child_env, percentile, writer_command  # noqa: E402
+from shmkeyspace.children import child_env, percentile, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdGrpcProxy, EtcdServer, process_cpu_seconds, scrape_metrics  # noqa: E402
 from shmkeyspace.errors import ShmKeyspaceError  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.scenarios.common import median, time_interleaved, time_loop  # noqa: E402
 from bench.scenarios.peers import LmdbPeer  # noqa: E402
 from shmkeyspace import Reader, Writer, decoders, writerlock  # noqa: E402
-from shmkeyspace._support import put_many  # noqa: E402
+from shmkeyspace.children import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.reader import IMPLEMENTATIONS  # noqa: E402

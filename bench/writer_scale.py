@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from shmkeyspace._support import memory, put_many, writer_command  # noqa: E402
+from shmkeyspace.children import memory, put_many, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.key_values import prefix_end  # noqa: E402
 

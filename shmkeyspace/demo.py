@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._support import ChildError, JsonChild, child_env, memory, percentile, put_many, reap
+from .children import ChildError, JsonChild, child_env, memory, percentile, put_many, reap
 from .errors import ShmKeyspaceError
 
 DEMO_PREFIX = "/demo/services"

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from shmkeyspace import segment, writerlock
-from shmkeyspace._support import child_env
+from shmkeyspace.children import child_env
 from shmkeyspace.embedded import EtcdServer
 from shmkeyspace.etcd import connect
 

@@ -21,7 +21,7 @@ from conftest import PYTHON
 from helpers_procs import shm_files
 
 from shmkeyspace import writerlock
-from shmkeyspace._support import writer_command
+from shmkeyspace.children import writer_command
 from shmkeyspace.cli import main, summarize
 from shmkeyspace.embedded import free_port
 

@@ -29,9 +29,9 @@ import time
 
 import helpers_procs as hp
 import pytest
+from helpers_procs import etcd_reachable
 
 from shmkeyspace import Reader, Writer
-from shmkeyspace._support import etcd_reachable
 from shmkeyspace.embedded import free_port
 from shmkeyspace.errors import NotSerializableError
 from shmkeyspace.etcd import connect
