@@ -6,7 +6,7 @@ here stay for the tests. Owns nothing in the library: it spawns Python children
 (a script given as text, run with the repo and ``tests/`` importable), stops
 them, waits for conditions, reads per-process facts from ``/proc`` (fd count,
 private RSS, shm mappings), scales test sizes between CI and the soak, and appends the counts a test wants
-reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/soak.py``).
+reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/scenarios/soak.py``).
 
 Children are plain ``subprocess.Popen`` objects so a test can SIGKILL, SIGSTOP
 or SIGCONT them by pid; every spawn should be paired with :func:`stop` in a

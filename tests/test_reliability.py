@@ -12,7 +12,7 @@ keys, values near etcd's request limit, and (soak only) a prefix of 1M keys.
 Every answer a reader gives is verified against the revision it claims (the
 schedules in ``torture.py`` and below make contents a function of the revision),
 and every test counts its faults and checked answers; CI runs small counts,
-``SHMKEYSPACE_SOAK=1`` (or ``bench/soak.py``) runs large ones and collects the
+``SHMKEYSPACE_SOAK=1`` (or ``bench/scenarios/soak.py``) runs large ones and collects the
 counts into a table (docs/reliability.md).
 """
 
@@ -38,7 +38,7 @@ from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end
 
 SOAK_ONLY = pytest.mark.skipif(
-    not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/soak.py)"
+    not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/scenarios/soak.py)"
 )
 
 

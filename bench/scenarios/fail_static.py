@@ -1,10 +1,10 @@
 """Fail static figures: warm start, restart behind etcd, persist cost (a script, not a test).
 
-    python bench/fail_static.py --keys 1000000          # the issue 12 figures (~10 min on 2 cores)
-    python bench/fail_static.py --keys 20000 --events 2000 --steady 10   # a quick run
+    ./run bench --only fail_static --keys 1000000          # the issue 12 figures (~10 min on 2 cores)
+    ./run bench --only fail_static --keys 20000 --events 2000 --steady 10   # a quick run
 
 One run, one private loopback etcd, real ``shmkeyspace writer`` processes with
-``--decoder json --state-dir``, keys seeded with ``bench_load.seed`` (~110 B JSON):
+``--decoder json --state-dir``, keys seeded with ``load.seed`` (~110 B JSON):
 
 1. **cold start**: spawn -> first full snapshot readable, loading from etcd
    (empty state dir); then the time until the first state file exists;
@@ -48,10 +48,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from bench.bench_load import PREFIX, key_of, seed, value_of  # noqa: E402
+from bench.scenarios.load import PREFIX, key_of, seed, value_of  # noqa: E402
 from shmkeyspace import Reader, state, writerlock  # noqa: E402
 from shmkeyspace.children import writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
