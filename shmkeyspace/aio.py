@@ -149,7 +149,7 @@ async def wait_for_revision(reader: AsyncSource, revision: int, timeout: Optiona
     """Await until ``reader``'s published revision is >= ``revision``; False on timeout.
 
     The asyncio twin of :meth:`Reader.wait_for_revision`: no thread of its own,
-    resumed ~0.1-0.3 ms after the publication (bench/bench_feed.py).
+    resumed ~0.1-0.3 ms after the publication (bench/scenarios/feed.py).
     """
     loop = asyncio.get_running_loop()
     n = _notifier(reader.name, reader.owner_uid)

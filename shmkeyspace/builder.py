@@ -27,7 +27,7 @@ It promises:
   arena and order are copied, every entry is checked once (the checks a resume
   relies on), the table is rebuilt. O(n) with no per-key objects: ~0.3 s at 1M
   keys in C, against ~8.7 s for re-adding the keys one by one in Python
-  (``python bench/fail_static.py``).
+  (``./run bench --only fail_static``).
 
 Memory: the image's own bytes (arena, 16 B of table per slot, 8 B of order per
 key) and nothing per key on the Python heap (a dict of keys and a list of them

@@ -30,7 +30,7 @@ Costs: the writer packs each publication's keys once (O(changed keys)) and
 re-joins the region per publication (one copy of at most ``max_bytes``); a reader's
 ``changes()`` checksums the head+table (16 B per entry kept), copies and unpacks
 only the entries newer than ``since`` and sorts their union: ~20 us for 100 keys
-(bench/bench_feed.py).
+(bench/scenarios/feed.py).
 """
 
 from __future__ import annotations

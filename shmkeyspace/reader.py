@@ -600,7 +600,7 @@ class Reader(_Base):
 
         Sleeps in the kernel on the shared seq word (futex.py), which the writer
         wakes after each publication: the waiter runs ~0.1 ms after a publication
-        and costs no CPU while idle (bench/bench_feed.py). Each sleep lasts at most
+        and costs no CPU while idle (bench/scenarios/feed.py). Each sleep lasts at most
         1 s, so a dead writer never holds a waiter past ``timeout`` and a restarted
         one is followed. Where futexes are unavailable it polls the seq word (one
         8-byte load), backing off from 0.5 to 4 ms. Reads the publication record,
@@ -658,7 +658,7 @@ class Reader(_Base):
         ``revision`` attribute is the published revision it is complete up to (pass it
         as the next ``since_revision``). Raises ChangesTooOldError when the writer's
         bounded log no longer reaches back to ``since_revision`` or a load/reload lies
-        in between. Cost: ~20 us for 100 keys (bench/bench_feed.py), independent of
+        in between. Cost: ~20 us for 100 keys (bench/scenarios/feed.py), independent of
         the snapshot's size.
         """
         since = int(since_revision)
