@@ -26,7 +26,7 @@ runs a batch of watch responses through when its writer's decoder is one of
 
 Which path a writer uses: ``Writer(apply_impl=...)``, else the environment's
 ``SHMKEYSPACE_APPLY`` ("c" or "python"), else "c" where available. Cost
-measured in ``bench/apply_paths.py``.
+measured in ``bench/scenarios/apply_paths.py``.
 
 Locking: runs under the KeySpace lock (inside KeySpace.apply), like the store.
 """

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection, List, Optional, Tuple
 
-from . import segment
+from . import publisher, segment
 from .errors import ImageTooLargeError, SegmentFullError, WriterLostError
 from .feed import ChangeLog
 from .keyspace import KeySpace
@@ -100,7 +100,7 @@ class UpdatePublisher:
         self,
         name: str,
         keyspace: KeySpace,
-        publisher: segment.Publisher,
+        publisher: publisher.Publisher,
         changelog: ChangeLog,
         identity: int,
         last: Tuple[int, int, int],

