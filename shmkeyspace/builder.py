@@ -170,6 +170,15 @@ class ImageBuilder:
         o = ol & _M32
         return bytes(self.arena[o : o + (ol >> 32)])
 
+    def entry_size(self, key: bytes) -> int:
+        """Bytes of ``key``'s packed entry, 0 if absent. O(1): one probe."""
+        slot, ol = self._k.find(self._table, self.arena, key)
+        return 0 if slot < 0 else ol >> 32
+
+    def entry_sizes(self) -> List[Tuple[bytes, int]]:
+        """``(key, packed entry bytes)`` of every key, in key order. O(n) (accounting.py)."""
+        return list(zip(self.keys, self._order[1::2]))
+
     # -- full rebuild --------------------------------------------------------------
     def begin(self) -> None:
         """Start a load: clear everything; then :meth:`add_sorted` each entry, then :meth:`finish`."""

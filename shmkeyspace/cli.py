@@ -118,6 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
         "[SHMKEYSPACE_DECODER, default raw]",
     )
     w.add_argument(
+        "--transform",
+        default=env("TRANSFORM"),
+        metavar="MODULE:FUNCTION",
+        help="a projection: FUNCTION(key, decoded) returns what readers get (e.g. the value without "
+        "the fields no reader reads), run in the writer before packing; a key it raises for is left "
+        "out and logged [SHMKEYSPACE_TRANSFORM]",
+    )
+    w.add_argument(
+        "--account-depth",
+        type=_non_negative_int,
+        default=env("ACCOUNT_DEPTH"),
+        metavar="N",
+        help="keep keys and bytes per prefix (the key's directory, at most N path segments from the key's "
+        "start: 2 groups /services/x/y under /services/x/) for the metrics "
+        "(shmkeyspace_writer_prefix_bytes) [SHMKEYSPACE_ACCOUNT_DEPTH, default off]",
+    )
+    w.add_argument(
         "--apply-delay",
         type=_non_negative_float,
         default=env("APPLY_DELAY", "30"),
@@ -304,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("--endpoints", default=None, metavar="HOST:PORT[,...]", help="etcd to compare with")
     s.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S", help=argparse.SUPPRESS)
+    s.add_argument(
+        "--prefixes",
+        type=_non_negative_int,
+        default=None,
+        metavar="DEPTH",
+        help="also show keys and bytes per prefix: each key's directory, at most DEPTH path segments "
+        "from its start (2: /services/x/ for /services/x/y); reads every key of the snapshot",
+    )
     _json_arg(s)
     s.set_defaults(func=cmd_stat)
 

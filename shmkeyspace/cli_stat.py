@@ -12,7 +12,7 @@ import argparse
 import datetime
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from .cli_common import (
     EXIT_OK,
@@ -28,8 +28,14 @@ from .cli_common import (
 def cmd_stat(args: argparse.Namespace) -> int:
     from . import procns
 
+    groups = None
     with open_reader(args.name) as r:
         h = r.health()
+        if args.prefixes is not None:
+            from . import accounting
+
+            with r.snapshot(copy=True) as snap:
+                groups = accounting.top(accounting.account(snap.entry_sizes(), args.prefixes))
     info: Dict[str, Any] = dict(h._asdict())
     # writer_pid is the writer's pid in its own PID namespace (1 in a container).
     where = procns.locate(h.writer_pid, h.writer_pidns)
@@ -37,6 +43,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
     info["writer_pid_namespace"] = where.namespace
     # Which read path this installation uses ("c": compiled; "python": pure Python).
     info["reader_implementation"] = r.implementation
+    if groups is not None:
+        info["prefixes"] = [{"prefix": p, "keys": k, "bytes": b} for p, k, b in groups]
     if args.endpoints:
         from .etcd import connect
 
@@ -96,7 +104,19 @@ def cmd_stat(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+    if groups is not None:
+        print()
+        _print_prefixes(groups)
     return EXIT_OK
+
+
+def _print_prefixes(groups: List[Tuple[str, int, int]]) -> None:
+    """The ``stat --prefixes`` table: prefix, keys, bytes, share of the image's entries."""
+    total = sum(b for _, _, b in groups) or 1
+    pw = max([len("prefix")] + [len(p) for p, _, _ in groups])
+    print(f"{'prefix':<{pw}}  {'keys':>10}  {'bytes':>12}  {'share':>6}")
+    for p, k, b in groups:
+        print(f"{p:<{pw}}  {k:>10}  {human_bytes(b):>12}  {100 * b / total:5.1f}%")
 
 
 def _persist_text(h: Any) -> str:

@@ -46,6 +46,7 @@ def cmd_writer(args: argparse.Namespace) -> int:
         )
     name = segment.validate_name(args.name)
     decoder = decoders.resolve(args.decoder)
+    transform = decoders.resolve_function(args.transform, "transform") if args.transform else None
     gid = _resolve_group(args.group)
     mode = args.mode if args.mode is not None else (0o640 if gid is not None else 0o600)
     password = args.password if args.password is not None else env("ETCD_PASSWORD")
@@ -89,6 +90,9 @@ def cmd_writer(args: argparse.Namespace) -> int:
         stale_after=args.stale_after,
         watch_silence=args.watch_silence,
         view_grace=args.view_grace,
+        transform=transform,
+        transform_name=args.transform,
+        account_depth=args.account_depth,
     )
     metrics_server = None
     if args.metrics_port:

@@ -176,6 +176,23 @@ class WriterCollector(Collector):
         )
         yield _gauge("shmkeyspace_writer_keys", "Keys in the published snapshot.", n, keys)
         yield _gauge("shmkeyspace_writer_bytes", "Bytes of the published snapshot image.", n, nbytes)
+        groups = w.prefix_bytes()
+        if groups is not None:  # --account-depth: per prefix, the largest 100 and "(other)"
+            gk = GaugeMetricFamily(
+                "shmkeyspace_writer_prefix_keys",
+                "Keys per prefix (--account-depth).",
+                labels=["name", "prefix"],
+            )
+            gb = GaugeMetricFamily(
+                "shmkeyspace_writer_prefix_bytes",
+                "Bytes of packed entries per prefix (--account-depth; after any --transform).",
+                labels=["name", "prefix"],
+            )
+            for prefix, k, b in groups:
+                gk.add_metric([n, prefix], k)
+                gb.add_metric([n, prefix], b)
+            yield gk
+            yield gb
 
     def close(self) -> None:
         if self._ctrl is not None:

@@ -264,6 +264,14 @@ class SnapshotView:
     def __len__(self) -> int:
         return self._check(self._view.count)
 
+    def entry_sizes(self) -> List[Tuple[bytes, int]]:
+        """``(raw key, bytes its entry takes in the image)`` of every entry, in key order.
+
+        O(n), keys only (no value is decoded): ~1 s at 1M keys. What
+        ``shmkeyspace stat --prefixes`` groups (accounting.py).
+        """
+        return self._run(lambda _kern: self._view.entry_sizes())
+
     def __iter__(self) -> Iterator[Entry]:
         return iter(self._run(self._impl.range, b"", None))
 

@@ -70,10 +70,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import apply, publisher, segment, state
-from .errors import InvalidSettingError, WriterLostError
+from . import accounting, apply, publisher, segment, state
+from .errors import InvalidSettingError, TransformError, WriterLostError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue
 from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, DEFAULT_WATCH_SILENCE, KeySpace
@@ -81,7 +81,7 @@ from .persist import DEFAULT_PERSIST_INTERVAL, Persister
 from .publish import PublishObserver, PublishStats, UpdatePublisher
 from .resume import Resumer
 from .session import EtcdSession
-from .snapshot import MAX_IMAGE, pack_entry
+from .snapshot import MAX_IMAGE, entry_key, pack_entry
 from .store import PackedLoader, PackedStore
 
 #: Default ``view_grace`` (``--view-grace``): every snapshot view stays valid at
@@ -128,9 +128,14 @@ class Writer:
         watch_silence: Optional[float] = DEFAULT_WATCH_SILENCE,
         view_grace: float = DEFAULT_VIEW_GRACE,
         apply_impl: Optional[str] = None,
+        transform: Optional[Callable[[Any, Any], Any]] = None,
+        transform_name: Optional[str] = None,
+        account_depth: Optional[int] = None,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
+        if account_depth is not None and not account_depth >= 0:
+            raise InvalidSettingError(f"account_depth must be >= 0 path segments, got {account_depth!r}")
         if not stale_after > 0:
             raise InvalidSettingError(f"stale_after must be > 0 seconds, got {stale_after!r}")
         if watch_silence is not None and not watch_silence >= 0:
@@ -141,7 +146,13 @@ class Writer:
         #: re-opened although reads succeed (KeySpace.watch); None or 0: no bound.
         self.watch_silence = watch_silence or None
         self._max_image = max_image_bytes
-        self._apply_kind = apply.compiled_kind(decoder)
+        #: The writer-side projection: ``transform(key, decoded) -> what readers get``
+        #: (key: str, or bytes when not UTF-8), run after the decoder, before packing.
+        #: A transform that raises leaves the key out, as a decoder failure does.
+        self.transform = transform
+        # A transform is Python code: the event loop stays in Python (apply.py
+        # compiles the built-in decoders alone).
+        self._apply_kind = apply.compiled_kind(decoder) if transform is None else None
         self._applier: Optional[apply.CompiledApply] = None
         self._apply_impl = "python"
         self._set_apply_impl(apply_impl or apply.default_impl())
@@ -153,7 +164,8 @@ class Writer:
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
         self._user_decoder = decoder or (lambda kv: kv.value)
-        self._verify = not getattr(decoder, "msgpack_safe", decoder is None)
+        # What a transform returns is not known to be readable: round-trip it.
+        self._verify = transform is not None or not getattr(decoder, "msgpack_safe", decoder is None)
         self.session = EtcdSession(
             self.name, client, endpoints, connect_args or {}, stale_after, self.keyspace.root_key
         )
@@ -162,6 +174,12 @@ class Writer:
             raise InvalidSettingError(f"persist_interval must be > 0 seconds, got {persist_interval!r}")
         #: Recorded in the state file; a file written under another decoder is refused.
         self.decoder_name = decoder_name or _callable_name(decoder)
+        self.transform_name: Optional[str] = None
+        if transform is not None:
+            # Part of what the images are a mirror of: a state file or predecessor
+            # image made under another projection is not taken over.
+            self.transform_name = transform_name or _callable_name(transform)
+            self.decoder_name += f"|transform={self.transform_name}"
         # Checked before any segment exists: a writer that cannot start leaves nothing behind.
         self.state_dir = state.prepare_dir(state_dir) if state_dir else None
         self.publisher = publisher.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
@@ -238,6 +256,9 @@ class Writer:
             threads=self._threads,
         )
         self.publishing.attach(self.persister, self.resumer)
+        if account_depth is not None:
+            #: Keys and bytes per prefix (accounting.py; metrics), or None: off.
+            self.publishing.accounting = accounting.PrefixBytes(account_depth)
         if self.state_dir:
             state.remove_temps(self.state_dir, self.name)  # we hold the writer lock now
 
@@ -271,9 +292,17 @@ class Writer:
 
     # -- decode + pack (the KeySpace's decoder) -----------------------------------
     def _pack(self, kv: KeyValue) -> bytes:
+        decoded = self._user_decoder(kv)
+        if self.transform is not None:
+            try:
+                decoded = self.transform(entry_key(kv.key), decoded)
+            except Exception as exc:
+                raise TransformError(
+                    f"transform {self.transform_name} rejected key {kv.key!r}: {exc!r}"
+                ) from exc
         return pack_entry(
             kv.key,
-            self._user_decoder(kv),
+            decoded,
             kv.create_revision,
             kv.mod_revision,
             kv.version,
@@ -301,6 +330,12 @@ class Writer:
         self.publishing.add_observer(fn)
 
     # -- state --------------------------------------------------------------------
+    def prefix_bytes(self) -> Optional[List[Tuple[str, int, int]]]:
+        """``(prefix, keys, bytes)`` per prefix, largest first (accounting.top), or None when
+        ``account_depth`` is off. Thread-safe (a copy). O(prefixes)."""
+        acc = self.publishing.accounting
+        return None if acc is None else accounting.top(acc.snapshot())
+
     @property
     def error(self) -> Optional[BaseException]:
         """The error :meth:`run` stopped on, or None (still running, or stopped cleanly)."""
