@@ -51,6 +51,7 @@ STANDALONE = {
     "fleet": "K writers direct vs one grpc-proxy, --fanout for bare watches (issue 15; ~20 min)",
     "load": "KeySpace load and apply against a private etcd",
     "peer_writes": "1-key write cost at 100k keys beside the peers",
+    "projections": "image, load and cold get with a writer-side transform vs without (issue 23)",
     "profile_reader": "where a get's time goes: step by step and a cProfile",
     "security_cost": "trust checks vs a whole Reader attach (issue 16; seconds)",
     "security_repro": "the issue-16 squat by nobody, end to end (needs root, setpriv)",
