@@ -56,6 +56,7 @@ STANDALONE = {
     "security_cost": "trust checks vs a whole Reader attach (issue 16; seconds)",
     "security_repro": "the issue-16 squat by nobody, end to end (needs root, setpriv)",
     "soak": "the opt-in reliability soak: fault and fuzz tests at large counts",
+    "sync": "Reader.sync() latency vs etcd's round trip and the apply delay (issue 23)",
     "targets_table": "print results.json's targets as one table [FILE]",
     "typed_values": "msgspec Struct-typed gets vs dicts vs py-lmdb (issue 23)",
     "watch_stream": "watch apply throughput: our stream vs the client library's watcher",

@@ -48,6 +48,9 @@ _EXPORTS = {
     "SegmentPermissionError": "errors",
     "WriterStartError": "errors",
     "StateFileError": "errors",
+    "SyncError": "errors",
+    "SyncTimeoutError": "errors",
+    "TransformError": "errors",
     "UntrustedSegmentError": "errors",
     "ImageTooLargeError": "errors",
 }

@@ -50,7 +50,7 @@ class AsyncSource(Protocol):
 
 log = logging.getLogger(__name__)
 
-__all__ = ["wait_for_revision", "watch"]
+__all__ = ["sync", "wait_for_revision", "watch"]
 
 _SLICE = 0.5  # longest kernel sleep while futures wait: cancelled ones are dropped this often
 
@@ -143,6 +143,17 @@ def _notifier(name: str, owner_uid: int) -> _Notifier:
         if n is None:
             n = _notifiers[name, owner_uid] = _Notifier(name, owner_uid)
         return n
+
+
+async def sync(reader: AsyncSource, timeout: float = 5.0) -> int:
+    """:meth:`Reader.sync` without blocking the event loop (no thread: it awaits the writer's socket).
+
+    Returns the etcd revision the published snapshot is current through; raises
+    SyncError / SyncTimeoutError like the Reader's.
+    """
+    from . import consistent
+
+    return await consistent.request_async(reader.name, reader.owner_uid, timeout)
 
 
 async def wait_for_revision(reader: AsyncSource, revision: int, timeout: Optional[float] = None) -> bool:

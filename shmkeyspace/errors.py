@@ -153,6 +153,15 @@ class TransformError(ShmKeyspaceError, ValueError):
     """The writer's transform (projection) raised for a value: that key is left out."""
 
 
+class SyncError(ShmKeyspaceError):
+    """``Reader.sync()`` could not make the snapshot current: the message says why
+    (no writer answering, etcd unreachable from the writer, publications failing)."""
+
+
+class SyncTimeoutError(SyncError, TimeoutError):
+    """``Reader.sync()`` got no answer within its timeout."""
+
+
 class EtcdConnectError(ShmKeyspaceError, ConnectionError):
     """etcd does not answer at the given endpoints."""
 

@@ -595,6 +595,23 @@ class Reader(_Base):
         return img
 
     # -- waiting and health ----------------------------------------------------------
+    def sync(self, timeout: float = 5.0) -> int:
+        """Make this reader's next query see every change etcd committed under the prefix
+        before this call: read-your-writes across processes, without a watch here.
+
+        The writer makes a linearizable read of etcd's revision R after the request
+        arrives, asks its watch for progress, and answers once its published
+        snapshot is current through R (consistent.py); returns R. Costs a round
+        trip to the writer plus one to etcd's leader, a progress notification and
+        the writer's apply delay (``./run bench --only sync``). Raises
+        :class:`SyncTimeoutError` after ``timeout`` seconds and :class:`SyncError`
+        when no writer answers, etcd does not answer the writer, or its
+        publications fail. Thread-safe; calls from many processes share rounds.
+        """
+        from . import consistent
+
+        return consistent.request(self.name, self.owner_uid, timeout)
+
     def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
         """Sleep until the published revision is >= ``revision``; False on timeout.
 

@@ -72,7 +72,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import accounting, apply, publisher, segment, state
+from . import accounting, apply, consistent, publisher, segment, state
 from .errors import InvalidSettingError, TransformError, WriterLostError
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue
@@ -131,6 +131,7 @@ class Writer:
         transform: Optional[Callable[[Any, Any], Any]] = None,
         transform_name: Optional[str] = None,
         account_depth: Optional[int] = None,
+        sync: bool = True,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
@@ -201,6 +202,9 @@ class Writer:
         self.keyspace.on_contact = self.publisher.set_contact
         self.heartbeat_interval = heartbeat_interval
         self.unlink_on_exit = unlink_on_exit
+        self._sync_args = (mode, gid) if sync else None
+        #: Answers readers' sync() while the watch runs (consistent.py), or None.
+        self.sync_server: Optional[consistent.SyncServer] = None
         #: Turns every KeySpace update into one publication (publish.py).
         self.publishing = UpdatePublisher(
             self.name, self.keyspace, self.publisher, self.changelog, self.identity, last, self._lose
@@ -526,6 +530,7 @@ class Writer:
                 else:
                     self.load()
             if not self._stop.is_set():
+                self._start_sync_server()
                 early = self.resumer.take_early()
                 self.keyspace.watch(
                     self.connect(),
@@ -549,7 +554,61 @@ class Writer:
             raise exc
         finally:
             self._stop.set()
+            self._close_sync_server()
             self._done.set()
+
+    # -- consistent reads (consistent.py) ---------------------------------------------------
+    def _start_sync_server(self) -> None:
+        if self._sync_args is None or self.sync_server is not None:
+            return
+        mode, gid = self._sync_args
+        self.sync_server = consistent.SyncServer(
+            self.name,
+            self._sync_target,
+            self._sync_reached,
+            mode=mode,
+            gid=gid,
+            timeout=max(1.0, self.stale_after),
+        )
+
+    def _close_sync_server(self) -> None:
+        s, self.sync_server = self.sync_server, None
+        if s is not None:
+            s.close()
+
+    def _sync_target(self) -> Tuple[int, Tuple[int, int, int]]:
+        """``(R, (R, keys, newest mod_revision))`` under the prefix, read linearizably at etcd's
+        current revision R (consistent.py says why these). Two Range requests; raises when
+        etcd does not answer."""
+        from .key_values import prefix_end
+
+        root = self.keyspace.root_key
+        end = prefix_end(root) or b"\0"
+        c = self.connect()
+        counted = c.get_range_response(root, end, count_only=True)
+        rev = int(counted.header.revision)
+        top = c.get_range_response(
+            root, end, limit=1, sort_order="descend", sort_target="mod", keys_only=True, revision=rev
+        )
+        return rev, (rev, int(counted.count), int(top.kvs[0].mod_revision) if top.kvs else 0)
+
+    def _sync_reached(self, target: Tuple[int, int, int]) -> Optional[bool]:
+        """Whether the published snapshot holds every change under the prefix up to ``target``'s
+        revision; None while it cannot (a publication failing, or not caught up since a restart)."""
+        rev, count, top = target
+        ks = self.keyspace
+        with ks.lock:
+            # Read under the lock apply() holds through its publication: what is seen
+            # here was applied and published.
+            if self.publishing.unpublished or self.publisher.source != segment.SOURCE_ETCD:
+                return None
+            mine = ks.header.revision
+            # Past rev: every event up to rev was delivered in order and applied. At or
+            # past top with etcd's count: only deletions can follow top, each one
+            # lowering the count, so none is missing.
+            return mine >= rev or (
+                mine >= top and len(ks.key_values) + self.publishing.excluded_count == count
+            )
 
     def start(self) -> "Writer":
         """Publish, then run the watch on a thread; returns once the first snapshot is published.
@@ -559,6 +618,7 @@ class Writer:
         """
         if not self.loaded.is_set() and not self.restore():
             self.load()
+        self._start_sync_server()  # before returning: a sync() right after start() finds it
         t = threading.Thread(target=self._run_quietly, daemon=True, name="shmkeyspace-writer")
         self._threads.append(t)
         t.start()
@@ -615,6 +675,7 @@ class Writer:
                 self.persist_now()  # the last publication survives a clean exit
         except Exception:
             log.exception("final write of the state file of %r failed", self.name)
+        self._close_sync_server()
         with self.keyspace.lock:
             self.publishing.close(unlink=self.unlink_on_exit)
         self.session.close()
