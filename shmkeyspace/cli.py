@@ -723,9 +723,15 @@ def _print_entries(entries: List[Any], args: argparse.Namespace) -> int:
 
 def cmd_stat(args: argparse.Namespace) -> int:
     from . import procns
+    from .errors import SegmentNotFoundError
 
-    with _open_reader(args.name) as r:
-        h = r.health()
+    try:
+        with _open_reader(args.name) as r:
+            h = r.health()
+    except SegmentNotFoundError as exc:
+        if "no publication yet" not in str(exc):
+            raise
+        return _stat_loading(args)
     info: Dict[str, Any] = dict(h._asdict())
     # writer_pid is the writer's pid in its own PID namespace (1 in a container).
     where = procns.locate(h.writer_pid, h.writer_pidns)
@@ -784,10 +790,64 @@ def cmd_stat(args: argparse.Namespace) -> int:
     ]
     if h.persists or h.persist_failures:
         rows.append(("state file", _persist_text(h)))
+    if h.load_state != "idle" or h.load_page_retries or h.load_restarts:
+        rows.append(
+            ("full load", _load_text(h.load_state, h.load_keys, h.load_page_retries, h.load_restarts))
+        )
     if h.retired:
         rows.append(("segments", "RETIRED: removed by their writer or unlink; no newer writer to follow yet"))
     rows += [
         ("read path", f"{r.implementation}  (SHMKEYSPACE_PURE_PYTHON=1 forces python)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return EXIT_OK
+
+
+def _load_text(state: str, keys: int, retries: int, restarts: int) -> str:
+    """The full-load row of ``stat``: its state, keys so far, retries and restarts."""
+    what = {
+        "loading": f"LOADING ({keys} keys so far)",
+        "waiting": f"WAITING to retry (a slow page or a failed load; {keys} keys read)",
+    }.get(state, "done")
+    return f"{what}; {retries} pages retried, {restarts} loads restarted"
+
+
+def _stat_loading(args: argparse.Namespace) -> int:
+    """``stat`` of a name whose writer has not published yet: its control block only."""
+    from . import segment
+    from .reader import load_words
+
+    ctrl = segment.ControlView(args.name)
+    try:
+        w = ctrl.words
+        pid, hb = w[segment.OFF_PID // 8], w[segment.OFF_HEARTBEAT // 8]
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else None
+        state, keys, retries, restarts = load_words(w)
+    finally:
+        ctrl.close()
+    alive = pid != 0 and age is not None and age < 5.0 and segment.writer_is_running(args.name)
+    info = {
+        "name": args.name,
+        "published": False,
+        "writer_alive": alive,
+        "writer_pid": pid,
+        "heartbeat_age": age,
+        "load_state": state,
+        "load_keys": keys,
+        "load_page_retries": retries,
+        "load_restarts": restarts,
+    }
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    hbt = "never" if age is None else f"{age:.1f} s ago"
+    rows = [
+        ("name", args.name),
+        ("writer", f"{'alive' if alive else 'NOT RUNNING'} (pid {pid}, heartbeat {hbt})"),
+        ("snapshot", "none published yet"),
+        ("full load", _load_text(state, keys, retries, restarts)),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -126,6 +126,13 @@ class Health(NamedTuple):
     #: True while this reader serves a block its writer gave up (removed with
     #: ``unlink``, or lost) and the name has no newer one this reader may follow yet.
     retired: bool = False
+    #: The writer's full load: "idle" (none running), "loading", or "waiting" (a
+    #: backoff after a slow page or a failed load); keys read by the load running
+    #: or the last one, pages asked again, loads started again (cumulative).
+    load_state: str = "idle"
+    load_keys: int = 0
+    load_page_retries: int = 0
+    load_restarts: int = 0
 
 
 # -- the two implementations of the query kernels --------------------------------------
@@ -865,7 +872,18 @@ class Reader(_Base):
             max(0.0, time.time() - ok_ns / 1e9) if ok_ns else None,
             max(0.0, time.time() - fail_ns / 1e9) if fail_ns else None,
             ctrl.retired,
+            *load_words(w),
         )
+
+
+def load_words(w: Any) -> Tuple[str, int, int, int]:
+    """The control block's full-load words: (state, keys, page retries, restarts). O(1)."""
+    return (
+        segment.LOAD_STATE_NAMES.get(w[segment.OFF_LOAD_STATE // 8], "idle"),
+        w[segment.OFF_LOAD_KEYS // 8],
+        w[segment.OFF_LOAD_RETRIES // 8],
+        w[segment.OFF_LOAD_RESTARTS // 8],
+    )
 
 
 class TypedView:

@@ -149,6 +149,14 @@ OFF_PERSISTS = 320
 OFF_PERSIST_FAILURES = 328
 OFF_PERSIST_NS = 336
 OFF_PERSIST_FAIL_NS = 344
+#: The writer's full load: LOAD_* state below, keys read so far, pages asked again
+#: (timeouts), loads started again from the first key (load.py, Writer.load).
+OFF_LOAD_STATE = 352
+OFF_LOAD_KEYS = 360
+OFF_LOAD_RETRIES = 368
+OFF_LOAD_RESTARTS = 376
+LOAD_IDLE, LOAD_LOADING, LOAD_WAITING = 0, 1, 2
+LOAD_STATE_NAMES = {LOAD_IDLE: "idle", LOAD_LOADING: "loading", LOAD_WAITING: "waiting"}
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, feed_len.
 # feed_len: bytes of the change feed region (feed.py) written right after the image,
 # at offset + feed_offset(length); 0 = no feed (writers before the feed wrote 0 here).
@@ -601,7 +609,16 @@ class Publisher:
         self._words[OFF_SOURCE // 8] = SOURCE_UNKNOWN
         self._words[OFF_ETCD_REV // 8] = prev.revision if prev is not None else 0
         self._words[OFF_STALE_AFTER // 8] = 0
-        for off in (OFF_PERSISTS, OFF_PERSIST_FAILURES, OFF_PERSIST_NS, OFF_PERSIST_FAIL_NS):
+        for off in (
+            OFF_PERSISTS,
+            OFF_PERSIST_FAILURES,
+            OFF_PERSIST_NS,
+            OFF_PERSIST_FAIL_NS,
+            OFF_LOAD_STATE,
+            OFF_LOAD_KEYS,
+            OFF_LOAD_RETRIES,
+            OFF_LOAD_RESTARTS,
+        ):
             self._words[off // 8] = 0
         self.heartbeat()
 
@@ -724,6 +741,18 @@ class Publisher:
             w[OFF_PERSIST_FAILURES // 8] = failures
             w[OFF_PERSIST_NS // 8] = ok_ns
             w[OFF_PERSIST_FAIL_NS // 8] = fail_ns
+        except ValueError:  # released by close()
+            pass
+
+    def set_load_status(self, state: str, keys: int, retries: int, restarts: int) -> None:
+        """Publish the full load's state ("idle", "loading", "waiting") and counters. O(1)."""
+        codes = {v: k for k, v in LOAD_STATE_NAMES.items()}
+        w = self._words
+        try:
+            w[OFF_LOAD_STATE // 8] = codes.get(state, LOAD_IDLE)
+            w[OFF_LOAD_KEYS // 8] = keys
+            w[OFF_LOAD_RETRIES // 8] = retries
+            w[OFF_LOAD_RESTARTS // 8] = restarts
         except ValueError:  # released by close()
             pass
 
