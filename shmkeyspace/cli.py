@@ -525,7 +525,9 @@ def cmd_writer(args: argparse.Namespace) -> int:
         _exit_with_parent()
 
     from .etcd import parse_endpoints
-    from .writer import Writer
+    from .writer import Writer, tune_heap
+
+    tune_heap()  # the daemon's own process: keep a full load's garbage out of its RSS
 
     parse_endpoints(args.endpoints)  # a bad address is a usage error before any side effect
     connect_args = dict(

@@ -298,6 +298,9 @@ def fetch(
         sink.add(resp.kvs)
         if nxt is None:
             break
+        # Dropped before the next page lands: at most one page's protobuf is alive
+        # once this one is decoded (a page is up to PAGE_BYTES on the wire and ~2x parsed).
+        del resp
         resp, got_limit = nxt.result()
         if not resp.kvs:
             break
