@@ -500,8 +500,12 @@ def _setup_logging(level: str) -> None:
 # -- writer -----------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    """Raised by the signal handler to abandon a long initial load."""
+class _Interrupted(BaseException):
+    """Raised by the signal handler to abandon a long initial load.
+
+    A BaseException, like KeyboardInterrupt: the load's retries (Writer.load,
+    load.range_page) catch Exception and must not swallow it.
+    """
 
 
 def cmd_writer(args: argparse.Namespace) -> int:

@@ -21,6 +21,11 @@ order, while that lock is still held. It promises:
   the next endpoint). A member that loses its leader cancels the stream
   (require-leader metadata).
 
+Parts kept in modules of their own: the full load (streamed or paged, its
+retries: ``load.py``, :func:`~shmkeyspace.load.fetch`) and the watch streams
+(:class:`~shmkeyspace.watch.WatchSession`, :class:`~shmkeyspace.watch.WatchThread`:
+``watch.py``); the names above stay importable from here.
+
 The etcd client is anything with the python-etcd3 API (``etcd3`` or
 ``etcd-sdk-python``'s ``pyetcd``); see :mod:`shmkeyspace.etcd`.
 """
@@ -44,7 +49,7 @@ from .errors import (
 )
 from .key_values import KeyValue, KeyValues, to_key
 from .load import FIRST_PAGE, MIN_TIMEOUT_PAGE, PAGE_BYTES, LoadStatus, fetch
-from .watch import WatchSession, WatchThread, is_progress
+from .watch import WatchSession, WatchThread, pump
 
 #: The old private name of WatchSession (tests patch it).
 _Session = WatchSession
@@ -503,7 +508,7 @@ class KeySpace:
                 continue
             log.info("watching %r from revision %d", self.root, self.header.revision + 1)
             try:
-                err = self._pump(q, stop, session)
+                err = pump(self, q, stop, session)
             finally:
                 session.close()
             if err is None or self._handle_watch_error(client, err):
@@ -531,45 +536,6 @@ class KeySpace:
             )
             stop.wait(backoff)
             backoff = min(max_backoff, backoff * 2)
-
-    def _pump(
-        self, q: "queue.Queue[Any]", stop: threading.Event, session: "WatchSession"
-    ) -> Optional[BaseException]:
-        """Apply batches from ``q`` until an error arrives, contact is lost, or ``stop`` is set."""
-        while not stop.is_set():
-            lost = session.tick()
-            if lost is not None:
-                return lost
-            try:
-                first = q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(first, BaseException):
-                return first
-            batch = [first]
-            err = None
-            deadline = time.monotonic() + self.watch_apply_delay
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, BaseException):
-                    err = item
-                    break
-                batch.append(item)
-            # Eventless answers are contact (counted on arrival), news only when they
-            # are progress notifications from a member level with the mirror: a
-            # member just failed over to may lag behind it, and etcd's gRPC proxy
-            # makes up "created" answers with ClusterId 0 for watches it coalesces.
-            rev = self.header.revision
-            batch = [r for r in batch if r.events or is_progress(r, rev)]
-            if batch:
-                self.apply(*batch)
-            if err is not None:
-                return err
-        return None
 
     def _check_start(self, client: Any, start: Optional[int] = None) -> None:
         """Raise :class:`StartCompactedError` if a watch from ``header.revision + 1`` would be compacted.

@@ -159,6 +159,46 @@ class WatchSession:
             _cancel(self.client, self.watch_id)
 
 
+def pump(
+    ks: "KeySpace", q: "queue.Queue[Any]", stop: threading.Event, session: WatchSession
+) -> Optional[BaseException]:
+    """Apply batches from ``q`` to ``ks`` until an error arrives, contact is lost, or ``stop`` is set."""
+    while not stop.is_set():
+        lost = session.tick()
+        if lost is not None:
+            return lost
+        try:
+            first = q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if isinstance(first, BaseException):
+            return first
+        batch = [first]
+        err = None
+        deadline = time.monotonic() + ks.watch_apply_delay
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                item = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BaseException):
+                err = item
+                break
+            batch.append(item)
+        # Eventless answers are contact (counted on arrival), news only when they
+        # are progress notifications from a member level with the mirror: a
+        # member just failed over to may lag behind it, and etcd's gRPC proxy
+        # makes up "created" answers with ClusterId 0 for watches it coalesces.
+        rev = ks.header.revision
+        batch = [r for r in batch if r.events or is_progress(r, rev)]
+        if batch:
+            ks.apply(*batch)
+        if err is not None:
+            return err
+    return None
+
+
 class WatchThread:
     """A KeySpace watch running on its own thread. ``stop()`` returns within ~1 s."""
 
