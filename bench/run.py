@@ -5,6 +5,7 @@
     ./run bench --keys 10000,100000,1000000      # add 1M keys
     ./run bench --smoke                          # tiny, < 60 s (used by tests/test_bench_smoke.py)
     ./run bench --only reads,writer --out /tmp/b
+    ./run bench --only fail_static --keys 1000000   # a standalone scenario, its own options
 
 For each (key count, value size) a private etcd is started and seeded through
 transactions, a real Writer process loads and publishes the prefix, and every
@@ -40,6 +41,34 @@ from scenarios import writer as writer_scenario  # noqa: E402
 from scenarios.peers import UNPACKER_NAME, DictPeer, EtcdPeer, LmdbPeer, SmdPeer, smd_available  # noqa: E402
 
 SCENARIOS = ["reads", "scaling", "memory", "writer", "visibility"]
+#: Scenarios that set up what they measure themselves (their own etcd, writers,
+#: options): ``--only NAME`` runs one, and every other argument is its own
+#: (``./run bench --only NAME --help`` lists them). Each is bench/scenarios/NAME.py.
+STANDALONE = {
+    "apply_paths": "20k-put bursts and catch-up, compiled vs Python apply path (issue 22)",
+    "fail_static": "warm start, restart behind etcd, persist cost (issue 12; ~10 min at 1M keys)",
+    "feed": "wake-ups, idle waiter CPU, changes() (issue 14; ~1 min)",
+    "fleet": "K writers direct vs one grpc-proxy, --fanout for bare watches (issue 15; ~20 min)",
+    "load": "KeySpace load and apply against a private etcd",
+    "peer_writes": "1-key write cost at 100k keys beside the peers",
+    "projections": "image, load and cold get with a writer-side transform vs without (issue 23)",
+    "profile_reader": "where a get's time goes: step by step and a cProfile",
+    "security_cost": "trust checks vs a whole Reader attach (issue 16; seconds)",
+    "security_repro": "the issue-16 squat by nobody, end to end (needs root, setpriv)",
+    "soak": "the opt-in reliability soak: fault and fuzz tests at large counts",
+    "targets_table": "print results.json's targets as one table [FILE]",
+    "typed_values": "msgspec Struct-typed gets vs dicts vs py-lmdb (issue 23)",
+    "watch_stream": "watch apply throughput: our stream vs the client library's watcher",
+    "writer_scale": "the writer at scale vs etcd (issue 11; --smoke in CI)",
+}
+
+
+def run_standalone(name: str, argv: List[str]) -> int:
+    """Run bench/scenarios/NAME.py's ``main(argv)``; its exit code (0 for None)."""
+    import importlib
+
+    mod = importlib.import_module(f"scenarios.{name}")
+    return int(mod.main(argv) or 0)
 
 
 class Context:
@@ -189,10 +218,10 @@ def run_config(n: int, vs: int, settings: common.Settings, only: List[str], res:
             if ctx.writer is not None:
                 ctx.writer.close(30)
             ctx.client.close()
-            from shmkeyspace import segment
+            from shmkeyspace import writerlock
 
             try:
-                segment.unlink_all(cfg.name)
+                writerlock.unlink_all(cfg.name)
             except Exception:
                 pass
 
@@ -236,6 +265,12 @@ def ints(s: str) -> List[int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--only", default="")
+    known, rest = pre.parse_known_args(argv)
+    if known.only in STANDALONE:
+        return run_standalone(known.only, rest)
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -245,14 +280,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument(
         "--only",
         default=",".join(SCENARIOS),
-        help=f"comma-separated scenarios (default all: {','.join(SCENARIOS)})",
+        help=f"comma-separated scenarios (default all: {','.join(SCENARIOS)}), or one standalone "
+        "scenario with its own options: " + "; ".join(f"{k}: {v}" for k, v in STANDALONE.items()),
     )
     ap.add_argument("--out", default=os.path.join(BENCH_DIR, "results"), help="output directory")
     args = ap.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in only if s not in SCENARIOS]
     if bad:
-        ap.error(f"unknown scenario(s) {', '.join(bad)}: choose from {', '.join(SCENARIOS)}")
+        ap.error(
+            f"unknown scenario(s) {', '.join(bad)}: choose from {', '.join(SCENARIOS)} "
+            f"(or one of {', '.join(STANDALONE)}, alone)"
+        )
     settings = common.smoke_settings() if args.smoke else common.Settings()
     keys = args.keys or ([2000] if args.smoke else [10_000, 100_000])
     sizes = args.value_size or ([100] if args.smoke else [100, 1000])

@@ -5,7 +5,10 @@
  * Owns nothing of the format: it is a C copy of the query kernels of
  * snapshot.ImageView (lookup, range), of the hot path of Reader.get, and of
  * builder.py's kernels (scan_entries, build_table, find_slot, entry_mod,
- * lower_bound, keys_at), and must change together with those modules. The
+ * lower_bound, keys_at), and of the writer's apply path (apply_events: the
+ * event loop of keyspace.KeySpace.apply for the built-in decoders, with a
+ * msgpack packer of decoded values; update_entries: builder._apply_one for runs
+ * of updates; owned by apply.py), and must change together with those modules. The
  * pure-Python path stays the reference; both run the same tests
  * (tests/test_speedups.py, the property, torture, thread and fuzz suites are
  * parametrized over implementations; tests/test_state.py fuzzes the two
@@ -2039,6 +2042,746 @@ static PyObject *keys_at(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 
 /* ------------------------------------------------------------------------- */
 
+/* ------------------------------------------------------------------------- */
+/* The writer's compiled apply path (shmkeyspace/apply.py owns it and its     */
+/* contract): KeySpace.apply's per-event loop for the built-in decoders, one  */
+/* call per batch of watch responses. The Python loop (keyspace.py) is the    */
+/* reference; tests/test_apply_paths.py requires byte-identical images, the   */
+/* same changed keys and the same log records from both on random streams.    */
+/*                                                                            */
+/* Only the common case is done here. Anything else about an event (a decode  */
+/* or pack failure, a value this packer does not take, a type it does not     */
+/* know) goes to ``slow(ev)``, the Python path's own decode of that event,    */
+/* which logs the failure exactly as the Python path does: so a failure costs */
+/* what it costs today, and its outcome and message are the reference's by    */
+/* construction. Skipped events are reported to ``skip(code, key, a, b)``    */
+/* in stream order (the Python side logs them with the reference messages).   */
+
+enum { K_RAW = 0, K_UTF8 = 1, K_JSON = 2, K_MSGPACK = 3 };
+
+typedef struct {
+    uint8_t *b;
+    size_t n, cap;
+} Out;
+
+static int out_fit(Out *o, size_t more)
+{
+    if (o->n + more <= o->cap)
+        return 0;
+    size_t cap = o->cap ? o->cap : 256;
+    while (cap < o->n + more)
+        cap *= 2;
+    uint8_t *nb = PyMem_Realloc(o->b, cap);
+    if (nb == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    o->b = nb;
+    o->cap = cap;
+    return 0;
+}
+
+static inline void put_be(uint8_t *p, uint64_t v, int w)
+{
+    for (int i = w - 1; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+/* A header byte and a w-byte big-endian length/value. */
+static int out_tag(Out *o, uint8_t t, uint64_t v, int w)
+{
+    if (out_fit(o, 1 + (size_t)w) < 0)
+        return -1;
+    o->b[o->n] = t;
+    put_be(o->b + o->n + 1, v, w);
+    o->n += 1 + (size_t)w;
+    return 0;
+}
+
+static int out_bytes(Out *o, const void *p, size_t n)
+{
+    if (out_fit(o, n) < 0)
+        return -1;
+    memcpy(o->b + o->n, p, n);
+    o->n += n;
+    return 0;
+}
+
+/* msgpack-python's integer encodings (Packer: unsigned forms for > 0, signed below). */
+static int out_int(Out *o, long long d)
+{
+    if (d < 0) {
+        if (d >= -32)
+            return out_tag(o, (uint8_t)d, 0, 0); /* negative fixint 0xe0..0xff */
+        if (d >= -128)
+            return out_tag(o, 0xd0, (uint64_t)d & 0xff, 1);
+        if (d >= -32768)
+            return out_tag(o, 0xd1, (uint64_t)d & 0xffff, 2);
+        if (d >= -2147483648LL)
+            return out_tag(o, 0xd2, (uint64_t)d & 0xffffffffu, 4);
+        return out_tag(o, 0xd3, (uint64_t)d, 8);
+    }
+    uint64_t u = (uint64_t)d;
+    if (u < 128)
+        return out_tag(o, (uint8_t)u, 0, 0);
+    if (u < 256)
+        return out_tag(o, 0xcc, u, 1);
+    if (u < 65536)
+        return out_tag(o, 0xcd, u, 2);
+    if (u <= 0xffffffffu)
+        return out_tag(o, 0xce, u, 4);
+    return out_tag(o, 0xcf, u, 8);
+}
+
+static int out_uint64(Out *o, uint64_t u)
+{
+    if (u <= (uint64_t)INT64_MAX)
+        return out_int(o, (long long)u);
+    return out_tag(o, 0xcf, u, 8);
+}
+
+static int out_str(Out *o, const char *s, size_t n)
+{
+    int r;
+    if (n < 32)
+        r = out_tag(o, (uint8_t)(0xa0 | n), 0, 0);
+    else if (n < 256)
+        r = out_tag(o, 0xd9, n, 1);
+    else if (n < 65536)
+        r = out_tag(o, 0xda, n, 2);
+    else
+        r = out_tag(o, 0xdb, n, 4);
+    return r < 0 ? -1 : out_bytes(o, s, n);
+}
+
+static int out_bin(Out *o, const char *s, size_t n)
+{
+    int r;
+    if (n < 256)
+        r = out_tag(o, 0xc4, n, 1);
+    else if (n < 65536)
+        r = out_tag(o, 0xc5, n, 2);
+    else
+        r = out_tag(o, 0xc6, n, 4);
+    return r < 0 ? -1 : out_bytes(o, s, n);
+}
+
+#define PACK_DEPTH 256 /* deeper values go to the Python path (its packer's limit is 511) */
+
+/* Pack ``v`` as msgpack.Packer(use_bin_type=True) does: 0 ok; 1 not taken here
+   (no exception: the caller takes the Python path); -1 error set (memory). */
+static int pack_obj(Out *o, PyObject *v, int depth)
+{
+    PyTypeObject *t = Py_TYPE(v);
+    if (depth > PACK_DEPTH)
+        return 1;
+    if (v == Py_None)
+        return out_tag(o, 0xc0, 0, 0);
+    if (v == Py_True)
+        return out_tag(o, 0xc3, 0, 0);
+    if (v == Py_False)
+        return out_tag(o, 0xc2, 0, 0);
+    if (t == &PyLong_Type) {
+        int overflow;
+        long long d = PyLong_AsLongLongAndOverflow(v, &overflow);
+        if (d == -1 && PyErr_Occurred())
+            return -1;
+        if (overflow > 0) {
+            unsigned long long u = PyLong_AsUnsignedLongLong(v);
+            if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+                PyErr_Clear(); /* beyond 64 bits: the packer refuses it, the Python path says so */
+                return 1;
+            }
+            return out_uint64(o, u);
+        }
+        if (overflow < 0)
+            return 1;
+        return out_int(o, d);
+    }
+    if (t == &PyFloat_Type) {
+        union {
+            double d;
+            uint64_t u;
+        } x;
+        x.d = PyFloat_AS_DOUBLE(v);
+        return out_tag(o, 0xcb, x.u, 8);
+    }
+    if (t == &PyUnicode_Type) {
+        Py_ssize_t n;
+        const char *s = PyUnicode_AsUTF8AndSize(v, &n);
+        if (s == NULL) { /* lone surrogates: the packer raises, the Python path says so */
+            PyErr_Clear();
+            return 1;
+        }
+        if ((uint64_t)n > 0xffffffffu)
+            return 1;
+        return out_str(o, s, (size_t)n);
+    }
+    if (t == &PyBytes_Type) {
+        if ((uint64_t)PyBytes_GET_SIZE(v) > 0xffffffffu)
+            return 1;
+        return out_bin(o, PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v));
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        Py_ssize_t n = Py_SIZE(v);
+        PyObject **items = t == &PyList_Type ? ((PyListObject *)v)->ob_item : ((PyTupleObject *)v)->ob_item;
+        int r;
+        if ((uint64_t)n > 0xffffffffu)
+            return 1;
+        r = n < 16 ? out_tag(o, (uint8_t)(0x90 | n), 0, 0) : n < 65536 ? out_tag(o, 0xdc, n, 2) : out_tag(o, 0xdd, n, 4);
+        if (r < 0)
+            return -1;
+        for (Py_ssize_t i = 0; i < Py_SIZE(v); i++) { /* a list holds only what we made: no callback runs */
+            r = pack_obj(o, items[i], depth + 1);
+            if (r != 0)
+                return r;
+        }
+        return 0;
+    }
+    if (t == &PyDict_Type) {
+        Py_ssize_t n = PyDict_GET_SIZE(v), pos = 0;
+        PyObject *k, *x;
+        int r;
+        if ((uint64_t)n > 0xffffffffu)
+            return 1;
+        r = n < 16 ? out_tag(o, (uint8_t)(0x80 | n), 0, 0) : n < 65536 ? out_tag(o, 0xde, n, 2) : out_tag(o, 0xdf, n, 4);
+        if (r < 0)
+            return -1;
+        while (PyDict_Next(v, &pos, &k, &x)) {
+            /* str keys only: other keys (msgpack maps) may not unpack in readers; the
+               Python path's round trip decides. */
+            if (!PyUnicode_CheckExact(k))
+                return 1;
+            r = pack_obj(o, k, depth + 1);
+            if (r == 0)
+                r = pack_obj(o, x, depth + 1);
+            if (r != 0)
+                return r;
+        }
+        return 0;
+    }
+    return 1;
+}
+
+/* The table slot of ``key`` in the builder's (table, arena): its offset | length << 32,
+   or -1 absent; -2 error set. The probe is find_slot's. */
+static long long table_find(const Py_buffer *table, const Py_buffer *arena, const uint8_t *key, size_t kn)
+{
+    uint64_t h, slots = (uint64_t)table->len / 16, mask, i;
+    if (slots < 8 || (slots & (slots - 1)) != 0) {
+        PyErr_SetString(PyExc_ValueError, "apply_events: the table is not a power of two of slots");
+        return -2;
+    }
+    if (key_hash(key, (Py_ssize_t)kn, &h) < 0)
+        return -2;
+    mask = slots - 1;
+    i = h & mask;
+    for (uint64_t probes = 0; probes < slots; probes++, i = (i + 1) & mask) {
+        const uint8_t *s = (const uint8_t *)table->buf + 16 * i, *k;
+        uint64_t sh = rd64(s), ol, off, len;
+        size_t skn;
+        if (sh == 0)
+            break;
+        if (sh != h)
+            continue;
+        ol = rd64(s + 8);
+        off = ol & 0xFFFFFFFFu;
+        len = ol >> 32;
+        if (off + len > (uint64_t)arena->len || raw_key((const uint8_t *)arena->buf + off, (size_t)len, &k, &skn) < 0) {
+            PyErr_Format(PyExc_ValueError, "apply_events: slot %llu points at no entry", (unsigned long long)i);
+            return -2;
+        }
+        if (skn == kn && memcmp(k, key, kn) == 0)
+            return (long long)ol;
+    }
+    return -1;
+}
+
+/* An int field of an event (int(x) in the Python path): 0 ok, -1 error set. */
+static int field_ll(PyObject *kv, PyObject *name, long long *out)
+{
+    PyObject *v = PyObject_GetAttr(kv, name), *i;
+    if (v == NULL)
+        return -1;
+    i = PyNumber_Index(v);
+    Py_DECREF(v);
+    if (i == NULL)
+        return -1;
+    *out = PyLong_AsLongLong(i);
+    Py_DECREF(i);
+    return *out == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static PyObject *s_events, *s_event_, *s_kv, *s_key, *s_value, *s_create, *s_mod, *s_version, *s_lease;
+
+/* The long-digit test of decoders.json: a run of 19+ digits goes to the standard parser. */
+static int long_digits(const char *p, Py_ssize_t n)
+{
+    int run = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (p[i] >= '0' && p[i] <= '9') {
+            if (++run >= 19)
+                return 1;
+        } else {
+            run = 0;
+        }
+    }
+    return 0;
+}
+
+/* Decode (kind) and pack the entry of a put into o: 0 ok, 1 take the Python path,
+   -1 error set. ``fns`` = (orjson.loads, msgpack.unpackb, ormsgpack.unpackb). */
+static int fast_entry(Out *o, int kind, PyObject *fns, PyObject *key, PyObject *value, const long long *ints)
+{
+    const char *kp = PyBytes_AS_STRING(key), *vp = PyBytes_AS_STRING(value);
+    Py_ssize_t kn = PyBytes_GET_SIZE(key), vn = PyBytes_GET_SIZE(value);
+    PyObject *u, *dec = NULL;
+    int r;
+    o->n = 0;
+    if (out_tag(o, 0x96, 0, 0) < 0)
+        return -1;
+    u = PyUnicode_DecodeUTF8(kp, kn, NULL); /* entry_key: str when UTF-8, else bin */
+    if (u == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError))
+            return -1;
+        PyErr_Clear();
+        r = out_bin(o, kp, (size_t)kn);
+    } else {
+        Py_DECREF(u);
+        r = out_str(o, kp, (size_t)kn);
+    }
+    if (r < 0)
+        return -1;
+    if (kind == K_RAW) {
+        r = out_bin(o, vp, (size_t)vn);
+    } else if (kind == K_UTF8) {
+        u = PyUnicode_DecodeUTF8(vp, vn, NULL);
+        if (u == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        Py_DECREF(u);
+        r = out_str(o, vp, (size_t)vn);
+    } else {
+        PyObject *fn = PyTuple_GET_ITEM(fns, kind == K_JSON ? 0 : 1);
+        if (kind == K_JSON && long_digits(vp, vn))
+            return 1;
+        dec = PyObject_CallOneArg(fn, value);
+        if (dec == NULL) {
+            PyErr_Clear(); /* the Python path decodes it again and reports what it says */
+            return 1;
+        }
+        r = pack_obj(o, dec, 1);
+        Py_DECREF(dec);
+    }
+    if (r != 0)
+        return r;
+    for (int j = 0; j < 4; j++) {
+        if (out_int(o, ints[j]) < 0)
+            return -1;
+    }
+    if (kind == K_MSGPACK) { /* pack_entry(verify=True): the readers' unpacker must take it */
+        PyObject *b = PyBytes_FromStringAndSize((const char *)o->b, (Py_ssize_t)o->n), *x;
+        if (b == NULL)
+            return -1;
+        x = PyObject_CallOneArg(PyTuple_GET_ITEM(fns, 2), b);
+        Py_DECREF(b);
+        if (x == NULL) {
+            PyErr_Clear();
+            return 1;
+        }
+        Py_DECREF(x);
+    }
+    return 0;
+}
+
+/* apply_events(responses, root_key, floor, pending, table, arena, excluded, kind, fns,
+ *              slow, skip, changed, revision) -> revision
+ *
+ * KeySpace.apply's loop over the events of ``responses`` (see keyspace.py, the
+ * reference): ``floor`` is header.revision before the batch; a key's current
+ * mod_revision is pending's (the batch so far, store.PackedStore.pending) or
+ * the builder's entry's (table, arena). Records upserts as pending[key] =
+ * (packed entry, mod_revision) and removals as pending[key] = None, keeps
+ * ``excluded`` (keys whose value failed to decode) and ``changed`` (keys the
+ * batch changed), and returns the greatest applied mod_revision (or
+ * ``revision``). ``skip(code, key, a, b)``: code 0 outside root, 1 stale (a =
+ * mod_revision, b = the mirror's revision), 2 deletion of an unknown key (a =
+ * revision). ``slow(ev)`` -> packed entry or None (decode failed, logged).
+ * The builder must not change during the call (the caller holds the KeySpace lock).
+ */
+static PyObject *apply_events(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *responses, *root, *pending, *excluded, *fns, *slow, *skip_fn, *changed;
+    long long floor_rev, revision;
+    int kind;
+    Py_buffer tb, ab;
+    Out o = {NULL, 0, 0};
+    PyObject *result = NULL;
+    PyTypeObject *del_t = NULL, *put_t = NULL; /* the event types seen, by name */
+    (void)mod;
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "apply_events takes 13 arguments");
+        return NULL;
+    }
+    responses = args[0];
+    root = args[1];
+    pending = args[3];
+    excluded = args[6];
+    fns = args[8];
+    slow = args[9];
+    skip_fn = args[10];
+    changed = args[11];
+    floor_rev = PyLong_AsLongLong(args[2]);
+    kind = (int)PyLong_AsLong(args[7]);
+    revision = PyLong_AsLongLong(args[12]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!PyTuple_Check(responses) || !PyBytes_Check(root) || !PyDict_Check(pending) || !PyAnySet_Check(excluded) ||
+        !PyTuple_Check(fns) || PyTuple_GET_SIZE(fns) != 3 || !PyAnySet_Check(changed) || kind < K_RAW ||
+        kind > K_MSGPACK) {
+        PyErr_SetString(PyExc_TypeError, "apply_events: bad arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[4], &tb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[5], &ab, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    for (Py_ssize_t r = 0; r < PyTuple_GET_SIZE(responses); r++) {
+        PyObject *evs = PyObject_GetAttr(PyTuple_GET_ITEM(responses, r), s_events), *seq;
+        if (evs == NULL)
+            goto done;
+        seq = PySequence_Fast(evs, "watch response events must be a sequence");
+        Py_DECREF(evs);
+        if (seq == NULL)
+            goto done;
+        for (Py_ssize_t e = 0; e < PySequence_Fast_GET_SIZE(seq); e++) {
+            PyObject *ev = PySequence_Fast_GET_ITEM(seq, e), *src, *key = NULL, *value = NULL, *p, *cur_obj, *rec;
+            long long ints[4], cur = -1; /* create, mod, version, lease */
+            int is_del, present = 0;
+            PyTypeObject *et = Py_TYPE(ev);
+            if (et == del_t) {
+                is_del = 1;
+            } else if (et == put_t) {
+                is_del = 0;
+            } else {
+                const char *name = strrchr(et->tp_name, '.');
+                name = name ? name + 1 : et->tp_name;
+                is_del = strcmp(name, "DeleteEvent") == 0; /* keyspace._is_delete */
+                if (is_del)
+                    del_t = et;
+                else
+                    put_t = et;
+            }
+            /* pyetcd's and etcd3's events wrap the protobuf Event as _event: read its kv
+               directly (their __getattr__ does the same, at ~0.5 us a field). */
+            src = PyObject_GetAttr(ev, s_event_);
+            if (src != NULL) {
+                PyObject *kv = PyObject_GetAttr(src, s_kv);
+                Py_DECREF(src);
+                src = kv;
+            } else {
+                PyErr_Clear();
+                src = Py_NewRef(ev);
+            }
+            if (src == NULL)
+                goto fail_seq;
+            key = PyObject_GetAttr(src, s_key);
+            if (key != NULL && !PyBytes_CheckExact(key))
+                Py_XSETREF(key, PyBytes_FromObject(key));
+            if (key == NULL || field_ll(src, s_mod, &ints[1]) < 0) {
+                Py_DECREF(src);
+                goto fail_ev;
+            }
+            if (PyBytes_GET_SIZE(key) < PyBytes_GET_SIZE(root) ||
+                memcmp(PyBytes_AS_STRING(key), PyBytes_AS_STRING(root), PyBytes_GET_SIZE(root)) != 0) {
+                Py_DECREF(src);
+                rec = PyObject_CallFunction(skip_fn, "iOLL", 0, key, 0LL, 0LL);
+                if (rec == NULL)
+                    goto fail_ev;
+                Py_DECREF(rec);
+                Py_DECREF(key);
+                continue;
+            }
+            p = PyDict_GetItemWithError(pending, key); /* borrowed */
+            if (p != NULL) {
+                if (p != Py_None) {
+                    present = 1;
+                    cur_obj = PyTuple_GET_ITEM(p, 1);
+                    cur = PyLong_AsLongLong(cur_obj);
+                    if (cur == -1 && PyErr_Occurred()) {
+                        Py_DECREF(src);
+                        goto fail_ev;
+                    }
+                }
+            } else if (PyErr_Occurred()) {
+                Py_DECREF(src);
+                goto fail_ev;
+            } else {
+                long long ol = table_find(&tb, &ab, (const uint8_t *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+                Int f[4];
+                if (ol == -2) {
+                    Py_DECREF(src);
+                    goto fail_ev;
+                }
+                if (ol >= 0) {
+                    uint64_t off = (uint64_t)ol & 0xFFFFFFFFu, len = (uint64_t)ol >> 32;
+                    if (len < 2 || entry_ints((const uint8_t *)ab.buf + off, (size_t)len, 0, f) < 0) {
+                        Py_DECREF(src);
+                        goto fail_ev;
+                    }
+                    cur = f[1].neg ? -(long long)f[1].u : (long long)f[1].u;
+                    present = 1;
+                }
+            }
+            if (ints[1] <= floor_rev || (present && cur >= ints[1])) {
+                long long m = present && cur > floor_rev ? cur : floor_rev;
+                Py_DECREF(src);
+                rec = PyObject_CallFunction(skip_fn, "iOLL", 1, key, ints[1], m);
+                if (rec == NULL)
+                    goto fail_ev;
+                Py_DECREF(rec);
+                Py_DECREF(key);
+                continue;
+            }
+            if (is_del) {
+                int ex;
+                Py_DECREF(src);
+                ex = present ? 0 : PySet_Contains(excluded, key);
+                if (ex < 0)
+                    goto fail_ev;
+                if (!present && !ex) {
+                    rec = PyObject_CallFunction(skip_fn, "iOLL", 2, key, ints[1], 0LL);
+                    if (rec == NULL)
+                        goto fail_ev;
+                    Py_DECREF(rec);
+                    Py_DECREF(key);
+                    continue;
+                }
+                if (PyDict_SetItem(pending, key, Py_None) < 0 || PySet_Discard(excluded, key) < 0)
+                    goto fail_ev;
+            } else {
+                PyObject *packed = NULL, *entry;
+                int fr;
+                value = PyObject_GetAttr(src, s_value);
+                if (value != NULL && !PyBytes_CheckExact(value))
+                    Py_XSETREF(value, PyBytes_FromObject(value));
+                if (value == NULL || field_ll(src, s_create, &ints[0]) < 0 || field_ll(src, s_version, &ints[2]) < 0 ||
+                    field_ll(src, s_lease, &ints[3]) < 0) {
+                    Py_DECREF(src);
+                    goto fail_ev;
+                }
+                Py_DECREF(src);
+                fr = fast_entry(&o, kind, fns, key, value, ints);
+                if (fr < 0)
+                    goto fail_ev;
+                if (fr == 0) {
+                    packed = PyBytes_FromStringAndSize((const char *)o.b, (Py_ssize_t)o.n);
+                    if (packed == NULL)
+                        goto fail_ev;
+                } else {
+                    packed = PyObject_CallOneArg(slow, ev);
+                    if (packed == NULL)
+                        goto fail_ev;
+                }
+                if (packed == Py_None) {
+                    Py_DECREF(packed);
+                    if (PySet_Add(excluded, key) < 0 || PyDict_SetItem(pending, key, Py_None) < 0)
+                        goto fail_ev;
+                } else {
+                    entry = Py_BuildValue("(NL)", packed, ints[1]);
+                    if (entry == NULL || PySet_Discard(excluded, key) < 0 || PyDict_SetItem(pending, key, entry) < 0) {
+                        Py_XDECREF(entry);
+                        goto fail_ev;
+                    }
+                    Py_DECREF(entry);
+                }
+                Py_CLEAR(value);
+            }
+            if (PySet_Add(changed, key) < 0)
+                goto fail_ev;
+            if (ints[1] > revision)
+                revision = ints[1];
+            Py_DECREF(key);
+            continue;
+        fail_ev:
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+        fail_seq:
+            Py_DECREF(seq);
+            goto done;
+        }
+        Py_DECREF(seq);
+    }
+    result = PyLong_FromLongLong(revision);
+done:
+    PyMem_Free(o.b);
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&ab);
+    return result;
+}
+
+/* update_entries(items, start, table, arena, order, dirty_slots, dirty_pos)
+ *     -> (next, garbage, appended)
+ *
+ * ImageBuilder._apply_one(table=True) for the run of items[start:] that update a
+ * key already present ((key, (packed, mod)) with key in the table), in order:
+ * the entry is appended to ``arena`` (a bytearray), the key's table slot and
+ * order pair point at it, the slot and position go into the dirty sets (unless
+ * None). Stops at the first item that inserts or deletes (the builder does it
+ * in Python) and returns its index, with the bytes that became garbage and the
+ * entries appended. The image stays what the Python code makes, byte for byte.
+ */
+static PyObject *update_entries(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *items, *arena, *dslots, *dpos;
+    Py_ssize_t i, start;
+    Py_buffer tb, ob;
+    unsigned long long garbage = 0, appended = 0;
+    PyObject *out = NULL;
+    (void)mod;
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "update_entries takes 7 arguments");
+        return NULL;
+    }
+    items = args[0];
+    arena = args[3];
+    dslots = args[5];
+    dpos = args[6];
+    start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
+        return NULL;
+    if (!PyList_CheckExact(items) || !PyByteArray_CheckExact(arena) || (dslots != Py_None && !PySet_Check(dslots)) ||
+        (dpos != Py_None && !PySet_Check(dpos))) {
+        PyErr_SetString(PyExc_TypeError, "update_entries: bad arguments");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[2], &tb, PyBUF_WRITABLE) < 0)
+        return NULL;
+    if (PyObject_GetBuffer(args[4], &ob, PyBUF_WRITABLE) < 0) {
+        PyBuffer_Release(&tb);
+        return NULL;
+    }
+    for (i = start; i < PyList_GET_SIZE(items); i++) {
+        PyObject *it = PyList_GET_ITEM(items, i), *key, *p, *packed;
+        Py_buffer arena_view, pk;
+        long long ol;
+        Py_ssize_t lo = 0, hi = ob.len / 8, off, n;
+        uint64_t h, mask, slot, slots = (uint64_t)tb.len / 16;
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != 2)
+            break;
+        key = PyTuple_GET_ITEM(it, 0);
+        p = PyTuple_GET_ITEM(it, 1);
+        if (!PyBytes_CheckExact(key) || !PyTuple_CheckExact(p) || PyTuple_GET_SIZE(p) != 2)
+            break; /* a delete (None), or anything unusual: the Python code */
+        packed = PyTuple_GET_ITEM(p, 0);
+        /* the slot: table_find's probe, keeping the slot index */
+        arena_view.buf = PyByteArray_AS_STRING(arena);
+        arena_view.len = PyByteArray_GET_SIZE(arena);
+        ol = table_find(&tb, &arena_view, (const uint8_t *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key));
+        if (ol == -2)
+            goto done;
+        if (ol == -1)
+            break; /* a new key */
+        if (key_hash((const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), &h) < 0)
+            goto done;
+        mask = slots - 1;
+        for (slot = h & mask;; slot = (slot + 1) & mask)
+            if (rd64((const uint8_t *)tb.buf + 16 * slot + 8) == (uint64_t)ol && rd64((const uint8_t *)tb.buf + 16 * slot) == h)
+                break;
+        /* the position: lower_bound over the order array */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            const uint8_t *o = (const uint8_t *)ob.buf + 8 * mid, *k;
+            uint64_t eo = rd32(o), el = rd32(o + 4);
+            size_t kn;
+            if (eo + el > (uint64_t)arena_view.len || raw_key((const uint8_t *)arena_view.buf + eo, (size_t)el, &k, &kn) < 0) {
+                PyErr_Format(PyExc_ValueError, "update_entries: order entry %zd is not an entry", mid);
+                goto done;
+            }
+            if (key_cmp(k, kn, (const uint8_t *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key)) < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        if (PyObject_GetBuffer(packed, &pk, PyBUF_SIMPLE) < 0)
+            goto done;
+        off = PyByteArray_GET_SIZE(arena);
+        n = pk.len;
+        if ((uint64_t)n >> 32 || (uint64_t)(off + n) >> 32 || PyByteArray_Resize(arena, off + n) < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_OverflowError, "update_entries: past the format's 4 GiB offsets");
+            PyBuffer_Release(&pk);
+            goto done;
+        }
+        memcpy(PyByteArray_AS_STRING(arena) + off, pk.buf, (size_t)n);
+        PyBuffer_Release(&pk);
+        garbage += (uint64_t)ol >> 32;
+        appended++;
+        {
+            uint64_t nol = (uint64_t)off | (uint64_t)n << 32;
+            uint32_t o32 = (uint32_t)off, n32 = (uint32_t)n;
+            memcpy((uint8_t *)tb.buf + 16 * slot + 8, &nol, 8);
+            memcpy((uint8_t *)ob.buf + 8 * lo, &o32, 4);
+            memcpy((uint8_t *)ob.buf + 8 * lo + 4, &n32, 4);
+        }
+        if (dslots != Py_None) {
+            PyObject *x = PyLong_FromUnsignedLongLong(slot);
+            if (x == NULL || PySet_Add(dslots, x) < 0) {
+                Py_XDECREF(x);
+                goto done;
+            }
+            Py_DECREF(x);
+        }
+        if (dpos != Py_None) {
+            PyObject *x = PyLong_FromSsize_t(lo);
+            if (x == NULL || PySet_Add(dpos, x) < 0) {
+                Py_XDECREF(x);
+                goto done;
+            }
+            Py_DECREF(x);
+        }
+    }
+    out = Py_BuildValue("(nKK)", i, garbage, appended);
+done:
+    PyBuffer_Release(&tb);
+    PyBuffer_Release(&ob);
+    return out;
+}
+
+/* pack_value(kind, fns, key, value, create, mod, version, lease) -> packed entry or None
+   (None: the Python path must decide): the fast decode + pack of one value (tests). */
+static PyObject *py_pack_value(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long ints[4];
+    Out o = {NULL, 0, 0};
+    int kind, r;
+    PyObject *out;
+    (void)mod;
+    if (nargs != 8 || !PyBytes_CheckExact(args[2]) || !PyBytes_CheckExact(args[3]) || !PyTuple_Check(args[1]) ||
+        PyTuple_GET_SIZE(args[1]) != 3) {
+        PyErr_SetString(PyExc_TypeError, "pack_value(kind, fns, key: bytes, value: bytes, create, mod, version, lease)");
+        return NULL;
+    }
+    kind = (int)PyLong_AsLong(args[0]);
+    for (int j = 0; j < 4; j++)
+        ints[j] = PyLong_AsLongLong(args[4 + j]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (kind < K_RAW || kind > K_MSGPACK) {
+        PyErr_SetString(PyExc_ValueError, "pack_value: unknown kind");
+        return NULL;
+    }
+    r = fast_entry(&o, kind, args[1], args[2], args[3], ints);
+    out = r < 0 ? NULL : r > 0 ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((const char *)o.b, (Py_ssize_t)o.n);
+    PyMem_Free(o.b);
+    return out;
+}
+
+/* ------------------------------------------------------------------------- */
+
 /* setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest) */
 static PyObject *setup(PyObject *mod, PyObject *args)
 {
@@ -2092,6 +2835,11 @@ static PyMethodDef module_methods[] = {
     {"entry_mod", (PyCFunction)(void (*)(void))entry_mod, METH_FASTCALL, "builder._py_entry_mod in C."},
     {"lower_bound", (PyCFunction)(void (*)(void))lower_bound_c, METH_FASTCALL, "builder._py_lower_bound in C."},
     {"keys_at", (PyCFunction)(void (*)(void))keys_at, METH_FASTCALL, "builder._py_keys_at in C."},
+    {"apply_events", (PyCFunction)(void (*)(void))apply_events, METH_FASTCALL,
+     "KeySpace.apply's event loop for the built-in decoders (apply.py)."},
+    {"update_entries", (PyCFunction)(void (*)(void))update_entries, METH_FASTCALL,
+     "ImageBuilder._apply_one for a run of updates of present keys (apply.py)."},
+    {"pack_value", (PyCFunction)(void (*)(void))py_pack_value, METH_FASTCALL, "apply_events' decode + pack (tests)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2109,6 +2857,17 @@ PyMODINIT_FUNC PyInit__speedups(void)
     str_py_get = PyUnicode_InternFromString("_py_get");
     str_get_raw = PyUnicode_InternFromString("_get_raw");
     if (str_get_slow == NULL || str_py_get == NULL || str_get_raw == NULL)
+        return NULL;
+    s_events = PyUnicode_InternFromString("events");
+    s_event_ = PyUnicode_InternFromString("_event");
+    s_kv = PyUnicode_InternFromString("kv");
+    s_key = PyUnicode_InternFromString("key");
+    s_value = PyUnicode_InternFromString("value");
+    s_create = PyUnicode_InternFromString("create_revision");
+    s_mod = PyUnicode_InternFromString("mod_revision");
+    s_version = PyUnicode_InternFromString("version");
+    s_lease = PyUnicode_InternFromString("lease");
+    if (!s_events || !s_event_ || !s_kv || !s_key || !s_value || !s_create || !s_mod || !s_version || !s_lease)
         return NULL;
     m = PyModule_Create(&moduledef);
     if (m == NULL)

@@ -29,12 +29,24 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, List, Optional, Protocol, Tuple
 
 from . import feed, futex, segment
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .reader import Reader
+
+class AsyncSource(Protocol):
+    """What the coroutines need of a Reader (this module imports no reader code)."""
+
+    name: str
+
+    @property
+    def owner_uid(self) -> int: ...
+
+    @property
+    def revision(self) -> int: ...
+
+    def changes(self, since_revision: int) -> feed.Changes: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +145,11 @@ def _notifier(name: str, owner_uid: int) -> _Notifier:
         return n
 
 
-async def wait_for_revision(reader: "Reader", revision: int, timeout: Optional[float] = None) -> bool:
+async def wait_for_revision(reader: AsyncSource, revision: int, timeout: Optional[float] = None) -> bool:
     """Await until ``reader``'s published revision is >= ``revision``; False on timeout.
 
     The asyncio twin of :meth:`Reader.wait_for_revision`: no thread of its own,
-    resumed ~0.1-0.3 ms after the publication (bench/bench_feed.py).
+    resumed ~0.1-0.3 ms after the publication (bench/scenarios/feed.py).
     """
     loop = asyncio.get_running_loop()
     n = _notifier(reader.name, reader.owner_uid)
@@ -157,7 +169,7 @@ async def wait_for_revision(reader: "Reader", revision: int, timeout: Optional[f
 
 
 async def watch(
-    reader: "Reader", prefix: Any = None, since: Optional[int] = None, timeout: Optional[float] = None
+    reader: AsyncSource, prefix: Any = None, since: Optional[int] = None, timeout: Optional[float] = None
 ) -> AsyncIterator[Tuple[int, feed.Changes]]:
     """Async iterator of ``(revision, keys)``: the asyncio twin of :meth:`Reader.watch`.
 

@@ -27,33 +27,41 @@ It promises:
   arena and order are copied, every entry is checked once (the checks a resume
   relies on), the table is rebuilt. O(n) with no per-key objects: ~0.3 s at 1M
   keys in C, against ~8.7 s for re-adding the keys one by one in Python
-  (``python bench/fail_static.py``).
+  (``./run bench --only fail_static``).
 
 Memory: the image's own bytes (arena, 16 B of table per slot, 8 B of order per
 key) and nothing per key on the Python heap (a dict of keys and a list of them
 were ~150 B a key). Not thread-safe.
 
-The kernels that walk those arrays (:class:`_Kernels`: scan, table, find,
-entry_mod, lower_bound, keys_at) have C twins in ``_speedups.c``;
+The kernels that walk those arrays (``kernels.BuilderKernels``: scan, table, find,
+entry_mod, lower_bound, keys_at; in kernels.py) have C twins in ``_speedups.c``;
 :attr:`ImageBuilder.impl` picks one set ("c" when the extension is built and
 SHMKEYSPACE_PURE_PYTHON is not set). The Python ones are the reference: the
-tests run both and require the same results.
+tests run both and require the same results. With :attr:`ImageBuilder.compiled_updates`
+(the writer's compiled apply path, ``apply.py``) runs of updates of present keys in
+:meth:`ImageBuilder.apply_entries` go through ``_speedups.update_entries`` in one call,
+making the same bytes (``tests/test_apply_paths.py``).
 """
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import struct
-import threading
 from array import array
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import msgpack
-from xxhash import xxh3_64_intdigest
 
-from .errors import CorruptSegmentError, DuplicateKeyError, ImageTooLargeError, InvalidSettingError
-from .reader import compiled
+from .errors import DuplicateKeyError, ImageTooLargeError, InvalidSettingError
+from .kernels import BUILDER_IMPLEMENTATIONS as IMPLEMENTATIONS
+from .kernels import BUILDER_KERNELS as _KERNELS
+from .kernels import DEFAULT_BUILDER_IMPL as DEFAULT_IMPL
+from .kernels import M32 as _M32
+from .kernels import SLOT as _SLOT
+from .kernels import Top, compiled
+from .kernels import py_entry_mod as _py_entry_mod
+from .kernels import py_keys_at as _py_keys_at
+from .kernels import scan_entries as _scan
 from .snapshot import (
     FENCE,
     FORMAT_VERSION,
@@ -67,11 +75,8 @@ from .snapshot import (
     index_checksum,
     key_hash,
     raw_key,
-    unpackb,
 )
 
-_SLOT = struct.Struct("<QQ")
-_M32 = 0xFFFFFFFF
 # Epochs are unique across builders in one process: Publisher skips copying an
 # arena span a buffer already holds when the (generation, epoch, start) match.
 _epochs = itertools.count(1)
@@ -79,8 +84,6 @@ _epochs = itertools.count(1)
 Packed = Union[bytes, bytearray, memoryview]
 #: ``{key: (packed entry, mod_revision), or None to delete}``
 Changes = Dict[bytes, Optional[Tuple[Packed, int]]]
-#: (key, create_revision, mod_revision, version) of an image's most recently modified key.
-Top = Optional[Tuple[bytes, int, int, int]]
 
 
 class ImageBuilder:
@@ -114,6 +117,9 @@ class ImageBuilder:
         self._log: Dict[int, Tuple[Optional[set], Optional[set], Tuple[int, int, int, int]]] = {}
         #: Largest image allowed (bytes); the format's limit unless lowered.
         self.max_image = MAX_IMAGE
+        #: Updates of present keys run in C (_speedups.update_entries, the same
+        #: bytes): set with the writer's compiled apply path (store.PackedStore).
+        self.compiled_updates = False
 
     @property
     def impl(self) -> str:
@@ -151,6 +157,11 @@ class ImageBuilder:
         slot, ol = self._k.find(self._table, self.arena, key)
         return None if slot < 0 else self._k.entry_mod(self.arena, ol & _M32, ol >> 32)
 
+    def lookup_buffers(self) -> Tuple[bytearray, bytearray]:
+        """``(table, arena)`` as they are now, for the compiled apply path's key lookups
+        (apply.py); valid until the builder next changes."""
+        return self._table, self.arena
+
     def packed(self, key: bytes) -> bytes:
         """The packed entry of ``key`` (KeyError if absent). O(entry)."""
         slot, ol = self._k.find(self._table, self.arena, key)
@@ -158,6 +169,15 @@ class ImageBuilder:
             raise KeyError(key)
         o = ol & _M32
         return bytes(self.arena[o : o + (ol >> 32)])
+
+    def entry_size(self, key: bytes) -> int:
+        """Bytes of ``key``'s packed entry, 0 if absent. O(1): one probe."""
+        slot, ol = self._k.find(self._table, self.arena, key)
+        return 0 if slot < 0 else ol >> 32
+
+    def entry_sizes(self) -> List[Tuple[bytes, int]]:
+        """``(key, packed entry bytes)`` of every key, in key order. O(n) (accounting.py)."""
+        return list(zip(self.keys, self._order[1::2]))
 
     # -- full rebuild --------------------------------------------------------------
     def begin(self) -> None:
@@ -205,6 +225,7 @@ class ImageBuilder:
         new = ImageBuilder()
         new.max_image = self.max_image
         new.impl = self.impl
+        new.compiled_updates = self.compiled_updates
         new.begin()
         for k, p in items:
             new.add_sorted(k, p)
@@ -234,7 +255,7 @@ class ImageBuilder:
         """A builder holding the entries of ``view`` (a validated image), and its :data:`Top`.
 
         Every entry is checked for what a writer resuming from it relies on
-        (see :func:`_py_scan`); the first failure raises CorruptSegmentError
+        (see :func:`kernels.py_scan`); the first failure raises CorruptSegmentError
         naming the entry. The arena and order are copied as they are (garbage
         and out-of-order appends included) and checked in the copies; the hash
         table is rebuilt from them, so nothing of the image's index is
@@ -340,11 +361,29 @@ class ImageBuilder:
             for k, p in changes.items():
                 self._apply_one(k, p, table=False)
             self._rebuild_table()
+        elif self.compiled_updates and compiled is not None:
+            self._apply_compiled(list(changes.items()))
         else:
             for k, p in changes.items():
                 self._apply_one(k, p, table=True)
         if self._garbage > len(self.arena) // 2 or self._appended > max(1024, len(self) // 4):
             self.compact()
+
+    def _apply_compiled(self, items: List[Tuple[bytes, Optional[Tuple[Packed, int]]]]) -> None:
+        # _apply_one(table=True) over items, in order: each run of updates of present
+        # keys in one C call (~0.3 us a key instead of ~3 us), inserts and deletes here.
+        assert compiled is not None
+        i, n = 0, len(items)
+        while i < n:
+            i, garbage, appended = compiled.update_entries(
+                items, i, self._table, self.arena, self._order, self._dirty_slots, self._dirty_pos
+            )
+            self._garbage += garbage
+            self._appended += appended
+            if i < n:
+                k, p = items[i]
+                self._apply_one(k, p, table=True)
+                i += 1
 
     def _entries(self) -> Dict[bytes, Packed]:
         """{key: packed entry} of every key, in key order (O(n) transient objects)."""
@@ -586,208 +625,6 @@ def scan_image(view: ImageView, root: bytes, impl: Optional[str] = None) -> Top:
     first bad entry. O(n): ~0.1 s at 1M keys in C, without the GIL.
     """
     return _scan(_KERNELS[impl or DEFAULT_IMPL], view.arena, view.order, root, view.revision)
-
-
-def _scan(k: "_Kernels", arena: Any, order: Any, root: bytes, revision: int) -> Top:
-    """``k.scan`` of every entry ``order`` lists, errors as CorruptSegmentError.
-
-    With the C kernels, 100k+ entries are checked in two halves at once on two
-    threads (the C scan runs without the GIL; 1M keys: 0.12 s -> 0.10 s,
-    measured); the halves meet at ``mid``, whose key must follow the first
-    half's last one.
-    """
-    n = len(order) >> 1
-    try:
-        if k is _KERNELS["python"] or n < _SPLIT_SCAN:
-            return k.scan(arena, order, root, revision)
-        mid = n // 2
-        first: List[Any] = []
-
-        def scan_first() -> None:
-            try:
-                first.append(k.scan(arena, order[: 2 * mid], root, revision))
-            except BaseException as exc:  # re-raised below, on the caller's thread
-                first.append(exc)
-
-        t = threading.Thread(target=scan_first, name="shmkeyspace-scan")
-        t.start()
-        try:
-            second = k.scan(arena, order[2 * mid :], root, revision, mid)
-        finally:
-            t.join()
-        if isinstance(first[0], BaseException):
-            raise first[0]
-        before, at = (order[2 * i] for i in (mid - 1, mid))
-        if not raw_key(arena, before, before + order[2 * mid - 1]) < raw_key(
-            arena, at, at + order[2 * mid + 1]
-        ):
-            raise ValueError(f"entry {mid}: keys are not sorted and unique")
-        top1, top2 = first[0], second
-        return top2 if top1 is None or (top2 is not None and top2[2] > top1[2]) else top1
-    except (ValueError, CorruptSegmentError) as exc:
-        raise CorruptSegmentError(str(exc)) from None
-
-
-# -- the kernels (C twins in _speedups.c) ------------------------------------------------
-
-
-class _KeySeq:
-    """The keys of an order array, as a sequence bisect can search (reads each from the arena)."""
-
-    __slots__ = ("order", "arena")
-
-    def __init__(self, order: array, arena: Any) -> None:
-        self.order, self.arena = order, arena
-
-    def __len__(self) -> int:
-        return len(self.order) >> 1
-
-    def __getitem__(self, i: int) -> bytes:
-        o = self.order[2 * i]
-        return raw_key(self.arena, o, o + self.order[2 * i + 1])
-
-
-def _py_keys_at(order: array, arena: Any, step: int) -> List[bytes]:
-    """The keys of entries 0, step, 2*step, ... of ``order``. O(n / step)."""
-    return [raw_key(arena, order[i], order[i] + order[i + 1]) for i in range(0, len(order), 2 * step)]
-
-
-def _py_lower_bound(order: array, arena: Any, key: bytes) -> int:
-    """Position of the first entry with key >= ``key``. O(log n) entry reads."""
-    return bisect.bisect_left(_KeySeq(order, arena), key)
-
-
-def _py_find(table: Any, arena: Any, key: bytes) -> Tuple[int, int]:
-    """``(slot, offset | length << 32)`` of ``key`` in the hash table, or ``(-1, 0)``. O(1) expected."""
-    slots = len(table) >> 4
-    mask = slots - 1
-    h = key_hash(key)
-    i = h & mask
-    for _ in range(slots):
-        sh, ol = _SLOT.unpack_from(table, 16 * i)
-        if sh == 0:
-            break
-        if sh == h:
-            o = ol & _M32
-            if raw_key(arena, o, o + (ol >> 32)) == key:
-                return i, ol
-        i = (i + 1) & mask
-    return -1, 0
-
-
-def _py_entry_mod(arena: Any, off: int, n: int) -> int:
-    """The mod_revision field of the entry at ``arena[off:off+n]``."""
-    return unpackb(arena[off : off + n])[3]
-
-
-def _py_table(order: array, arena: Any, slots: int) -> bytearray:
-    """The hash table of the entries ``order`` lists (``slots``: a power of two > 2n).
-
-    Keys are unique, so a rebuild needs no key compares. Sorting the keys by
-    home slot makes linear probing a running max: pos_i = max(home_i,
-    pos_{i-1} + 1); any layout where every slot between a key's home and its
-    position is taken answers lookups and backward-shift deletes correctly.
-    The sort runs in C on one int per key (home << 32 | index). 1M keys:
-    0.9 s of slot-by-slot probing -> ~0.4 s; the C twin probes (~0.1 s).
-    """
-    keys = _py_keys_at(order, arena, 1)
-    mask = slots - 1
-    h64 = xxh3_64_intdigest
-    by_home = sorted([(h64(k) & mask) << 32 | i for i, k in enumerate(keys)])
-    flat = array("Q", bytes(16 * slots))
-    wrapped = []
-    p = -1
-    for v in by_home:
-        home = v >> 32
-        p = home if home > p else p + 1
-        i = v & _M32
-        if p >= slots:
-            wrapped.append(i)
-            continue
-        flat[2 * p] = h64(keys[i]) or 1  # 0 marks an empty slot (as key_hash)
-        flat[2 * p + 1] = order[2 * i] | order[2 * i + 1] << 32
-    del by_home
-    q = 0
-    for i in wrapped:  # runs past the last slot continue at slot 0
-        while flat[2 * q]:
-            q += 1
-        flat[2 * q] = h64(keys[i]) or 1
-        flat[2 * q + 1] = order[2 * i] | order[2 * i + 1] << 32
-    return bytearray(memoryview(flat).cast("B"))  # one copy, not two
-
-
-def _py_scan(arena: Any, order: Any, root: bytes, revision: int, base: int = 0) -> Top:
-    """Check every entry ``order`` lists in ``arena``; return the :data:`Top` (None if empty).
-
-    Checks, first failure a ValueError naming the entry: it lies inside the
-    arena and unpacks (with the readers' unpacker) to a 6-element array with a
-    str/bin key and int revisions; keys strictly increasing and under
-    ``root``; 0 < create_revision <= mod_revision <= ``revision``; version >=
-    1; lease >= 0. ``base``: the index of ``order``'s first entry in the image
-    (messages name entries by it). O(n): ~2 us a key.
-    """
-    n = len(arena)
-    offs = order.tolist()
-    top: Top = None
-    last: Optional[bytes] = None
-    for i in range(0, len(offs), 2):
-        off, ln = offs[i], offs[i + 1]
-        if off + ln > n:
-            raise ValueError(f"entry {base + i // 2} lies outside the arena")
-        try:
-            e = unpackb(arena[off : off + ln])
-        except Exception as exc:
-            raise ValueError(f"entry {base + i // 2} does not unpack: {exc}") from None
-        if type(e) is not list or len(e) != 6:
-            raise ValueError(f"entry {base + i // 2} is not a 6-element array")
-        k, _decoded, c, m, v, lease = e
-        if type(k) is str:
-            kb = k.encode("utf-8")
-        elif type(k) is bytes:
-            kb = k
-        else:
-            raise ValueError(f"entry {base + i // 2} is not a 6-element array with a str/bin key")
-        # Exact type tests, no generator: this loop is the O(n) part of a resume.
-        if type(c) is not int or type(m) is not int or type(v) is not int or type(lease) is not int:
-            raise ValueError(f"entry {base + i // 2} has non-integer revisions")
-        if not (0 < c <= m <= revision and v >= 1 and lease >= 0):
-            raise ValueError(f"entry {base + i // 2} has impossible revisions for revision {revision}")
-        if not kb.startswith(root):
-            raise ValueError(f"entry {base + i // 2}: its key is outside the prefix")
-        if last is not None and kb <= last:
-            raise ValueError(f"entry {base + i // 2}: keys are not sorted and unique")
-        last = kb
-        if top is None or m > top[2]:
-            top = (kb, c, m, v)
-    return top
-
-
-class _Kernels(NamedTuple):
-    """One implementation of the builder's kernels (the _py_ functions or their C twins)."""
-
-    scan: Callable[..., Top]
-    table: Callable[[array, Any, int], bytearray]
-    find: Callable[[Any, Any, bytes], Tuple[int, int]]
-    entry_mod: Callable[[Any, int, int], int]
-    lower_bound: Callable[[array, Any, bytes], int]
-    keys_at: Callable[[array, Any, int], List[bytes]]
-
-
-_KERNELS = {"python": _Kernels(_py_scan, _py_table, _py_find, _py_entry_mod, _py_lower_bound, _py_keys_at)}
-if compiled is not None:
-    _KERNELS["c"] = _Kernels(
-        compiled.scan_entries,
-        compiled.build_table,
-        compiled.find_slot,
-        compiled.entry_mod,
-        compiled.lower_bound,
-        compiled.keys_at,
-    )
-#: Images of at least this many entries are scanned in two halves at once (scan_image).
-_SPLIT_SCAN = 100_000
-#: The kernel implementations this installation offers ("c" needs the extension).
-IMPLEMENTATIONS = tuple(sorted(_KERNELS))
-DEFAULT_IMPL = IMPLEMENTATIONS[0]
 
 
 def _gaps(base: int, size: int, count: int, dirty: set, min_gap: int = 64 << 10) -> List[Tuple[int, int]]:

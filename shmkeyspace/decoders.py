@@ -173,16 +173,23 @@ def resolve(spec: str) -> Callable[[KeyValue], Any]:
         return BUILTIN[spec]
     if spec.startswith("struct:"):
         return _resolve_struct(spec)
-    mod_name, sep, fn_name = spec.partition(":")
-    if not sep or not mod_name or not fn_name:
+    if ":" not in spec:
         raise InvalidSettingError(
             f"decoder {spec!r}: use one of {', '.join(BUILTIN)}, module:function or struct:module:Type"
         )
+    return resolve_function(spec, "decoder")
+
+
+def resolve_function(spec: str, what: str) -> Callable[..., Any]:
+    """The callable ``module:function`` names (a decoder, a transform); InvalidSettingError says what is wrong."""
+    mod_name, sep, fn_name = spec.partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise InvalidSettingError(f"{what} {spec!r}: use module:function")
     try:
         mod = importlib.import_module(mod_name)
     except ImportError as exc:
-        raise InvalidSettingError(f"decoder {spec!r}: cannot import module {mod_name!r}: {exc}") from None
+        raise InvalidSettingError(f"{what} {spec!r}: cannot import module {mod_name!r}: {exc}") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise InvalidSettingError(f"decoder {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
+        raise InvalidSettingError(f"{what} {spec!r}: module {mod_name!r} has no callable {fn_name!r}")
     return fn

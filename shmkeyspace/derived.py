@@ -22,12 +22,16 @@ value per function until the Reader is closed.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, NamedTuple, Tuple
+from typing import Any, Callable, ContextManager, Dict, NamedTuple, Protocol, Tuple
 
 from .errors import SnapshotExpiredError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .reader import Reader
+
+class SnapshotSource(Protocol):
+    """What a :class:`Deriver` needs of its Reader: views of one publication
+    (reader.py imports this module, never the other way round)."""
+
+    def snapshot(self, copy: bool = False) -> ContextManager[Any]: ...
 
 
 class Derived(NamedTuple):
@@ -40,7 +44,7 @@ class Derived(NamedTuple):
 class Deriver:
     """Per-Reader cache of derived values. Thread-safe (see module doc)."""
 
-    def __init__(self, reader: "Reader", seq: Callable[[], int]) -> None:
+    def __init__(self, reader: SnapshotSource, seq: Callable[[], int]) -> None:
         self._reader = reader
         self._seq = seq  # the Reader's seq-word load
         # fn -> (seq seen before the computation, Derived)

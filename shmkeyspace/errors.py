@@ -162,6 +162,10 @@ class ValueTypeError(ShmKeyspaceError, ValueError):
     """A published value does not fit the type a typed view asks for (``Reader.typed``)."""
 
 
+class TransformError(ShmKeyspaceError, ValueError):
+    """The writer's transform (projection) raised for a value: that key is left out."""
+
+
 class EtcdConnectError(ShmKeyspaceError, ConnectionError):
     """etcd does not answer at the given endpoints."""
 

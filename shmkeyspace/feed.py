@@ -30,7 +30,7 @@ Costs: the writer packs each publication's keys once (O(changed keys)) and
 re-joins the region per publication (one copy of at most ``max_bytes``); a reader's
 ``changes()`` checksums the head+table (16 B per entry kept), copies and unpacks
 only the entries newer than ``since`` and sorts their union: ~20 us for 100 keys
-(bench/bench_feed.py).
+(bench/scenarios/feed.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import struct
 import time
 from collections import deque
 from functools import partial
-from typing import TYPE_CHECKING, Any, Deque, Iterable, Iterator, Optional, Tuple
+from typing import Any, Deque, Iterable, Iterator, Optional, Protocol, Tuple
 
 import msgpack
 from xxhash import xxh3_64_intdigest
@@ -48,8 +48,22 @@ from xxhash import xxh3_64_intdigest
 from .errors import ChangesTooOldError, CorruptSegmentError, InvalidKeyError, InvalidSettingError
 from .snapshot import entry_key
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .reader import Reader
+
+class ChangesSource(Protocol):
+    """What :func:`advance` needs of a Reader (reader.py imports this module, never
+    the other way round)."""
+
+    def changes(self, since_revision: int) -> "Changes": ...
+
+
+class FeedSource(ChangesSource, Protocol):
+    """What :func:`watch` needs of a Reader."""
+
+    @property
+    def revision(self) -> int: ...
+
+    def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool: ...
+
 
 FEED_MAGIC = b"SHMKFEED"
 FEED_VERSION = 1
@@ -256,7 +270,7 @@ def prefix_bytes(prefix: Any) -> Optional[bytes]:
     raise InvalidKeyError(f"prefix must be str or bytes, not {type(prefix).__name__}")
 
 
-def advance(reader: "Reader", since: int, pb: Optional[bytes]) -> Tuple[int, Optional[Changes]]:
+def advance(reader: ChangesSource, since: int, pb: Optional[bytes]) -> Tuple[int, Optional[Changes]]:
     """One watch step once a publication after ``since`` exists: (new since, keys or None).
 
     Shared by :func:`watch` and ``aio.watch``. Raises ChangesTooOldError when the
@@ -270,7 +284,7 @@ def advance(reader: "Reader", since: int, pb: Optional[bytes]) -> Tuple[int, Opt
 
 
 def watch(
-    reader: "Reader", prefix: Any = None, since: Optional[int] = None, timeout: Optional[float] = None
+    reader: FeedSource, prefix: Any = None, since: Optional[int] = None, timeout: Optional[float] = None
 ) -> Iterator[Tuple[int, Changes]]:
     """Generator behind :meth:`Reader.watch` (see there)."""
     pb = prefix_bytes(prefix)

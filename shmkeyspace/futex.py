@@ -13,7 +13,7 @@ publication changes it (seq grows by 2), so a waiter that passes the value it re
 can never miss one — the kernel compares that value with the word under its own lock
 and returns at once if they differ.
 
-Costs (measured on the 2-core dev VM, Python 3.11, ``bench/bench_feed.py``): a
+Costs (measured on the 2-core dev VM, Python 3.11, ``bench/scenarios/feed.py``): a
 ``wake`` with nobody waiting is one syscall through ctypes, ~1 us, so the writer
 issues it unconditionally (readers map the control block read-only and cannot keep
 a waiter count for it to test); a ``wait`` that returns at once costs about the same.

@@ -234,10 +234,10 @@ class WriterSupervisor:
 
     def start(self) -> None:
         """Start (or stand by for) the writer and wait for a snapshot; then monitor it."""
-        from . import segment
+        from . import writerlock
 
         t0 = time.time()
-        if segment.writer_is_running(self.name):
+        if writerlock.writer_is_running(self.name):
             self.log.warning(
                 "shmkeyspace: another writer already publishes %r; standing by to take over if it exits",
                 self.name,
@@ -307,7 +307,7 @@ class WriterSupervisor:
 
     def _check(self, state: Dict[str, float]) -> bool:
         """One round of supervision; True when stopping."""
-        from . import segment
+        from . import writerlock
 
         backoff = state["backoff"]
         try:
@@ -339,7 +339,7 @@ class WriterSupervisor:
         with self._lock:
             if self._stop.is_set():
                 return True
-            if segment.writer_is_running(self.name):
+            if writerlock.writer_is_running(self.name):
                 return False  # someone else's writer (or the old one still exiting): stand by
             try:
                 self._spawn()

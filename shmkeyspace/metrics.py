@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Protocol, Tuple, Union
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -36,10 +36,18 @@ from .errors import ShmKeyspaceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .publish import PublishStats
-    from .reader import Reader
     from .writer import Writer
 
 log = logging.getLogger(__name__)
+
+
+class HealthSource(Protocol):
+    """What :class:`ReaderCollector` needs of the Reader it opens."""
+
+    def health(self, stale_after: Optional[float] = None) -> Any: ...
+
+    def close(self) -> None: ...
+
 
 #: Control-block word holding CLOCK_MONOTONIC ns of the writer's last contact with
 #: etcd (written by writers that track contact; 0 or absent = unknown).
@@ -187,6 +195,23 @@ class WriterCollector(Collector):
         )
         yield _gauge("shmkeyspace_writer_keys", "Keys in the published snapshot.", n, keys)
         yield _gauge("shmkeyspace_writer_bytes", "Bytes of the published snapshot image.", n, nbytes)
+        groups = w.prefix_bytes()
+        if groups is not None:  # --account-depth: per prefix, the largest 100 and "(other)"
+            gk = GaugeMetricFamily(
+                "shmkeyspace_writer_prefix_keys",
+                "Keys per prefix (--account-depth).",
+                labels=["name", "prefix"],
+            )
+            gb = GaugeMetricFamily(
+                "shmkeyspace_writer_prefix_bytes",
+                "Bytes of packed entries per prefix (--account-depth; after any --transform).",
+                labels=["name", "prefix"],
+            )
+            for prefix, k, b in groups:
+                gk.add_metric([n, prefix], k)
+                gb.add_metric([n, prefix], b)
+            yield gk
+            yield gb
 
     def close(self) -> None:
         if self._ctrl is not None:
@@ -222,7 +247,7 @@ class ReaderCollector(Collector):
         self.name = segment.validate_name(name)
         self.writer_uid = writer_uid
         self.stale_after = stale_after
-        self._reader: Optional["Reader"] = None
+        self._reader: Optional[HealthSource] = None
         import threading
 
         self._lock = threading.Lock()
@@ -232,6 +257,8 @@ class ReaderCollector(Collector):
         with self._lock:
             try:
                 if self._reader is None:
+                    # The one use of the reader module, at run time: this collector
+                    # sits above it (it opens a Reader); reader.py never imports metrics.
                     from .reader import Reader
 
                     self._reader = Reader(n, cache_size=0, writer_uid=self.writer_uid)

@@ -33,7 +33,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional, Tuple
 
-from . import segment, state
+from . import publisher, state
 from .errors import StateFileError
 from .keyspace import KeySpace
 
@@ -59,7 +59,7 @@ class Persister:
         self,
         name: str,
         keyspace: KeySpace,
-        publisher: segment.Publisher,
+        publisher: publisher.Publisher,
         publishing: UpdatePublisher,
         stop: threading.Event,
         *,

@@ -37,13 +37,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Collection, List, Optional, Tuple
 
-from . import segment
+from . import publisher, segment
 from .errors import ImageTooLargeError, SegmentFullError, WriterLostError
 from .feed import ChangeLog
 from .keyspace import KeySpace
 from .store import PackedStore
 
 if TYPE_CHECKING:
+    from .accounting import PrefixBytes
     from .builder import Changes
     from .persist import Persister
     from .resume import Resumer
@@ -100,7 +101,7 @@ class UpdatePublisher:
         self,
         name: str,
         keyspace: KeySpace,
-        publisher: segment.Publisher,
+        publisher: publisher.Publisher,
         changelog: ChangeLog,
         identity: int,
         last: Tuple[int, int, int],
@@ -138,6 +139,8 @@ class UpdatePublisher:
         self.keys_changed = 0
         #: Full loads from etcd made (the first load, compaction reloads, discarded files).
         self.full_loads = 0
+        #: Keys and bytes per prefix (accounting.py), or None (the default: off).
+        self.accounting: Optional[PrefixBytes] = None
 
     def attach(self, persister: Persister, resumer: Resumer) -> None:
         """Wire in the persister and the resume (the Writer does, once it built them)."""
@@ -200,6 +203,8 @@ class UpdatePublisher:
         rev = ks.header.revision
         b = store.builder
         c0, w0 = t0
+        acc = self.accounting
+        sizes = acc.before(b, changes or ()) if acc is not None else None
         try:
             if changes:
                 b.apply_entries(changes, rev)
@@ -210,6 +215,8 @@ class UpdatePublisher:
             self.unpublished = True
             self._failed(rev, exc)
             return False
+        if acc is not None:
+            acc.after(b, sizes)
         self.unpublished = True
         if full:
             self.full_loads += 1

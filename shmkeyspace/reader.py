@@ -17,168 +17,51 @@ the small per-reader cache of repeated ``get`` answers (valid for one
 publication), whose values callers must not mutate. A Reader is safe to use
 across ``fork()`` (mappings are inherited) and from any number of threads at once.
 
-This module is the seqlock retry and the lifetime; the queries themselves are
+This module is the seqlock retry and the lifetime (the answer types and the
+views are in ``views.py``, the kernel loading in ``kernels.py``; both are
+re-exported here); the queries themselves are
 the kernels of ``snapshot.ImageView`` or, when built, ``_speedups.Image`` (the
 same kernels in C) and ``_speedups.ReaderBase.get`` (the hot path of ``get``).
 """
 
 from __future__ import annotations
 
-import os
 import time
-from functools import partial
-from typing import Any, Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
-from xxhash import xxh3_64_intdigest
-
-from . import feed, futex, segment
+from . import feed, futex, segment, writerlock
 from .derived import Derived, Deriver
 from .errors import (
     ChangesTooOldError,
     CorruptSegmentError,
-    ExtraMissingError,
     InvalidKeyError,
     InvalidSettingError,
     ReaderClosedError,
     SegmentNotFoundError,
-    SnapshotExpiredError,
     UntrustedSegmentError,
-    ValueTypeError,
 )
+from .kernels import IMPLEMENTATIONS, IMPLS, Impl, compiled
 from .key_values import prefix_end
-from .snapshot import ImageView, query_key, unpackb
+from .snapshot import ImageView, query_key
+from .views import READ_ERRORS, Entry, Health, Key, SnapshotView, TypedView
 
-try:
-    if os.environ.get("SHMKEYSPACE_PURE_PYTHON", "") not in ("", "0"):
-        raise ImportError("SHMKEYSPACE_PURE_PYTHON is set")
-    from . import _speedups
-except ImportError:  # not built (no compiler at install time) or switched off
-    _speedups = None
-
-Key = Union[str, bytes]
+_speedups = compiled
+__all__ = [
+    "IMPLEMENTATIONS",
+    "Entry",
+    "Health",
+    "Key",
+    "Reader",
+    "SnapshotView",
+    "TypedView",
+    "compiled",
+]
 
 _new = tuple.__new__
 _SEQ = segment.SEQ_WORD
-# What the contents of shared memory can make a query kernel raise: its own
-# CorruptSegmentError and the unpacker's ValueErrors. A read that raises one of
-# these is retried if the writer moved, else reported as corrupt; anything else
-# (TypeError, KeyError, ...) is a bug in the reader and surfaces as itself.
-_READ_ERRORS = (CorruptSegmentError, ValueError)
+_READ_ERRORS = READ_ERRORS  # (views.py says which errors and why)
 _MAX_RETRIES = 10_000
 _COPY_AFTER = 3  # retries of a query before it runs on a private copy of the image
-
-
-class Entry(NamedTuple):
-    """One mirrored key: the decoded value and etcd's revisions for it."""
-
-    key: Key
-    decoded: Any
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-
-_make_entry = partial(_new, Entry)  # Entry from a 6-item list, no Python frame
-
-
-class Health(NamedTuple):
-    """What :meth:`Reader.health` reports."""
-
-    name: str
-    writer_alive: bool
-    writer_pid: int
-    heartbeat_age: Optional[float]  # seconds since the writer's last heartbeat
-    revision: int  # revision of the published snapshot
-    etcd_revision: int  # newest etcd revision the writer has heard of
-    lag: int  # etcd_revision - revision (>= 0; 0 when idle: see README)
-    keys: int
-    bytes: int  # size of the published image
-    generation: int
-    published_at: float  # wall-clock time of the publication
-    seq: int
-    #: "disk": restored from the writer's state file and not yet caught up with
-    #: etcd (fail static); "etcd": current with etcd; "unknown": the writer
-    #: does not say (an older writer, or none has published since it started).
-    source: str = "unknown"
-    #: Seconds since the writer last heard from etcd; None if it has not yet (or
-    #: is a writer that does not track contact).
-    etcd_contact_age: Optional[float] = None
-    #: True when the writer is dead, or has not heard from etcd for longer than
-    #: its --stale-after (see README "Staleness").
-    stale: bool = False
-    #: The inode of the writer's PID namespace (0: not known, an older writer). When
-    #: it differs from this process's (segment.pid_namespace()), ``writer_pid`` is
-    #: a pid in another namespace (a container), not one of this process's.
-    writer_pidns: int = 0
-    #: The history epoch: raised when a writer publishes a snapshot that does not
-    #: continue the previous one's history (etcd recreated or restored from a
-    #: backup, then a full load). ``revision`` never decreases within one epoch.
-    epoch: int = 0
-    #: The etcd cluster id the published snapshot came from (0: an older writer).
-    cluster_id: int = 0
-    #: State files the writer has written, and failed to write (fail static), and
-    #: seconds since the last of each (None: none yet).
-    persists: int = 0
-    persist_failures: int = 0
-    persist_age: Optional[float] = None
-    persist_failure_age: Optional[float] = None
-    #: True while this reader serves a block its writer gave up (removed with
-    #: ``unlink``, or lost) and the name has no newer one this reader may follow yet.
-    retired: bool = False
-    #: The writer's full load: "idle" (none running), "loading", or "waiting" (a
-    #: backoff after a slow page or a failed load); keys read by the load running
-    #: or the last one, pages asked again, loads started again (cumulative).
-    load_state: str = "idle"
-    load_keys: int = 0
-    load_page_retries: int = 0
-    load_restarts: int = 0
-
-
-# -- the two implementations of the query kernels --------------------------------------
-# A kernel answers from one image (snapshot.ImageView, or its compiled twin
-# _speedups.Image) and knows nothing of the seqlock.
-
-
-def _py_lookup(kern: ImageView, key: Key) -> Optional[Entry]:
-    lst = kern.lookup(key)
-    return None if lst is None else _new(Entry, lst)
-
-
-def _py_range(kern: ImageView, lo: bytes, hi: Optional[bytes]) -> List[Entry]:
-    return list(map(_make_entry, kern.range(lo, hi)))
-
-
-def _py_kernel(view: ImageView) -> Any:
-    return view
-
-
-class _Impl(NamedTuple):
-    lookup: Callable[..., Optional[Entry]]
-    range: Callable[..., List[Entry]]
-    kernel: Callable[[ImageView], Any]
-    # The same entries as msgpack bytes (TypedView decodes them itself).
-    lookup_raw: Callable[..., Optional[bytes]]
-    range_raw: Callable[..., bytes]
-
-
-_IMPLS = {"python": _Impl(_py_lookup, _py_range, _py_kernel, ImageView.lookup_raw, ImageView.range_raw)}
-if _speedups is not None:
-    _speedups.setup(Entry, CorruptSegmentError, unpackb, xxh3_64_intdigest)
-    _IMPLS["c"] = _Impl(
-        _speedups.Image.lookup,
-        _speedups.Image.range,
-        _speedups.Image.of,
-        _speedups.Image.lookup_raw,
-        _speedups.Image.range_raw,
-    )
-
-#: The implementations this installation offers: "c" (the compiled extension) if it
-#: is built and SHMKEYSPACE_PURE_PYTHON is not set, and always "python".
-IMPLEMENTATIONS = tuple(sorted(_IMPLS))
-#: The compiled extension, set up (None: not built, or SHMKEYSPACE_PURE_PYTHON=1).
-#: builder.py runs its O(n) kernels from it too.
-compiled = _speedups
 
 
 class _Closed:
@@ -257,7 +140,7 @@ class Reader(_Base):
 
     #: "c" when the compiled kernels are built and not switched off with
     #: SHMKEYSPACE_PURE_PYTHON=1, else "python" (see README, "Which read path").
-    implementation: str = "c" if "c" in _IMPLS else "python"
+    implementation: str = "c" if "c" in IMPLS else "python"
 
     def __init__(
         self,
@@ -270,10 +153,10 @@ class Reader(_Base):
     ) -> None:
         self.name = segment.validate_name(name)
         impl = implementation or type(self).implementation
-        if impl not in _IMPLS:
+        if impl not in IMPLS:
             raise InvalidSettingError(f"implementation must be one of {IMPLEMENTATIONS}, not {impl!r}")
         self.implementation = impl
-        self._impl = _IMPLS[impl]
+        self._impl: Impl = IMPLS[impl]
         self._writer_uid = writer_uid
         deadline = time.monotonic() + wait
         while True:
@@ -594,7 +477,13 @@ class Reader(_Base):
         views = self.__dict__.setdefault("_typed_views", {})
         view = views.get(type_)
         if view is None:
-            view = views[type_] = TypedView(self, type_)
+            view = views[type_] = TypedView(
+                self,
+                type_,
+                get_decoded=self._get_decoded,
+                consistent=self._consistent,
+                range_raw=self._impl.range_raw,
+            )
         return view
 
     def __getitem__(self, key: Key) -> Entry:
@@ -669,12 +558,32 @@ class Reader(_Base):
         for _ in range(_MAX_RETRIES):
             s1, pub = self._current()
             if not copy:
-                return SnapshotView(self, s1, pub.ctrl.words, pub.data.buffers, pub.view, pub.kern, None)
+                return SnapshotView(
+                    self,
+                    s1,
+                    pub.ctrl.words,
+                    pub.data.buffers,
+                    pub.view,
+                    pub.kern,
+                    None,
+                    impl=self._impl,
+                    moved=self._moved,
+                )
             img = self._copy_image(s1, pub)
             if img is None:
                 continue
             view = ImageView(memoryview(img), 0, len(img))
-            return SnapshotView(self, s1, pub.ctrl.words, 2, view, self._impl.kernel(view), img)
+            return SnapshotView(
+                self,
+                s1,
+                pub.ctrl.words,
+                2,
+                view,
+                self._impl.kernel(view),
+                img,
+                impl=self._impl,
+                moved=self._moved,
+            )
         raise CorruptSegmentError(f"snapshot {self.name!r}: no stable read after {_MAX_RETRIES} tries")
 
     def _copy_image(self, s1: int, pub: _Pub) -> Optional[bytes]:
@@ -691,7 +600,7 @@ class Reader(_Base):
 
         Sleeps in the kernel on the shared seq word (futex.py), which the writer
         wakes after each publication: the waiter runs ~0.1 ms after a publication
-        and costs no CPU while idle (bench/bench_feed.py). Each sleep lasts at most
+        and costs no CPU while idle (bench/scenarios/feed.py). Each sleep lasts at most
         1 s, so a dead writer never holds a waiter past ``timeout`` and a restarted
         one is followed. Where futexes are unavailable it polls the seq word (one
         8-byte load), backing off from 0.5 to 4 ms. Reads the publication record,
@@ -749,7 +658,7 @@ class Reader(_Base):
         ``revision`` attribute is the published revision it is complete up to (pass it
         as the next ``since_revision``). Raises ChangesTooOldError when the writer's
         bounded log no longer reaches back to ``since_revision`` or a load/reload lies
-        in between. Cost: ~20 us for 100 keys (bench/bench_feed.py), independent of
+        in between. Cost: ~20 us for 100 keys (bench/scenarios/feed.py), independent of
         the snapshot's size.
         """
         since = int(since_revision)
@@ -833,7 +742,7 @@ class Reader(_Base):
             and age < limit
             and not ctrl.retired
             and not ctrl.moved()
-            and segment.writer_is_running(self.name)
+            and writerlock.writer_is_running(self.name)
         )
         rec = ctrl.active_record(s1)
         # Never below the published revision: the writer has heard of at least that.
@@ -884,162 +793,3 @@ def load_words(w: Any) -> Tuple[str, int, int, int]:
         w[segment.OFF_LOAD_RETRIES // 8],
         w[segment.OFF_LOAD_RESTARTS // 8],
     )
-
-
-class TypedView:
-    """``Reader.typed(type_)``: get, range and prefixed answering Entries whose
-    ``decoded`` is a ``type_``, for values a writer published with
-    ``decoders.struct(type_)`` (or any values that fit ``type_``).
-
-    The query kernels hand over each entry's msgpack bytes (read under one
-    publication, like every query) and msgspec decodes them straight into the
-    type: no intermediate dict. ``get`` (``ReaderBase._get_decoded`` in C)
-    decodes only the value with msgspec; ``range``/``prefixed`` decode all the
-    entries as one ``list[tuple[key, type_, int, int, int, int]]``. Measured by
-    ``bench/typed_values.py`` (100k keys, 5-field Struct, cold gets, C path):
-    0.84 us a typed get against 1.07 us for unpacking to a dict then
-    ``msgspec.convert`` (0.79x), and 0.80 us for the untyped dict get (1.05x).
-    Values are fresh objects per call (no cache). A value that does not fit
-    ``type_`` raises ValueTypeError; the Reader's own queries are unaffected.
-    """
-
-    def __init__(self, reader: Reader, type_: Any) -> None:
-        try:
-            import msgspec
-        except ImportError:
-            raise ExtraMissingError("Reader.typed needs msgspec: pip install 'shmkeyspace[typed]'") from None
-        entry = Tuple[Any, type_, int, int, int, int]
-        try:
-            self._value = msgspec.msgpack.Decoder(type_).decode
-            self._one = msgspec.msgpack.Decoder(entry).decode
-            self._many = msgspec.msgpack.Decoder(List[entry]).decode
-        except TypeError as exc:
-            raise InvalidSettingError(f"Reader.typed: msgspec cannot decode into {type_!r}: {exc}") from None
-        self._error = msgspec.DecodeError
-        self._reader = reader
-        # get without a Python frame: the method below, bound (in C when the extension is built).
-        self.__dict__["get"] = partial(reader._get_decoded, self._value, self._one, self._fail_key)
-        #: The type of the ``decoded`` values this view answers.
-        self.type = type_
-
-    def _fail(self, what: str, exc: Exception) -> ValueTypeError:
-        return ValueTypeError(
-            f"snapshot {self._reader.name!r}: {what} does not decode as {self.type!r}: {exc} "
-            "(is its writer's decoder decoders.struct of this type?)"
-        )
-
-    def _fail_key(self, key: Key, exc: Exception) -> None:
-        if isinstance(exc, self._error):
-            raise self._fail(f"the value of key {key!r}", exc) from None
-        raise exc
-
-    def get(self, key: Key) -> Optional[Entry]:
-        """The entry of ``key`` with a ``type_`` value, or None. O(1).
-
-        (Each view's ``get`` is this, bound in C: ``partial(reader._get_decoded,
-        decoder, fail)``, which saves a Python frame per call.)
-        """
-        return self._reader._get_decoded(self._value, self._one, self._fail_key, key)
-
-    def __getitem__(self, key: Key) -> Entry:
-        e = self.get(key)
-        if e is None:
-            raise KeyError(key)
-        return e
-
-    def _entries(self, raw: bytes) -> List[Entry]:
-        try:
-            return list(map(_make_entry, self._many(raw)))
-        except self._error as exc:
-            raise self._fail("a value in the range", exc) from None
-
-    def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
-        """As :meth:`Reader.range`, with ``type_`` values. O(log n + k)."""
-        r = self._reader
-        lo = query_key(from_key)[0]
-        hi = None if to_key is None else query_key(to_key)[0]
-        return self._entries(r._consistent(r._impl.range_raw, lo, hi))
-
-    def prefixed(self, prefix: Key) -> List[Entry]:
-        """As :meth:`Reader.prefixed`, with ``type_`` values. O(log n + k)."""
-        r = self._reader
-        p = query_key(prefix)[0]
-        return self._entries(r._consistent(r._impl.range_raw, p, prefix_end(p)))
-
-
-class SnapshotView:
-    """One publication, for several consistent queries. See :meth:`Reader.snapshot`."""
-
-    def __init__(
-        self,
-        reader: Reader,
-        seq: int,
-        words: Any,
-        buffers: int,
-        view: ImageView,
-        kern: Any,
-        private: Optional[bytes],
-    ) -> None:
-        self._reader = reader
-        self._seq = seq
-        self._words = words  # the seq words of the block this view's publication is in
-        # The writer rotates through ``buffers`` buffers: this view's is rewritten by the
-        # publication ``buffers`` after its own, whose odd seq store is seq + 2 * buffers - 1.
-        self._lives = 2 * (buffers - 1)
-        self._view = view
-        self._kern = kern
-        self._impl = reader._impl
-        self._private = private
-        self.revision = view.revision
-
-    def _check(self, out):
-        if self._reader.closed:
-            raise ReaderClosedError(
-                f"snapshot view of {self._reader.name!r} at revision {self.revision}: its Reader is closed"
-            )
-        if self._private is None and self._reader._moved(self._seq, self._words, self._lives):
-            grace = self._words[segment.OFF_VIEW_GRACE // 8] / 1e9
-            raise SnapshotExpiredError(
-                f"snapshot view of {self._reader.name!r} at revision {self.revision} expired: the writer "
-                f"reused its buffer (views are guaranteed {grace:g} s, the writer's --view-grace); keep "
-                "views shorter or use snapshot(copy=True)"
-            )
-        return out
-
-    def _run(self, fn, *args):
-        self._check(None)
-        try:
-            out = fn(self._kern, *args)
-        except _READ_ERRORS as exc:
-            self._check(None)
-            raise CorruptSegmentError(f"snapshot {self._reader.name!r}: {exc}") from None
-        return self._check(out)
-
-    def get(self, key: Key) -> Optional[Entry]:
-        if not isinstance(key, (str, bytes, bytearray, memoryview)):
-            raise InvalidKeyError(f"key must be str or bytes, not {type(key).__name__}")
-        return self._run(self._impl.lookup, key)
-
-    def range(self, from_key: Key, to_key: Optional[Key]) -> List[Entry]:
-        lo = query_key(from_key)[0]
-        return self._run(self._impl.range, lo, None if to_key is None else query_key(to_key)[0])
-
-    def prefixed(self, prefix: Key) -> List[Entry]:
-        p = query_key(prefix)[0]
-        return self._run(self._impl.range, p, prefix_end(p))
-
-    def __len__(self) -> int:
-        return self._check(self._view.count)
-
-    def __iter__(self) -> Iterator[Entry]:
-        return iter(self._run(self._impl.range, b"", None))
-
-    def close(self) -> None:
-        if self._private is not None:
-            self._view.release()
-
-    def __enter__(self) -> "SnapshotView":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

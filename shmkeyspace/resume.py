@@ -35,7 +35,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
-from . import history, segment, state
+from . import history, publisher, segment, state
 from .errors import (
     CorruptSegmentError,
     ImageTooLargeError,
@@ -77,7 +77,7 @@ class Resumer:
         self,
         name: str,
         keyspace: KeySpace,
-        publisher: segment.Publisher,
+        publisher: publisher.Publisher,
         changelog: ChangeLog,
         publishing: UpdatePublisher,
         persister: Persister,

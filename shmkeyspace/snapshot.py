@@ -338,6 +338,11 @@ class ImageView:
                 hi = mid
         return lo
 
+    def entry_sizes(self) -> List[Tuple[bytes, int]]:
+        """``(raw key, entry bytes)`` of every entry, in key order. O(n): only keys are parsed."""
+        lens = self.order[1::2].tolist()
+        return [(self.key_at(i), lens[i]) for i in range(self.count)]
+
     def lookup(self, key: Any) -> Optional[list]:
         """The entry of ``key`` (a 6-item list) or None. O(1): one probe, one unpack."""
         if type(key) is str:

@@ -9,7 +9,11 @@ Owns :class:`PackedStore` (what :attr:`KeySpace.key_values` is in a writer) and
 * a KeyValue it receives carries the packed entry (``pack_entry``) as
   ``decoded``, so a writer keeps no decoded mirror, only what publishing needs;
 * changes the builder could not take are put back (:meth:`PackedStore.restore`),
-  newer pending ones winning, so a failed publication loses nothing.
+  newer pending ones winning, so a failed publication loses nothing;
+* with a compiled applier (``apply.py``), :meth:`PackedStore.apply_events` is
+  the KeySpace's event loop, one C call per batch, with the same outcome as
+  KeySpace.apply's own loop (the reference); without one, ``apply_events`` is
+  None and KeySpace.apply runs its loop.
 
 Locking: a store has no lock of its own; it is the KeySpace's, so everything
 here runs under ``keyspace.lock`` (KeySpace.apply, the writer's observer).
@@ -18,12 +22,13 @@ here runs under ``keyspace.lock`` (KeySpace.apply, the writer's observer).
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Set, Tuple
 
 from .key_values import KeyValue
 from .snapshot import MAX_IMAGE
 
 if TYPE_CHECKING:
+    from .apply import CompiledApply
     from .builder import Changes, ImageBuilder
 # builder.py (and reader.py, where it gets its C kernels) is imported where first
 # needed: a warm start publishes the state file before it needs a builder
@@ -40,13 +45,46 @@ class PackedStore:
     A KeyValue it receives carries the packed entry as ``decoded``.
     """
 
-    __slots__ = ("builder", "pending", "t_first")
+    __slots__ = ("builder", "pending", "t_first", "applier", "apply_events")
 
-    def __init__(self, builder: ImageBuilder) -> None:
+    def __init__(self, builder: ImageBuilder, applier: Optional[CompiledApply] = None) -> None:
         self.builder = builder
         self.pending: Changes = {}
         #: (thread CPU ns, perf_counter ns) of the batch's first event, for stats.
         self.t_first: Optional[tuple] = None
+        self.applier = applier
+        #: KeySpace.apply runs this instead of its own loop when it is not None.
+        self.apply_events: Optional[Callable[..., int]] = None
+        self.set_applier(applier)
+
+    def set_applier(self, applier: Optional[CompiledApply]) -> None:
+        """Use ``applier`` (None: KeySpace.apply's Python loop) from the next batch on."""
+        self.applier = applier
+        self.apply_events = None if applier is None else self._apply_events
+        self.builder.compiled_updates = applier is not None
+
+    def _apply_events(
+        self,
+        responses: Tuple[Any, ...],
+        root_key: bytes,
+        floor: int,
+        excluded: Set[bytes],
+        slow: Callable[[Any], Any],
+        skip: Callable[[int, bytes, int, int], None],
+        changed: Set[bytes],
+        revision: int,
+    ) -> int:
+        """KeySpace.apply's loop over ``responses`` (see its hook), in C. O(events)."""
+        fresh = self.t_first is None
+        if fresh:
+            self.t_first = (time.thread_time_ns(), time.perf_counter_ns())
+        assert self.applier is not None
+        rev = self.applier(
+            responses, root_key, floor, self.pending, self.builder, excluded, slow, skip, changed, revision
+        )
+        if fresh and not changed:
+            self.t_first = None  # no update follows: the batch's stats start at the next one
+        return rev
 
     def __len__(self) -> int:
         n = len(self.builder)
@@ -85,11 +123,12 @@ class PackedStore:
 class PackedLoader:
     """KeySpace store loader: appends a load's packed entries straight into a new builder."""
 
-    __slots__ = ("builder",)
+    __slots__ = ("builder", "applier")
 
-    def __init__(self, max_image: int = MAX_IMAGE) -> None:
+    def __init__(self, max_image: int = MAX_IMAGE, applier: Optional[CompiledApply] = None) -> None:
         from .builder import ImageBuilder
 
+        self.applier = applier
         self.builder = ImageBuilder()
         self.builder.max_image = max_image
         self.builder.begin()
@@ -99,4 +138,4 @@ class PackedLoader:
 
     def finish(self) -> PackedStore:
         self.builder.finish(0)  # the revision is the KeySpace header's, set at publication
-        return PackedStore(self.builder)
+        return PackedStore(self.builder, self.applier)

@@ -70,10 +70,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import segment, state
-from .errors import ImageTooLargeError, InvalidSettingError, KeySpaceError, WriterLostError, describe
+from . import accounting, apply, publisher, segment, state
+from .errors import (
+    ImageTooLargeError,
+    InvalidSettingError,
+    KeySpaceError,
+    TransformError,
+    WriterLostError,
+    describe,
+)
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
 from .key_values import KeyValue
 from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, DEFAULT_WATCH_SILENCE, KeySpace
@@ -82,8 +89,8 @@ from .persist import DEFAULT_PERSIST_INTERVAL, Persister
 from .publish import PublishObserver, PublishStats, UpdatePublisher
 from .resume import Resumer
 from .session import EtcdSession
-from .snapshot import MAX_IMAGE, pack_entry
-from .store import PackedLoader
+from .snapshot import MAX_IMAGE, entry_key, pack_entry
+from .store import PackedLoader, PackedStore
 
 #: Default ``view_grace`` (``--view-grace``): every snapshot view stays valid at
 #: least this long. A buffer readers left is rewritten only this long after, so
@@ -106,7 +113,10 @@ class Writer:
     """Mirror etcd keys under ``prefix`` into the snapshot ``name``.
 
     Either pass a python-etcd3-API ``client``, or ``endpoints`` (plus any keyword
-    of :func:`shmkeyspace.etcd.connect` in ``connect_args``).
+    of :func:`shmkeyspace.etcd.connect` in ``connect_args``). ``apply_impl``: the
+    path watch events take, "c" (``apply.py``: the built-in decoders, in C) or
+    "python" (KeySpace.apply's loop, the reference); default ``SHMKEYSPACE_APPLY``,
+    else "c" where the extension is built.
     """
 
     def __init__(
@@ -133,10 +143,16 @@ class Writer:
         stale_after: float = DEFAULT_STALE_AFTER,
         watch_silence: Optional[float] = DEFAULT_WATCH_SILENCE,
         view_grace: float = DEFAULT_VIEW_GRACE,
+        apply_impl: Optional[str] = None,
+        transform: Optional[Callable[[Any, Any], Any]] = None,
+        transform_name: Optional[str] = None,
+        account_depth: Optional[int] = None,
         load_attempts: Optional[int] = None,
     ) -> None:
         if client is None and endpoints is None:
             raise InvalidSettingError("Writer needs an etcd client or endpoints")
+        if account_depth is not None and not account_depth >= 0:
+            raise InvalidSettingError(f"account_depth must be >= 0 path segments, got {account_depth!r}")
         if not stale_after > 0:
             raise InvalidSettingError(f"stale_after must be > 0 seconds, got {stale_after!r}")
         if watch_silence is not None and not watch_silence >= 0:
@@ -153,13 +169,26 @@ class Writer:
         #: Full loads tried before :meth:`load` gives up and raises (None: until stopped).
         self.load_attempts = load_attempts
         self._max_image = max_image_bytes
+        #: The writer-side projection: ``transform(key, decoded) -> what readers get``
+        #: (key: str, or bytes when not UTF-8), run after the decoder, before packing.
+        #: A transform that raises leaves the key out, as a decoder failure does.
+        self.transform = transform
+        # A transform is Python code: the event loop stays in Python (apply.py
+        # compiles the built-in decoders alone).
+        self._apply_kind = apply.compiled_kind(decoder) if transform is None else None
+        self._applier: Optional[apply.CompiledApply] = None
+        self._apply_impl = "python"
+        self._set_apply_impl(apply_impl or apply.default_impl())
         # validates prefix before any side effect
-        self.keyspace = KeySpace(prefix, self._decode, store=lambda: PackedLoader(self._max_image))
+        self.keyspace = KeySpace(
+            prefix, self._decode, store=lambda: PackedLoader(self._max_image, self._applier)
+        )
         self.changelog = ChangeLog(changes_keep, changes_bytes)  # validates the sizes
         self.keyspace.watch_apply_delay = apply_delay
         self.name = segment.validate_name(name)
         self._user_decoder = decoder or (lambda kv: kv.value)
-        self._verify = not getattr(decoder, "msgpack_safe", decoder is None)
+        # What a transform returns is not known to be readable: round-trip it.
+        self._verify = transform is not None or not getattr(decoder, "msgpack_safe", decoder is None)
         self.session = EtcdSession(
             self.name, client, endpoints, connect_args or {}, stale_after, self.keyspace.root_key
         )
@@ -168,9 +197,15 @@ class Writer:
             raise InvalidSettingError(f"persist_interval must be > 0 seconds, got {persist_interval!r}")
         #: Recorded in the state file; a file written under another decoder is refused.
         self.decoder_name = decoder_name or _callable_name(decoder)
+        self.transform_name: Optional[str] = None
+        if transform is not None:
+            # Part of what the images are a mirror of: a state file or predecessor
+            # image made under another projection is not taken over.
+            self.transform_name = transform_name or _callable_name(transform)
+            self.decoder_name += f"|transform={self.transform_name}"
         # Checked before any segment exists: a writer that cannot start leaves nothing behind.
         self.state_dir = state.prepare_dir(state_dir) if state_dir else None
-        self.publisher = segment.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
+        self.publisher = publisher.Publisher(name, mode=mode, gid=gid, view_grace=view_grace)
         #: What the published images are a mirror of (segment.identity): a restarted
         #: writer takes its predecessor's image over only when this matches.
         self.identity = segment.identity(self.keyspace.root_key, self.decoder_name)
@@ -244,14 +279,53 @@ class Writer:
             threads=self._threads,
         )
         self.publishing.attach(self.persister, self.resumer)
+        if account_depth is not None:
+            #: Keys and bytes per prefix (accounting.py; metrics), or None: off.
+            self.publishing.accounting = accounting.PrefixBytes(account_depth)
         if self.state_dir:
             state.remove_temps(self.state_dir, self.name)  # we hold the writer lock now
 
+    # -- the apply path -------------------------------------------------------------
+    def _set_apply_impl(self, impl: str) -> None:
+        if impl not in apply.IMPLEMENTATIONS:
+            raise InvalidSettingError(f"apply_impl must be one of {apply.IMPLEMENTATIONS}, not {impl!r}")
+        self._apply_impl = impl
+        use_c = impl == "c" and self._apply_kind is not None
+        self._applier = apply.CompiledApply(self._apply_kind) if use_c and self._apply_kind else None
+
+    @property
+    def apply_impl(self) -> str:
+        """The path watch events take: "c" (apply.py, built-in decoders only) or "python".
+
+        "c" asked for with a decoder it does not know reads back "python". Settable
+        (tests, benchmarks): the next batch takes the new path.
+        """
+        return "c" if self._applier is not None else "python"
+
+    @apply_impl.setter
+    def apply_impl(self, impl: str) -> None:
+        with self.keyspace.lock:
+            self._set_apply_impl(impl)
+            self._attach_applier()
+
+    def _attach_applier(self) -> None:
+        store = self.keyspace.key_values
+        if isinstance(store, PackedStore):
+            store.set_applier(self._applier)
+
     # -- decode + pack (the KeySpace's decoder) -----------------------------------
     def _pack(self, kv: KeyValue) -> bytes:
+        decoded = self._user_decoder(kv)
+        if self.transform is not None:
+            try:
+                decoded = self.transform(entry_key(kv.key), decoded)
+            except Exception as exc:
+                raise TransformError(
+                    f"transform {self.transform_name} rejected key {kv.key!r}: {exc!r}"
+                ) from exc
         return pack_entry(
             kv.key,
-            self._user_decoder(kv),
+            decoded,
             kv.create_revision,
             kv.mod_revision,
             kv.version,
@@ -279,6 +353,12 @@ class Writer:
         self.publishing.add_observer(fn)
 
     # -- state --------------------------------------------------------------------
+    def prefix_bytes(self) -> Optional[List[Tuple[str, int, int]]]:
+        """``(prefix, keys, bytes)`` per prefix, largest first (accounting.top), or None when
+        ``account_depth`` is off. Thread-safe (a copy). O(prefixes)."""
+        acc = self.publishing.accounting
+        return None if acc is None else accounting.top(acc.snapshot())
+
     @property
     def error(self) -> Optional[BaseException]:
         """The error :meth:`run` stopped on, or None (still running, or stopped cleanly)."""
@@ -399,7 +479,11 @@ class Writer:
         new segment included); etcd is not contacted. A bad file is logged and
         ignored; readers never see it. (Resumer.restore)
         """
-        return self.resumer.restore()
+        ok = self.resumer.restore()
+        if ok:
+            with self.keyspace.lock:  # the resume built the store from the file's image
+                self._attach_applier()
+        return ok
 
     def persist_now(self) -> None:
         """Write the state file now unless it already holds what is published (blocks).
@@ -640,7 +724,7 @@ def tune_heap() -> bool:
     where they fragment it: a full load frees many (gRPC page buffers, the
     growing arena's old copies), so its garbage then stays in RSS. Pinned, large
     blocks are mmap'd and go back to the kernel when freed. Measured at 100k
-    keys of ~110 B JSON (bench/writer_memory.py, same run as the env variable
+    keys of ~110 B JSON (bench/scenarios/writer_memory.py, same run as the env variable
     MALLOC_MMAP_THRESHOLD_=131072): RssAnon after the load 55 -> 38 MiB, load
     time unchanged. Process-wide, so the CLI's writer calls it, not Writer
     (a library user's process keeps its own malloc settings).
@@ -659,7 +743,7 @@ def trim_heap() -> bool:
     Why after a full load: its pages (gRPC buffers, parsed protobuf, the decoded
     values) are freed, but glibc keeps them in the heap and in the arenas of the
     threads that fetched them, so they stay in the writer's RSS for its whole
-    life. Measured at 100k keys of ~110 B JSON (bench/writer_memory.py): RssAnon
+    life. Measured at 100k keys of ~110 B JSON (bench/scenarios/writer_memory.py): RssAnon
     67 -> 46 MiB, in a few milliseconds. A no-op where libc is not glibc.
     """
     try:

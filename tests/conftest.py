@@ -15,8 +15,8 @@ import uuid
 import pytest
 from hypothesis import HealthCheck, settings
 
-from shmkeyspace import segment
-from shmkeyspace._support import child_env
+from shmkeyspace import segment, writerlock
+from shmkeyspace.children import child_env
 from shmkeyspace.embedded import EtcdServer
 from shmkeyspace.etcd import connect
 
@@ -55,7 +55,7 @@ def shm_name():
     name = f"test-{uuid.uuid4().hex[:12]}"
     yield name
     try:
-        segment.unlink_all(name)
+        writerlock.unlink_all(name)
     except Exception:
         # A writer left running by a failed test: remove what we can.
         import posix_ipc

@@ -1,12 +1,12 @@
 """Small helpers for tests that run writers and readers as real child processes.
 
-The generic parts (child environment and reaping, /proc probes, waiting) live in
-:mod:`shmkeyspace._support`, shared with the demo and the benchmarks; the names
+The generic parts (child environment and reaping, memory) live in
+:mod:`shmkeyspace.children`, shared with the demo and the benchmarks; the names
 here stay for the tests. Owns nothing in the library: it spawns Python children
 (a script given as text, run with the repo and ``tests/`` importable), stops
 them, waits for conditions, reads per-process facts from ``/proc`` (fd count,
 private RSS, shm mappings), scales test sizes between CI and the soak, and appends the counts a test wants
-reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/soak.py``).
+reported to ``$SHMKEYSPACE_SOAK_REPORT`` (read by ``bench/scenarios/soak.py``).
 
 Children are plain ``subprocess.Popen`` objects so a test can SIGKILL, SIGSTOP
 or SIGCONT them by pid; every spawn should be paired with :func:`stop` in a
@@ -20,10 +20,10 @@ import os
 import signal
 import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-from shmkeyspace import _support, segment
-from shmkeyspace._support import fd_count, shm_mappings, wait_until
+from shmkeyspace import children, segment
 
 __all__ = [
     "TESTS_DIR",
@@ -37,6 +37,7 @@ __all__ = [
     "stop",
     "wait_until",
     "fd_count",
+    "etcd_reachable",
     "private_rss",
     "shm_mappings",
     "shm_files",
@@ -76,7 +77,7 @@ def report_counts(test: str, **counts) -> None:
 
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """Environment for a child: repo and tests/ importable, unbuffered output."""
-    return _support.child_env([TESTS_DIR], extra)
+    return children.child_env([TESTS_DIR], extra)
 
 
 def spawn(
@@ -96,12 +97,12 @@ def spawn(
 
 def stop(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
     """Stop ``proc`` (``sig``, then SIGKILL after ``timeout``); returns its exit code."""
-    return _support.reap(proc, sig, timeout)
+    return children.reap(proc, sig, timeout)
 
 
 def private_rss(pid="self") -> int:
     """Resident bytes not backed by a file or shm (RssAnon)."""
-    return _support.memory(pid, smaps=False)["anon"]
+    return children.memory(pid, smaps=False)["anon"]
 
 
 def shm_files(name: str) -> List[str]:
@@ -193,3 +194,54 @@ while not stop.wait(0.2):
 w.stop()
 print("stopped", w.publications, flush=True)
 """
+
+
+# -- /proc probes and waiting (test-only; moved from the package) ----------------------
+
+Pid = Union[int, str]
+
+
+def fd_count(pid: Pid = "self") -> int:
+    """Open file descriptors of a process."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def shm_mappings(pid: Pid = "self", needle: str = "/dev/shm/shmks.") -> List[str]:
+    """Lines of ``/proc/PID/maps`` that map shmkeyspace segments."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.rstrip("\n") for line in f if needle in line]
+
+
+# -- statistics ------------------------------------------------------------------------
+
+
+def etcd_reachable(client: Any, timeout: float = 60.0) -> bool:
+    """Wait until ``client`` answers a read; True iff it did within ``timeout``.
+
+    After etcd restarts, an existing client's gRPC channel reconnects on its own
+    schedule (backoff), and calls made before that fail fast with UNAVAILABLE
+    although etcd is healthy: wait on this before using such a client.
+    """
+
+    def answers() -> bool:
+        try:
+            client.get_range_response(b"\0probe", b"\0probf", limit=1)
+            return True
+        except Exception:  # UNAVAILABLE, the failover client's "no endpoint", ...
+            return False
+
+    return wait_until(answers, timeout, 0.1)
+
+
+# -- waiting ---------------------------------------------------------------------------
+
+
+def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.01) -> bool:
+    """Poll ``pred`` until it is true or ``timeout`` seconds pass; True iff it became true."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

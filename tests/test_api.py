@@ -64,7 +64,7 @@ def test_standard_bases_are_kept(name, base):
 
 
 def test_private_helpers_raise_shmkeyspace_errors_too():
-    from shmkeyspace._support import ChildError
+    from shmkeyspace.children import ChildError
     from shmkeyspace.cli import CliError
     from shmkeyspace.demo import DemoError
 
@@ -94,10 +94,11 @@ def test_reader_side_import_pulls_no_grpc_or_protobuf(python_env):
                 continue  # the writer side: allowed to need the writer extra
             getattr(shmkeyspace, name)
         from shmkeyspace import Reader, SnapshotView
-        assert SnapshotView.__module__ == "shmkeyspace.reader"
+        import shmkeyspace.reader
+        assert SnapshotView is shmkeyspace.reader.SnapshotView and SnapshotView.__module__ == "shmkeyspace.views"
         print(json.dumps(sorted(m for m in sys.modules
                                 if m.split(".")[0] in ("grpc", "google", "pyetcd", "etcd3")
-                                or m in ("shmkeyspace.etcd", "shmkeyspace.embedded", "shmkeyspace._support"))))
+                                or m in ("shmkeyspace.etcd", "shmkeyspace.embedded", "shmkeyspace.children"))))
     """)
     p = subprocess.run(
         [conftest.PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60

@@ -20,8 +20,8 @@ import pytest
 from conftest import PYTHON
 from helpers_procs import shm_files
 
-from shmkeyspace import segment
-from shmkeyspace._support import writer_command
+from shmkeyspace import writerlock
+from shmkeyspace.children import writer_command
 from shmkeyspace.cli import main, summarize
 from shmkeyspace.embedded import free_port
 
@@ -293,7 +293,7 @@ def test_exit_with_parent(etcd_server, client, prefix, shm_name, python_env, tmp
             parent.kill()
             parent.wait(10)
             deadline = time.monotonic() + 30
-            while segment.writer_is_running(shm_name) or _alive(writer_pid):
+            while writerlock.writer_is_running(shm_name) or _alive(writer_pid):
                 assert time.monotonic() < deadline, "the writer outlived its parent"
                 time.sleep(0.05)
             h = r.health()

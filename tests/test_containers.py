@@ -25,7 +25,7 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import procns, segment
-from shmkeyspace._support import writer_command
+from shmkeyspace.children import writer_command
 
 WORKERS = os.path.join(hp.ROOT, "workers")
 PKG = os.path.join(hp.ROOT, "shmkeyspace")

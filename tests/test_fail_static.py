@@ -23,7 +23,7 @@ import pytest
 import test_cli
 from helpers_procs import wait_until
 
-from shmkeyspace import Reader, segment, state
+from shmkeyspace import Reader, state, writerlock
 from shmkeyspace.etcd import connect
 
 PERSIST = "0.2"
@@ -91,7 +91,7 @@ def _restart(python_env, tmp_path, etcd, prefix, name, d, writers):
 
 def _kill_and_unlink(w, name):
     w.stop(signal.SIGKILL)
-    segment.unlink_all(name)  # a reboot empties /dev/shm
+    writerlock.unlink_all(name)  # a reboot empties /dev/shm
 
 
 def _health(name):
@@ -222,7 +222,7 @@ def test_bad_state_file_falls_back_to_etcd(own_etcd, prefix, shm_name, python_en
     try:
         w, rev = _persisted_writer(python_env, tmp_path, own_etcd, c, prefix, shm_name, d, writers)
         assert w.stop() == 0
-        segment.unlink_all(shm_name)
+        writerlock.unlink_all(shm_name)
         path = state.path_for(d, shm_name)
         data = open(path, "rb").read()
         with open(path, "wb") as f:

@@ -274,10 +274,10 @@ with Reader(name) as r:
 
 PUBLISHER = r"""
 import signal, sys, time
-from shmkeyspace import segment
+from shmkeyspace import segment, publisher
 from shmkeyspace.builder import ImageBuilder
 name, rev = sys.argv[1], int(sys.argv[2])
-p = segment.Publisher(name)
+p = publisher.Publisher(name)
 b = ImageBuilder()
 b.reset([], rev)
 parts, n = b.parts()

@@ -41,7 +41,7 @@ import traceback
 import helpers_procs as hp
 import pytest
 
-from shmkeyspace import Reader, segment
+from shmkeyspace import Reader, publisher, segment, writerlock
 from shmkeyspace import reader as reader_mod
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, ShmKeyspaceError
@@ -82,13 +82,13 @@ def _keys() -> list:
     return sorted(keys)
 
 
-def build_pristine(name: str) -> segment.Publisher:
+def build_pristine(name: str) -> publisher.Publisher:
     """Publish revision 10 (all keys) and 11 (some updated, some deleted) under ``name``.
 
     Revision 11's arena holds appended, out-of-key-order entries, so ranges take
     both the contiguous and the per-entry unpack paths.
     """
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     keys = _keys()
     b.reset([(k, pack_entry(k, _value(i), 1, 10, 1, 0)) for i, k in enumerate(keys)], 10)
@@ -213,7 +213,7 @@ def mutate(mm: mmap.mmap, start: int, end: int, rnd: random.Random) -> str:
     return f"whole-{how}"
 
 
-def regions(name: str, pub: segment.Publisher) -> dict:
+def regions(name: str, pub: publisher.Publisher) -> dict:
     """{region: (file, start, end, readers_depend_on_it)} of the pristine layout."""
     ctrl_file = segment.shm_path(segment.ctrl_name(name))
     data_file = segment.shm_path(segment.data_name(name, pub.gen))
@@ -239,7 +239,7 @@ def regions(name: str, pub: segment.Publisher) -> dict:
             segment.OFF_RECORDS + (2 - active) * segment.RECORD.size,
             False,
         ),
-        "data.head": (data_file, 0, segment._DATA_HEAD.size, True),
+        "data.head": (data_file, 0, segment.DATA_HEAD.size, True),
     }
     with open(data_file, "rb") as f:
         data = f.read()
@@ -288,14 +288,14 @@ def fuzz(name: str, seed: int, cases: int, progress_path: str) -> dict:
     # whose gen is nudged by one maps a real segment and readers switch generations.
     with open(segment.shm_path(segment.data_name(name, pub.gen)), "rb") as f:
         decoy = bytearray(f.read())
-    segment._DATA_HEAD.pack_into(
+    segment.DATA_HEAD.pack_into(
         decoy,
         0,
         segment.DATA_MAGIC,
         segment.LAYOUT_VERSION,
         0,
         pub.gen + 1,
-        *segment._DATA_HEAD.unpack_from(decoy, 0)[4:],
+        *segment.DATA_HEAD.unpack_from(decoy, 0)[4:],
     )
     with open(segment.shm_path(segment.data_name(name, pub.gen + 1)), "wb") as f:
         f.write(decoy)
@@ -586,7 +586,7 @@ def test_failed_generation_switch_then_seq_rewound(shm_name):
     import struct
 
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         b.reset([(b"/a", pack_entry(b"/a", 1, 1, 10, 1, 0))], 10)
         parts, total = b.parts()
         pub.publish(parts, total, 10, 1)
@@ -599,7 +599,7 @@ def test_failed_generation_switch_then_seq_rewound(shm_name):
         struct.pack_into("<Q", pub.ctrl, segment.OFF_RECORDS + slot * segment.RECORD.size + 24, 5)  # length
         with pytest.raises(CorruptSegmentError):
             r.get("/a")
-        pub._words[segment.OFF_SEQ // 8] = old_seq
+        struct.pack_into("<Q", pub.ctrl, segment.OFF_SEQ, old_seq)
         for q in (lambda: r.get("/a"), lambda: r.range(b"", None), lambda: r.revision, lambda: len(r)):
             try:
                 q()
@@ -676,7 +676,7 @@ if __name__ == "__main__":
         result["implementation"] = Reader.implementation
     finally:
         try:
-            segment.unlink_all(name)
+            writerlock.unlink_all(name)
         except Exception:
             pass
     print(json.dumps(result, default=str))

@@ -30,7 +30,7 @@ import pytest
 from conftest import PYTHON, ROOT
 from helpers_procs import shm_files, wait_until
 
-from shmkeyspace import Reader, Writer, segment
+from shmkeyspace import Reader, Writer, segment, writerlock
 from shmkeyspace.embedded import free_port
 from shmkeyspace.etcd import connect
 
@@ -498,7 +498,7 @@ def test_reader_helper_without_hooks(client, prefix, shm_name, monkeypatch):
 def test_workers_boot_from_the_state_file_with_etcd_down(client, prefix, shm_name, python_env, tmp_path):
     # Fail static: a state file left by an earlier writer, then a "reboot" (no
     # segments) while etcd is unreachable: workers must still boot and answer.
-    from shmkeyspace import segment, state
+    from shmkeyspace import state
     from shmkeyspace.decoders import resolve
 
     d = str(tmp_path / "state")
@@ -509,7 +509,7 @@ def test_workers_boot_from_the_state_file_with_etcd_down(client, prefix, shm_nam
     ).start()
     w.stop()  # persists on a clean exit
     assert state.read(d, shm_name, prefix, "json").revision == rev
-    segment.unlink_all(shm_name)
+    writerlock.unlink_all(shm_name)
 
     class Nowhere:
         endpoint = f"127.0.0.1:{free_port()}"

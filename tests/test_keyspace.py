@@ -16,9 +16,9 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import pytest
+from helpers_procs import etcd_reachable
 
 from shmkeyspace import decoders
-from shmkeyspace._support import etcd_reachable
 from shmkeyspace.embedded import EtcdServer
 from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end

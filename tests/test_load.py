@@ -14,9 +14,10 @@ import sys
 import threading
 
 import pytest
+from helpers_procs import wait_until
 
 from shmkeyspace import decoders
-from shmkeyspace._support import put_many, wait_until
+from shmkeyspace.children import put_many
 from shmkeyspace.embedded import EtcdGrpcProxy
 from shmkeyspace.errors import LoadFailedError
 from shmkeyspace.etcd import connect

@@ -13,7 +13,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from shmkeyspace._support import writer_command  # noqa: E402
+from shmkeyspace.children import writer_command  # noqa: E402
 from shmkeyspace.embedded import free_port  # noqa: E402
 from shmkeyspace.metrics import ReaderCollector  # noqa: E402
 from shmkeyspace.reader import Reader  # noqa: E402

@@ -35,7 +35,7 @@ import helpers_procs as hp
 import pytest
 
 from shmkeyspace import Reader, Writer
-from shmkeyspace._support import writer_command
+from shmkeyspace.children import writer_command
 from shmkeyspace.embedded import EtcdGrpcProxy, EtcdServer, find_etcd_binary, free_port, scrape_metrics
 from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end

@@ -29,7 +29,7 @@ BIG_KIB = 24
 
 def publish_restarting(name: str, stop_after: float, every: int, report) -> None:
     """torture.publish_forever, but a new Publisher (a new generation) every ``every`` revisions."""
-    from shmkeyspace import segment
+    from shmkeyspace import publisher
     from shmkeyspace.builder import ImageBuilder
     from shmkeyspace.snapshot import pack_entry
 
@@ -37,7 +37,7 @@ def publish_restarting(name: str, stop_after: float, every: int, report) -> None
     deadline = time.monotonic() + stop_after
     r = 1
     while time.monotonic() < deadline:
-        pub = segment.Publisher(name)
+        pub = publisher.Publisher(name)
         try:
             for _ in range(every):
                 if r == 1:

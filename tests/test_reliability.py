@@ -12,7 +12,7 @@ keys, values near etcd's request limit, and (soak only) a prefix of 1M keys.
 Every answer a reader gives is verified against the revision it claims (the
 schedules in ``torture.py`` and below make contents a function of the revision),
 and every test counts its faults and checked answers; CI runs small counts,
-``SHMKEYSPACE_SOAK=1`` (or ``bench/soak.py``) runs large ones and collects the
+``SHMKEYSPACE_SOAK=1`` (or ``bench/scenarios/soak.py``) runs large ones and collects the
 counts into a table (docs/reliability.md).
 """
 
@@ -29,16 +29,16 @@ import time
 
 import helpers_procs as hp
 import pytest
+from helpers_procs import etcd_reachable
 
 from shmkeyspace import Reader, Writer
-from shmkeyspace._support import etcd_reachable
 from shmkeyspace.embedded import free_port
 from shmkeyspace.errors import NotSerializableError
 from shmkeyspace.etcd import connect
 from shmkeyspace.key_values import prefix_end
 
 SOAK_ONLY = pytest.mark.skipif(
-    not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/soak.py)"
+    not hp.soak(), reason="soak only: set SHMKEYSPACE_SOAK=1 (or run bench/scenarios/soak.py)"
 )
 
 
@@ -108,7 +108,7 @@ print(json.dumps({"checked": c.checked, "bad": c.bad, "errors": errors[:20], "n_
 #: revision) and /w/meta holds R. argv: NAME N.
 WIDE_PUBLISHER = r"""
 import sys
-from shmkeyspace import segment
+from shmkeyspace import segment, publisher, writerlock
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.snapshot import pack_entry
 name, n = sys.argv[1], int(sys.argv[2])
@@ -116,7 +116,7 @@ def m(r, i):
     return max(1, r - (r - i) % 64)
 def entry(k, v, mod):
     return pack_entry(k, v, 1, mod, 1, 0)
-pub = segment.Publisher(name)
+pub = publisher.Publisher(name)
 b = ImageBuilder()
 items = [(b"/w/%06d" % i, entry(b"/w/%06d" % i, [m(1, i), i], m(1, i))) for i in range(n)]
 items.append((b"/w/meta", entry(b"/w/meta", 1, 1)))
@@ -169,12 +169,12 @@ print(json.dumps({"checked": checked, "bad": bad, "retries": r.retries, "maxrev"
 #: file GO (the reader's warm-up is done). argv: NAME COUNT GO.
 SPIKY_PUBLISHER = r"""
 import os, sys, time, torture
-from shmkeyspace import segment
+from shmkeyspace import segment, publisher, writerlock
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.snapshot import pack_entry
 name, count, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 spikes = {count * 2 // 10: 1_500_000, count * 4 // 10: 4_000_000, count * 6 // 10: 9_000_000}
-pub = segment.Publisher(name)
+pub = publisher.Publisher(name)
 b = ImageBuilder()
 big = 4
 for r in range(1, count + 1):
@@ -716,7 +716,7 @@ def test_reader_through_10k_publications_and_generations_does_not_leak(shm_name,
 
 SHM_FULL_CHILD = r"""
 import json, logging, os, sys, time
-from shmkeyspace import Reader, Writer, segment
+from shmkeyspace import Reader, Writer, segment, publisher, writerlock
 from shmkeyspace.errors import SegmentFullError
 from shmkeyspace.etcd import connect
 from shmkeyspace.builder import ImageBuilder
@@ -725,7 +725,7 @@ endpoint, prefix = sys.argv[1], sys.argv[2]
 out = {"shm_bytes": os.statvfs("/dev/shm").f_blocks * os.statvfs("/dev/shm").f_frsize}
 
 # 1. The low-level Publisher: a snapshot bigger than the free space.
-pub = segment.Publisher("full1")
+pub = publisher.Publisher("full1")
 b = ImageBuilder()
 b.reset([(b"/a", pack_entry(b"/a", "small", 1, 1, 1, 0))], 1)
 parts, total = b.parts(); pub.publish(parts, total, 1, 1)
@@ -769,7 +769,7 @@ out["writer_logs"] = [m for m in Grab.msgs if "failed" in m]
 c.delete(prefix + "/big")
 rev = c.put(prefix + "/b", "after").header.revision
 out["writer_recovered"] = [r.wait_for_revision(rev, 30), r.get(prefix + "/big"), r.get(prefix + "/b").decoded]
-w.stop(); r.close(); segment.unlink_all("full2")
+w.stop(); r.close(); writerlock.unlink_all("full2")
 print(json.dumps(out, default=str), flush=True)
 """
 

@@ -29,7 +29,7 @@ import pytest
 import test_cli
 from helpers_procs import wait_until
 
-from shmkeyspace import Reader, segment
+from shmkeyspace import Reader, segment, writerlock
 from shmkeyspace.etcd import connect
 
 WriterProc = test_cli.WriterProc
@@ -451,7 +451,7 @@ def test_a_writer_that_cannot_start_leaves_nothing_in_shared_memory(
     assert res.returncode == 1, (res.returncode, res.stderr)
     assert "state" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert hp.shm_files(shm_name) == []
-    assert not os.path.exists(segment.lock_path(shm_name))
+    assert not os.path.exists(writerlock.lock_path(shm_name))
     listed = test_cli.cli(["list", "--json"], python_env)
     assert shm_name not in listed.stdout
 

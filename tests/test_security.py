@@ -22,7 +22,7 @@ import subprocess
 import helpers_procs as hp
 import pytest
 
-from shmkeyspace import Reader, Writer, segment, trust
+from shmkeyspace import Reader, Writer, publisher, segment, trust, writerlock
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import InvalidNameError, InvalidSettingError, UntrustedSegmentError
 from shmkeyspace.snapshot import pack_entry
@@ -45,8 +45,8 @@ BAD_NAMES = [
 ]
 
 
-def _publish_small(name: str, **kw) -> segment.Publisher:
-    pub = segment.Publisher(name, **kw)
+def _publish_small(name: str, **kw) -> publisher.Publisher:
+    pub = publisher.Publisher(name, **kw)
     b = ImageBuilder()
     b.reset([(b"/s/a", pack_entry(b"/s/a", "secret", 1, 1, 1, 0))], 1)
     parts, total = b.parts()
@@ -58,11 +58,11 @@ def _publish_small(name: str, **kw) -> segment.Publisher:
 def test_invalid_names_are_refused_everywhere(bad):
     for make in (
         lambda: Reader(bad),
-        lambda: segment.Publisher(bad),
+        lambda: publisher.Publisher(bad),
         lambda: Writer(bad, "/p", endpoints="127.0.0.1:1"),  # refused before any etcd I/O
         lambda: segment.validate_name(bad),
-        lambda: segment.unlink_all(bad),
-        lambda: segment.writer_is_running(bad),
+        lambda: writerlock.unlink_all(bad),
+        lambda: writerlock.writer_is_running(bad),
     ):
         with pytest.raises(InvalidNameError) as ei:
             make()
@@ -77,7 +77,7 @@ def test_non_str_names_are_refused():
         with pytest.raises(InvalidNameError, match="must be str"):
             Reader(bad)
         with pytest.raises(InvalidNameError, match="must be str"):
-            segment.Publisher(bad)
+            publisher.Publisher(bad)
 
 
 def test_longest_valid_name_works():
@@ -335,7 +335,7 @@ def test_squatted_control_segment_the_writer_refuses(mode, etcd_server, prefix, 
         assert hp.shm_files(shm_name) == [f"shmks.{shm_name}"]
         # The same refusal in the library.
         with pytest.raises(UntrustedSegmentError) as ei:
-            segment.Publisher(shm_name)
+            publisher.Publisher(shm_name)
         assert str(ei.value) == _squat_message(shm_name, mode)
         assert isinstance(ei.value, PermissionError)
         # The remedy it names works: remove it, and a writer starts.
@@ -379,14 +379,14 @@ def test_a_reader_holding_locks_cannot_stop_the_writer(shm_name, python_env):
     neither a restarted writer nor ``shmkeyspace unlink`` is blocked by its locks."""
     pub = _publish_small(shm_name, mode=0o644)
     ctrl = _shm(shm_name)
-    holder = LockHolder([ctrl, ctrl + ".1"], segment.lock_path(shm_name))
+    holder = LockHolder([ctrl, ctrl + ".1"], writerlock.lock_path(shm_name))
     try:
         assert holder.lock_file == "denied"
-        st = os.stat(segment.lock_path(shm_name))
+        st = os.stat(writerlock.lock_path(shm_name))
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (os.geteuid(), 0o600)
-        assert segment.writer_is_running(shm_name)
+        assert writerlock.writer_is_running(shm_name)
         pub.close()
-        assert not segment.writer_is_running(shm_name)
+        assert not writerlock.writer_is_running(shm_name)
         # A restarted writer takes the name over in place, under the holder's locks.
         pub = _publish_small(shm_name, mode=0o644)
         with Reader(shm_name) as r:
@@ -395,7 +395,7 @@ def test_a_reader_holding_locks_cannot_stop_the_writer(shm_name, python_env):
         res = _cli(["unlink", shm_name], python_env)
         assert res.returncode == 0, res.stderr
         assert hp.shm_files(shm_name) == []
-        assert not os.path.exists(segment.lock_path(shm_name))
+        assert not os.path.exists(writerlock.lock_path(shm_name))
     finally:
         holder.stop()
         pub.close()
@@ -406,11 +406,11 @@ def test_a_squatted_lock_file_is_refused_with_its_owner(shm_name, python_env):
     """Someone else's file at the lock file's path (held locked, as a squatter would):
     the writer refuses it in one line naming its owner, `unlink` says whose lock it is
     and that rm removes it; after rm the name is usable again."""
-    path = segment.lock_path(shm_name)
+    path = writerlock.lock_path(shm_name)
     sq = Squatter(path, "600", lock=True)
     try:
         with pytest.raises(UntrustedSegmentError) as ei:
-            segment.Publisher(shm_name)
+            publisher.Publisher(shm_name)
         assert str(ei.value) == (
             f"snapshot {shm_name!r}: writer lock file {path} is owned by uid 65534 (nobody), mode 0600, "
             f"not by uid 0 (root): refusing it; remove it (as root or its owner: rm {path}) "
@@ -450,7 +450,7 @@ def test_squatted_data_segment_is_replaced_not_reused(shm_name):
 
 UNPRIVILEGED_PUBLISHER = r"""
 import json, os, sys
-from shmkeyspace import segment
+from shmkeyspace import segment, publisher, writerlock
 from shmkeyspace.errors import UntrustedSegmentError
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.snapshot import pack_entry
@@ -459,7 +459,7 @@ os.setgroups([])
 os.setgid(65534)
 os.setuid(65534)
 try:
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     b.reset([(b"/s/a", pack_entry(b"/s/a", "x", 1, 1, 1, 0))], 1)
     parts, total = b.parts()
@@ -496,7 +496,7 @@ def test_unprivileged_writer_refuses_another_users_segment(which, shm_name):
         os.unlink(path)
 
 
-def _public_snapshot(name: str) -> segment.Publisher:
+def _public_snapshot(name: str) -> publisher.Publisher:
     """A root-owned snapshot others may read (0644), for a squatter to copy."""
     return _publish_small(name, mode=0o644)
 
@@ -611,9 +611,9 @@ def test_writer_refuses_its_own_segment_when_others_may_write_it(shm_name):
     _publish_small(shm_name).close()
     os.chmod(_shm(shm_name), 0o660)
     with pytest.raises(UntrustedSegmentError, match="mode 0660: writable by users other than its owner"):
-        segment.Publisher(shm_name)
+        publisher.Publisher(shm_name)
     with pytest.raises(InvalidSettingError, match="readers refuse such segments"):
-        segment.Publisher(shm_name + "-m", mode=0o664)
+        publisher.Publisher(shm_name + "-m", mode=0o664)
     assert hp.shm_files(shm_name + "-m") == []
 
 
@@ -633,8 +633,8 @@ def test_symlinks_and_fifos_under_a_segment_name_are_refused(kind, shm_name, tmp
         with pytest.raises(UntrustedSegmentError, match=want):
             Reader(shm_name)  # a FIFO must not block the open
         with pytest.raises(UntrustedSegmentError, match=want):
-            segment.Publisher(shm_name)
-        assert not segment.writer_is_running(shm_name)
+            publisher.Publisher(shm_name)
+        assert not writerlock.writer_is_running(shm_name)
         if kind == "symlink":
             assert target.read_bytes() == b"precious"
     finally:
@@ -655,8 +655,8 @@ def test_publishing_for_another_uid(shm_name, monkeypatch):
     finally:
         pub.close()
     with pytest.raises(UntrustedSegmentError, match="not by uid 0 \\(root\\)"):
-        segment.Publisher(shm_name)  # root's own writer does not take over nobody's segment
-    segment.Publisher(shm_name, uid=NOBODY_UID).close()  # told to publish for nobody: it does
+        publisher.Publisher(shm_name)  # root's own writer does not take over nobody's segment
+    publisher.Publisher(shm_name, uid=NOBODY_UID).close()  # told to publish for nobody: it does
 
 
 @needs_second_uid
@@ -724,4 +724,4 @@ def test_trailing_slash_prefix_mirrors_exactly_the_keys_under_it(client, prefix,
                 assert [e.key for e in rp.prefixed("")] == etcd_keys(base)
                 assert w.keyspace.root == base + "/"
     finally:
-        segment.unlink_all(plain)
+        writerlock.unlink_all(plain)

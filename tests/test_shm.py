@@ -14,7 +14,7 @@ import pytest
 import torture
 from conftest import PYTHON
 
-from shmkeyspace import Reader, Writer, segment
+from shmkeyspace import Reader, Writer, publisher, segment, writerlock
 from shmkeyspace import reader as reader_mod
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import (
@@ -29,31 +29,31 @@ from shmkeyspace.errors import (
 from shmkeyspace.snapshot import ImageView, pack_entry
 
 
-def _publish_small(pub: segment.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:
+def _publish_small(pub: publisher.Publisher, b: ImageBuilder, rev: int, n: int = 10) -> None:
     b.reset([(b"/s/%04d" % i, pack_entry(b"/s/%04d" % i, [rev, i], rev, rev, 1, 0)) for i in range(n)], rev)
     parts, total = b.parts()
     pub.publish(parts, total, rev, len(b))
 
 
 def test_second_writer_is_refused_naming_the_first(shm_name, python_env):
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         with pytest.raises(WriterExistsError, match=rf"pid {os.getpid()}"):
-            segment.Publisher(shm_name)
+            publisher.Publisher(shm_name)
         # ... also from another process
         code = (
-            f"from shmkeyspace import segment\ntry:\n segment.Publisher({shm_name!r})\n"
+            f"from shmkeyspace import publisher\ntry:\n publisher.Publisher({shm_name!r})\n"
             f"except Exception as e:\n print(type(e).__name__, e)"
         )
         out = subprocess.run([PYTHON, "-c", code], env=python_env, capture_output=True, text=True, timeout=60)
         assert out.stdout.startswith("WriterExistsError") and f"pid {os.getpid()}" in out.stdout, out
-        assert segment.writer_is_running(shm_name)
+        assert writerlock.writer_is_running(shm_name)
         with pytest.raises(WriterExistsError):
-            segment.unlink_all(shm_name)
+            writerlock.unlink_all(shm_name)
     finally:
         pub.close()
-    assert not segment.writer_is_running(shm_name)
-    segment.Publisher(shm_name).close()  # released: a new writer may start
+    assert not writerlock.writer_is_running(shm_name)
+    publisher.Publisher(shm_name).close()  # released: a new writer may start
 
 
 def test_reader_errors_are_clear(shm_name):
@@ -62,7 +62,7 @@ def test_reader_errors_are_clear(shm_name):
     for bad in ("", "a/b", "..", "a..b", "x" * 201, "a\0b", ".hidden", "-x"):
         with pytest.raises(InvalidNameError, match="invalid snapshot name|must be str"):
             Reader(bad)
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         # Control segment exists but nothing is published yet.
         with pytest.raises(SegmentNotFoundError, match="no publication yet"):
             Reader(shm_name)
@@ -78,7 +78,7 @@ def test_reader_errors_are_clear(shm_name):
 
 @pytest.mark.parametrize("impl", reader_mod.IMPLEMENTATIONS)
 def test_closed_reader_invalidates_its_views(shm_name, impl):
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         _publish_small(pub, ImageBuilder(), 5)
         r = Reader(shm_name, implementation=impl)
@@ -105,7 +105,7 @@ def test_closed_reader_invalidates_its_views(shm_name, impl):
 def test_reader_bug_is_not_reported_as_corruption(shm_name, monkeypatch):
     """Only what memory contents can cause is retried/turned into CorruptSegmentError:
     a TypeError or KeyError from a bug in the reader surfaces as itself."""
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         _publish_small(pub, ImageBuilder(), 5)
         with Reader(shm_name, implementation="python", cache_size=0) as r:
@@ -172,7 +172,7 @@ def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
     assert killed_mid, "never caught the writer in the middle of a publication"
     # A new writer takes over the name; an old Reader follows it.
     r = Reader(shm_name)
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         _publish_small(pub, ImageBuilder(), 10**6)
         assert r.revision == 10**6 and r.get("/s/0003").decoded == [10**6, 3]
@@ -196,7 +196,7 @@ def test_kill_9_mid_publication_keeps_last_snapshot(shm_name):
     ],
 )
 def test_corrupt_segments_raise_clear_errors(shm_name, damage):
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     b = ImageBuilder()
     _publish_small(pub, b, 7, n=200)
     rec = segment.RECORD.unpack_from(
@@ -240,7 +240,7 @@ def test_corrupt_segments_raise_clear_errors(shm_name, damage):
 
 
 def test_reader_survives_fork(shm_name):
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         b = ImageBuilder()
         _publish_small(pub, b, 3)
         r = Reader(shm_name)
@@ -267,7 +267,7 @@ def test_reader_survives_fork(shm_name):
 
 def test_snapshot_views_are_consistent_or_expire(shm_name):
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1)
         r = Reader(shm_name)
         with r.snapshot() as s, r.snapshot(copy=True) as c:
@@ -285,7 +285,7 @@ def test_snapshot_views_are_consistent_or_expire(shm_name):
 
 def test_wait_for_revision_wakes_on_publication(shm_name):
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1)
         r = Reader(shm_name)
         assert r.wait_for_revision(1, 0) is True
@@ -352,7 +352,7 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
     real = snapshot_mod.unpackb
     monkeypatch.setattr(snapshot_mod, "unpackb", recording_unpackb)
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1, n=200)
         # An out-of-key-order arena too (the non-contiguous range path).
         b.apply({b"/s/0005": pack_entry(b"/s/0005", "moved", 2, 2, 1, 0)}, 2)
@@ -371,17 +371,17 @@ def test_readers_never_parse_shared_memory_in_place(shm_name, monkeypatch):
 def test_publisher_is_a_context_manager(shm_name):
     """Leaving the block releases the writer lock; segments stay unless unlink_on_close."""
     b = ImageBuilder()
-    with segment.Publisher(shm_name) as pub:
+    with publisher.Publisher(shm_name) as pub:
         _publish_small(pub, b, 1)
-        assert segment.writer_is_running(shm_name)
-    assert not segment.writer_is_running(shm_name)
+        assert writerlock.writer_is_running(shm_name)
+    assert not writerlock.writer_is_running(shm_name)
     with Reader(shm_name) as r:  # the last snapshot stays readable, its writer dead
         assert r.revision == 1 and not r.health().writer_alive
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, ImageBuilder(), 2)
         pub.close(unlink=False)  # an explicit choice wins; closing twice is harmless
     assert segment.segment_files(shm_name)
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, ImageBuilder(), 3)
     assert segment.segment_files(shm_name) == []
 
@@ -391,7 +391,7 @@ def test_publish_from_publishes_nothing_when_fill_fails(shm_name):
     a fill that raises leaves readers on the last snapshot, and the next publications
     (from a fill, from parts, after reserve_spare) work."""
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish_small(pub, b, 1)
         with Reader(shm_name, cache_size=0) as r:
             b.reset([(b"/s/%04d" % i, pack_entry(b"/s/%04d" % i, "new", 2, 2, 1, 0)) for i in range(5)], 2)

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shmkeyspace import publisher, segment
 from shmkeyspace import reader as reader_mod
-from shmkeyspace import segment
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.errors import NotSerializableError
 from shmkeyspace.key_values import KeyValue, KeyValues, prefix_end
@@ -63,7 +63,7 @@ def _changes(ref: KeyValues, step: dict, rev: int) -> dict:
     return changes
 
 
-def _publish(pub: segment.Publisher, b: ImageBuilder) -> None:
+def _publish(pub: publisher.Publisher, b: ImageBuilder) -> None:
     """Publish incrementally (skipping the arena, table slots and order entries a
     buffer already holds) and check the published bytes equal the whole image,
     except the gap between arena and table, which readers never read."""
@@ -76,7 +76,10 @@ def _publish(pub: segment.Publisher, b: ImageBuilder) -> None:
     want = b"".join(bytes(p) for p in parts)
     gap_lo = len(parts[0]) + len(parts[1])
     gap_hi = gap_lo + len(parts[2])
-    got = pub._data[off : off + total]
+    view, pub_off, pub_len = pub.published()
+    with view:
+        got = bytes(view[off : off + total])
+    assert (pub_off, pub_len) == (off, length)
     assert length == total and got[:gap_lo] == want[:gap_lo] and got[gap_hi:] == want[gap_hi:]
 
 
@@ -126,7 +129,7 @@ def test_reader_matches_key_values_after_reset(shm_name, data, probes, impl):
     b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset(((kv.key, _packed(kv)) for kv in ref), 1000)
     b._check()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish(pub, b)
         with Reader(shm_name, cache_size=0, implementation=impl) as r:
             assert r.revision == 1000
@@ -151,7 +154,7 @@ def test_incremental_apply_matches_reference(shm_name, steps, probes, impl):
     b = ImageBuilder()
     b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset([], 0)
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         with_reader = None
         for rev, step in enumerate(steps, start=1):
             b.apply(_changes(ref, step, rev), rev)
@@ -173,7 +176,7 @@ def test_hash_table_survives_heavy_churn(shm_name, impl):
     b = ImageBuilder()
     b.impl = impl  # the builder's table kernel too (builder.IMPLEMENTATIONS = the readers')
     b.reset([], 0)
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         universe = [f"/c/{i:05d}".encode() for i in range(3000)]
         for rev in range(1, 200):
             step = {k: None if rnd.random() < 0.4 else rev for k in rnd.sample(universe, 30)}
@@ -242,7 +245,7 @@ def test_compaction_gives_the_space_back(shm_name, impl):
     b._check()
     _, total = b.parts()
     assert b._garbage == 0 and total < total_small + 20_000, (total, total_small)
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         _publish(pub, b)
         with Reader(shm_name, cache_size=0, implementation=impl) as r:
             _check(r, ref, list(small) + list(big))

@@ -95,10 +95,10 @@ def test_implementation_is_chosen_and_can_be_forced():
 
 
 def test_stat_reports_the_implementation(shm_name):
-    from shmkeyspace import segment
+    from shmkeyspace import publisher
     from shmkeyspace.builder import ImageBuilder
 
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         b = ImageBuilder()
         b.reset([(b"/a", pack_entry(b"/a", 1, 1, 1, 1, 0))], 1)

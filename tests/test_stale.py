@@ -95,11 +95,11 @@ def _report(test: str, **times: Optional[float]) -> None:
 
 
 def test_health_reads_contact_words(shm_name):
-    from shmkeyspace import segment
+    from shmkeyspace import publisher
     from shmkeyspace.builder import ImageBuilder
     from shmkeyspace.snapshot import pack_entry
 
-    pub = segment.Publisher(shm_name)
+    pub = publisher.Publisher(shm_name)
     try:
         b = ImageBuilder()
         b.reset([(b"/s/a", pack_entry(b"/s/a", 1, 1, 1, 1, 0))], 1)

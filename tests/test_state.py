@@ -22,7 +22,7 @@ import msgpack
 import pytest
 from xxhash import xxh3_128
 
-from shmkeyspace import segment, state
+from shmkeyspace import publisher, state
 from shmkeyspace.builder import IMPLEMENTATIONS, ImageBuilder
 from shmkeyspace.errors import CorruptSegmentError, StateFileError
 from shmkeyspace.reader import Reader
@@ -212,7 +212,7 @@ def _publish_before(name: str) -> None:
     """Publish a 1-key image that no writer continues from (no cluster id or identity
     in its record): a Writer's restore then has only the state file to go by, instead
     of taking over an earlier case's image that is still in shared memory."""
-    with segment.Publisher(name) as pub:
+    with publisher.Publisher(name) as pub:
         b0 = ImageBuilder()
         b0.reset([(b"/svc/k00000", pack_entry(b"/svc/k00000", "before", 1, 1, 1, 0))], 1)
         parts, total = b0.parts()
@@ -455,11 +455,11 @@ def test_split_scan_agrees_with_one_pass(monkeypatch):
     """scan_image checks big images in two halves on two threads: same Top, same
     verdicts, bad entries named by their index in the image, and the order across
     the seam checked too."""
-    from shmkeyspace import builder as builder_mod
+    from shmkeyspace import kernels
     from shmkeyspace.builder import scan_image
     from shmkeyspace.snapshot import HEADER
 
-    monkeypatch.setattr(builder_mod, "_SPLIT_SCAN", 4)
+    monkeypatch.setattr(kernels, "SPLIT_SCAN", 4)
     items = [(f"/svc/k{i:02d}".encode(), i) for i in range(10)]
     b = ImageBuilder()
     b.reset([(k, pack_entry(k, i, 1, 10 + (i * 7) % 10, 1, 0)) for k, i in items], 100)

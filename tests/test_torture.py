@@ -15,7 +15,7 @@ import helpers_procs as hp
 import pytest
 import torture
 
-from shmkeyspace import Reader, segment
+from shmkeyspace import Reader, publisher
 from shmkeyspace import reader as reader_mod
 
 
@@ -115,7 +115,7 @@ def test_generation_growth_under_live_readers(shm_name):
     from shmkeyspace.snapshot import pack_entry
 
     b = ImageBuilder()
-    with segment.Publisher(shm_name, unlink_on_close=True) as pub:
+    with publisher.Publisher(shm_name, unlink_on_close=True) as pub:
         b.reset([(b"/g/a", pack_entry(b"/g/a", "x", 1, 1, 1, 0))], 1)
         parts, total = b.parts()
         pub.publish(parts, total, 1, 1)

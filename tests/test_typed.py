@@ -269,6 +269,6 @@ def test_typed_equals_convert_of_untyped(etcd_server, client, prefix, shm_name, 
                     assert r.wait_for_revision(rev, timeout=30)  # published, not only applied
                     check(r)
     finally:
-        from shmkeyspace import segment
+        from shmkeyspace import writerlock
 
-        segment.unlink_all(name)
+        writerlock.unlink_all(name)

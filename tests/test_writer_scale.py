@@ -221,7 +221,7 @@ def test_image_too_large_error_type():
 
 
 def test_writer_scale_bench_smoke(tmp_path):
-    """bench/writer_scale.py --smoke runs end to end and writes well-formed results
+    """./run bench --only writer_scale --smoke (bench/scenarios/writer_scale.py) runs end to end and writes well-formed results
     (shape and sanity only: never whether a target is met)."""
     import math
     import os
@@ -231,7 +231,15 @@ def test_writer_scale_bench_smoke(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
-        [PYTHON, os.path.join(ROOT, "bench", "writer_scale.py"), "--smoke", "--out", str(tmp_path)],
+        [
+            PYTHON,
+            os.path.join(ROOT, "bench", "run.py"),
+            "--only",
+            "writer_scale",
+            "--smoke",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

@@ -82,11 +82,11 @@ def publish_forever(
     ``view_grace`` > 0: three buffers in rotation, a publication waiting for the one
     it writes to have rested that long (what a Writer does by default).
     """
-    from shmkeyspace import segment
+    from shmkeyspace import publisher
     from shmkeyspace.builder import ImageBuilder
     from shmkeyspace.snapshot import pack_entry
 
-    pub = segment.Publisher(name, view_grace=view_grace)
+    pub = publisher.Publisher(name, view_grace=view_grace)
     b = ImageBuilder()
     deadline = time.monotonic() + stop_after
     r = start_rev

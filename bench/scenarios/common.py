@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-from shmkeyspace._support import JsonChild, child_env, close_all, median, memory, percentile, put_many
+from shmkeyspace.children import JsonChild, child_env, close_all, median, memory, percentile, put_many
 
 __all__ = ["close_all", "median", "percentile"]  # re-exported for the scenarios
 

@@ -27,7 +27,7 @@ sys.path[:0] = [
 ]
 
 from scenarios import common  # noqa: E402
-from shmkeyspace._support import memory  # noqa: E402
+from shmkeyspace.children import memory  # noqa: E402
 
 
 def emit(**msg) -> None:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """The opt-in reliability soak: the fault and fuzz tests at large counts, one table.
 
-    python bench/soak.py                       # SHMKEYSPACE_SOAK=1 sizes (~20-40 min on 2 cores)
-    python bench/soak.py -k "sigkill"          # a subset (extra arguments go to pytest)
+    ./run bench --only soak                       # SHMKEYSPACE_SOAK=1 sizes (~20-40 min on 2 cores)
+    ./run bench --only soak -k "sigkill"          # a subset (extra arguments go to pytest)
 
 Runs ``tests/test_torture.py``, ``test_reliability.py`` and ``test_fuzz_segment.py``
 under ``SHMKEYSPACE_SOAK=1`` (2 minutes of seqlock torture per reader path, 60
@@ -25,7 +24,7 @@ import tempfile
 import time
 from typing import Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TESTS = ["tests/test_torture.py", "tests/test_reliability.py", "tests/test_fuzz_segment.py"]
 
 
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
     os.unlink(report)
     md = (
         f"Soak of {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}: `python bench/soak.py` took {seconds / 60:.1f} min, "
+        f"Python {platform.python_version()}: `./run bench --only soak` took {seconds / 60:.1f} min, "
         f"pytest exit status {rc}.\n\n" + table(rows) + "\n"
     )
     with open(os.path.join(args.out, "soak.md"), "w") as f:

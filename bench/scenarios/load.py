@@ -1,7 +1,7 @@
 """KeySpace load and apply measurements against a private etcd (a script, not a test).
 
-    python bench/bench_load.py                 # 100k keys of ~90 B JSON, 20k watched events
-    python bench/bench_load.py --keys 5000 --events 2000 --repeats 2   # a quick run
+    ./run bench --only load                 # 100k keys of ~90 B JSON, 20k watched events
+    ./run bench --only load --keys 5000 --events 2000 --repeats 2   # a quick run
 
 Measures, on a throwaway loopback etcd (``EtcdServer``):
 
@@ -31,11 +31,11 @@ import sys
 import time
 from typing import Any, Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace import decoders  # noqa: E402
-from shmkeyspace._support import put_many  # noqa: E402
+from shmkeyspace.children import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.keyspace import KeySpace  # noqa: E402
@@ -105,7 +105,7 @@ def load_pyetcd(endpoint: str, repeats: int) -> Dict[str, Any]:
 ETCD3_CHILD = """
 import json, sys
 sys.path.insert(0, sys.argv[3])
-from bench.bench_load import load_times
+from bench.scenarios.load import load_times
 print(json.dumps(load_times(sys.argv[1], "etcd3", int(sys.argv[2]))))
 """
 
@@ -131,7 +131,7 @@ def load_etcd3(endpoint: str, repeats: int) -> Dict[str, Any]:
 WRITER_CHILD = """
 import json, sys, time
 sys.path.insert(0, sys.argv[5])
-from bench.bench_load import key_of, value_of, TXN_OPS
+from bench.scenarios.load import key_of, value_of, TXN_OPS
 from shmkeyspace.etcd import connect
 ep, n, events, version = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 c = connect(ep)
@@ -320,7 +320,7 @@ def table(r: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--events", type=int, default=20_000)

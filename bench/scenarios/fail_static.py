@@ -1,10 +1,10 @@
 """Fail static figures: warm start, restart behind etcd, persist cost (a script, not a test).
 
-    python bench/fail_static.py --keys 1000000          # the issue 12 figures (~10 min on 2 cores)
-    python bench/fail_static.py --keys 20000 --events 2000 --steady 10   # a quick run
+    ./run bench --only fail_static --keys 1000000          # the issue 12 figures (~10 min on 2 cores)
+    ./run bench --only fail_static --keys 20000 --events 2000 --steady 10   # a quick run
 
 One run, one private loopback etcd, real ``shmkeyspace writer`` processes with
-``--decoder json --state-dir``, keys seeded with ``bench_load.seed`` (~110 B JSON):
+``--decoder json --state-dir``, keys seeded with ``load.seed`` (~110 B JSON):
 
 1. **cold start**: spawn -> first full snapshot readable, loading from etcd
    (empty state dir); then the time until the first state file exists;
@@ -48,12 +48,12 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from bench.bench_load import PREFIX, key_of, seed, value_of  # noqa: E402
-from shmkeyspace import Reader, segment, state  # noqa: E402
-from shmkeyspace._support import writer_command  # noqa: E402
+from bench.scenarios.load import PREFIX, key_of, seed, value_of  # noqa: E402
+from shmkeyspace import Reader, state, writerlock  # noqa: E402
+from shmkeyspace.children import writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 
@@ -216,7 +216,7 @@ def _run(
     compileall.compile_dir(os.path.join(ROOT, "shmkeyspace"), quiet=1)
     logs = os.path.join(tmp, "writer.log")
     try:
-        segment.unlink_all(NAME)
+        writerlock.unlink_all(NAME)
     except Exception:
         pass
     with EtcdServer(extra_args=["--quota-backend-bytes", str(8 << 30)]) as etcd:
@@ -252,7 +252,7 @@ def _run(
         warms, restarts, full_loads, resumed = [], [], 0, True
         for k in range(repeat):
             assert w.stop() == 0
-            segment.unlink_all(NAME)
+            writerlock.unlink_all(NAME)
             b2 = burst(ep, keys, events, 10 + k)
             file_rev = state.read(d, NAME, PREFIX, "json").revision
             start_len = len(open(logs, errors="replace").read())
@@ -280,7 +280,7 @@ def _run(
         w3.wait(lambda h: h.source == "etcd", "baseline writer")
         res["cpu_not_persisting"] = cpu_under_load(w3, ep, keys, steady_s)
         w3.stop()
-        segment.unlink_all(NAME)  # writers keep their segments on exit; the bench does not
+        writerlock.unlink_all(NAME)  # writers keep their segments on exit; the bench does not
         c.close()
     res["persist_cpu_s_per_min"] = (
         res["cpu_persisting"]["cpu_s_per_min"] - res["cpu_not_persisting"]["cpu_s_per_min"]

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """1-key write cost at 100k keys: shmkeyspace's publication beside its peers, one run.
 
-    python bench/peer_writes.py
+    ./run bench --only peer_writes
 
 * shmkeyspace: ``ImageBuilder.apply`` + ``parts`` + ``Publisher.publish`` (with the
   stable span, as the Writer does) for one changed key; CPU time.
@@ -27,8 +26,8 @@ from typing import Callable, List
 
 import lmdb
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shmkeyspace import segment  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from shmkeyspace import publisher  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
@@ -70,10 +69,10 @@ def lmdb_put(env: "lmdb.Environment") -> Callable[[int, bytes], None]:
     return write
 
 
-def main() -> None:
+def main(argv=None) -> None:
     name = "peerwrites-" + uuid.uuid4().hex[:8]
     builder = ImageBuilder()
-    with segment.Publisher(name, unlink_on_close=True) as pub:
+    with publisher.Publisher(name, unlink_on_close=True) as pub:
         builder.reset([(KEYS[i], entry(i, 1)) for i in range(N)], 1)
         parts, total = builder.parts()
         pub.publish(parts, total, 1, N, stable=builder.stable_span())

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Where a Reader lookup's time goes: a step-by-step breakdown and a cProfile.
 
-    .venv/bin/python bench/profile_reader.py [--keys 100000] [--value-size 100]
+    ./run bench --only profile_reader [--keys 100000] [--value-size 100]
 
 Publishes a snapshot of the benchmark's data set straight through
 ``ImageBuilder`` + ``Publisher`` (no etcd: this explains costs, it is not the
@@ -22,18 +21,18 @@ import pstats
 import sys
 import uuid
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for p in (os.path.dirname(BENCH_DIR), BENCH_DIR):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 import json  # noqa: E402
 
-from scenarios import common  # noqa: E402
-from scenarios.peers import READER_UNPACKB, UNPACKER_NAME, LmdbPeer  # noqa: E402
 from xxhash import xxh3_64_intdigest  # noqa: E402
 
-from shmkeyspace import Reader, segment  # noqa: E402
+from scenarios import common  # noqa: E402
+from scenarios.peers import READER_UNPACKB, UNPACKER_NAME, LmdbPeer  # noqa: E402
+from shmkeyspace import Reader, publisher  # noqa: E402
 from shmkeyspace import reader as reader_mod  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
@@ -44,12 +43,12 @@ class _Noop:
         return None
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--lookups", type=int, default=20_000)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     n, vs = args.keys, args.value_size
     prefix = common.config_prefix(n, vs)
     keys = [common.key_of(prefix, i) for i in range(n)]
@@ -60,7 +59,7 @@ def main() -> None:
     name = f"prof-{uuid.uuid4().hex[:8]}"
     lm = LmdbPeer()
     try:
-        with segment.Publisher(name, unlink_on_close=True) as pub:
+        with publisher.Publisher(name, unlink_on_close=True) as pub:
             b = ImageBuilder()
             b.reset(items, n + 1)
             parts, total = b.parts()

@@ -1,7 +1,7 @@
 """Watch apply throughput: shmkeyspace's own watch stream vs the client library's watcher.
 
-    python bench/watch_stream.py                 # 20k events, 5 repeats each, interleaved
-    python bench/watch_stream.py --events 5000 --repeats 3
+    ./run bench --only watch_stream                 # 20k events, 5 repeats each, interleaved
+    ./run bench --only watch_stream --events 5000 --repeats 3
 
 Issue 17 replaced the client library's shared watcher (``add_watch_prefix_callback``)
 with :class:`shmkeyspace.etcd.WatchStream` (progress requests, require-leader
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from shmkeyspace import etcd as etcd_glue  # noqa: E402
@@ -62,7 +62,7 @@ def one_run(c: Any, prefix: str, events: int, own_stream: bool) -> Dict[str, flo
     return {"applied": applied}
 
 
-def main(argv: List[str] = None) -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--events", type=int, default=20000)
     ap.add_argument("--repeats", type=int, default=5)

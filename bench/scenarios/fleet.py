@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Many hosts: K writers connected to etcd directly vs through one ``etcd grpc-proxy``.
 
-    .venv/bin/python bench/fleet.py                          # K = 1, 10, 50 at 100k keys (~10 min)
-    .venv/bin/python bench/fleet.py --writers 1,10 --keys 10000 --seconds 10 --out /tmp/fleet
+    ./run bench --only fleet                          # K = 1, 10, 50 at 100k keys (~10 min)
+    ./run bench --only fleet --writers 1,10 --keys 10000 --seconds 10 --out /tmp/fleet
 
 Each writer is a real ``python -m shmkeyspace writer`` process (one simulated host:
 its own snapshot name, the same prefix), all started at once. For every K and each
@@ -50,16 +49,15 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+BENCH_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT = os.path.dirname(BENCH_DIR)
 for p in (ROOT, BENCH_DIR):
     if p not in sys.path:
         sys.path.insert(0, p)
 
 from scenarios.common import ETCD_ARGS, key_of, make_value, seed  # noqa: E402
-
 from shmkeyspace import Reader  # noqa: E402
-from shmkeyspace._support import child_env, percentile, writer_command  # noqa: E402
+from shmkeyspace.children import child_env, percentile, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdGrpcProxy, EtcdServer, process_cpu_seconds, scrape_metrics  # noqa: E402
 from shmkeyspace.errors import ShmKeyspaceError  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
@@ -759,7 +757,7 @@ def _fanout(args: argparse.Namespace, ks: List[int], modes: List[str], argv) -> 
                 print(json.dumps(rows[-1]), file=sys.stderr)
     res = {
         "settings": {"keys": args.keys, "rate": args.rate, "seconds": args.seconds, "watches": ks},
-        "command": "python bench/fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "./run bench --only fleet " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}",
         "fanout": rows,
     }
@@ -804,7 +802,7 @@ def _run(
             "writers": ks,
             "modes": modes,
         },
-        "command": "python bench/fleet.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "./run bench --only fleet " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.platform()}",
         "rows": rows,
     }

@@ -6,7 +6,7 @@ then the real CLI runs as root: the writer must refuse with one line naming the
 segment, its owner and mode; a reader must refuse the squatted segment;
 ``shmkeyspace unlink`` removes it. Prints each command, its exit code and output.
 
-    PYTHONPATH=. python bench/security_repro.py
+    PYTHONPATH=. ./run bench --only security_repro
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def sh(cmd: list) -> subprocess.CompletedProcess:
     return r
 
 
-def main() -> int:
+def main(argv=None) -> int:
     name = f"sq{uuid.uuid4().hex[:6]}"
     path = f"/dev/shm/shmks.{name}"
     squat = f"truncate -s 4096 {path}; chmod 666 {path}; exec 3<>{path}; echo ready; exec sleep 600"

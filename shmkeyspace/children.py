@@ -1,15 +1,20 @@
-"""Private helpers shared by the demo, the benchmarks and the tests (not a public API).
+"""What the demo runs on: child processes, their memory, percentiles, seeding etcd.
 
-Owns the small things those three would otherwise each carry a copy of:
+``shmkeyspace demo`` (demo.py) starts readers and a writer as children and
+reports their memory and latencies; the benchmarks and the tests reuse these
+helpers rather than carry copies. Owns:
 
 * child processes: :func:`child_env` (this very ``shmkeyspace`` importable,
   unbuffered output), :func:`reap` (stop and collect one child, whatever state
   it is in), :class:`JsonChild` (a child speaking JSON lines on stdout);
 * memory probes from ``/proc``: :func:`memory` (rss/pss/uss/anon/file/shmem of a
-  process), :func:`fd_count`, :func:`shm_mappings`;
+  process);
 * statistics: :func:`percentile` (nearest rank), :func:`median`;
 * seeding etcd: :func:`put_many` (transactions of puts, optionally from threads);
-* :func:`wait_until` (poll a condition with a deadline).
+* :func:`writer_command` (the command line of a writer child: bench and tests).
+
+The tests' own helpers (fd counts, shm mappings, waiting on a condition) are in
+``tests/helpers_procs.py``.
 
 Segment names (which snapshots and generations exist) are the layout's business:
 see :func:`shmkeyspace.segment.snapshot_names` and :func:`~shmkeyspace.segment.segment_files`.
@@ -243,20 +248,6 @@ def memory(pid: Pid = "self", smaps: bool = True) -> Dict[str, int]:
     return out
 
 
-def fd_count(pid: Pid = "self") -> int:
-    """Open file descriptors of a process."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def shm_mappings(pid: Pid = "self", needle: str = "/dev/shm/shmks.") -> List[str]:
-    """Lines of ``/proc/PID/maps`` that map shmkeyspace segments."""
-    with open(f"/proc/{pid}/maps") as f:
-        return [line.rstrip("\n") for line in f if needle in line]
-
-
-# -- statistics ------------------------------------------------------------------------
-
-
 def writer_command(
     endpoint: str, prefix: str, name: str, *extra: str, python: str = sys.executable
 ) -> List[str]:
@@ -337,35 +328,3 @@ def put_many(
             for f in [ex.submit(put_batch, c) for c in chunks()]:
                 f.result()
     return done[0]
-
-
-def etcd_reachable(client: Any, timeout: float = 60.0) -> bool:
-    """Wait until ``client`` answers a read; True iff it did within ``timeout``.
-
-    After etcd restarts, an existing client's gRPC channel reconnects on its own
-    schedule (backoff), and calls made before that fail fast with UNAVAILABLE
-    although etcd is healthy: wait on this before using such a client.
-    """
-
-    def answers() -> bool:
-        try:
-            client.get_range_response(b"\0probe", b"\0probf", limit=1)
-            return True
-        except Exception:  # UNAVAILABLE, the failover client's "no endpoint", ...
-            return False
-
-    return wait_until(answers, timeout, 0.1)
-
-
-# -- waiting ---------------------------------------------------------------------------
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``pred`` until it is true or ``timeout`` seconds pass; True iff it became true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if pred():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)

@@ -13,7 +13,7 @@ median ns per cold get over random keys (every query a different key):
 for each read path the installation has ("c", "python"). Prints the ratios; the
 target is typed (C) <= 0.5x lmdb::
 
-    .venv/bin/python bench/typed_values.py [--keys 100000] [--repeats 7] [--endpoint HOST:PORT]
+    ./run bench --only typed_values [--keys 100000] [--repeats 7] [--endpoint HOST:PORT]
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Any, Dict
 import msgspec
 import ormsgpack
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from bench.scenarios.common import median, time_interleaved, time_loop  # noqa: E402
 from bench.scenarios.peers import LmdbPeer  # noqa: E402
-from shmkeyspace import Reader, Writer, decoders, segment  # noqa: E402
-from shmkeyspace._support import put_many  # noqa: E402
+from shmkeyspace import Reader, Writer, decoders, writerlock  # noqa: E402
+from shmkeyspace.children import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.etcd import connect  # noqa: E402
 from shmkeyspace.reader import IMPLEMENTATIONS  # noqa: E402
@@ -54,13 +54,13 @@ def value(i: int) -> Service:
     )
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--per-repeat", type=int, default=20_000, help="gets per repeat and system")
     ap.add_argument("--endpoint", help="an etcd to use (default: an embedded one)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     srv = None if a.endpoint else EtcdServer().__enter__()
     endpoint = a.endpoint or srv.endpoint  # type: ignore[union-attr]
     prefix = f"/bench-typed/{uuid.uuid4().hex[:8]}/"
@@ -115,7 +115,7 @@ def main() -> int:
             long_txn.close()
             lmdb.close()
         client.close()
-        segment.unlink_all(name)
+        writerlock.unlink_all(name)
         if srv is not None:
             srv.__exit__(None, None, None)
     return 0

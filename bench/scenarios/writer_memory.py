@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a writer's memory goes (issue 22 item 4): RssAnon after each stage, in one process.
 
-    .venv/bin/python bench/writer_memory.py --keys 100000
+    .venv/bin/python bench/scenarios/writer_memory.py --keys 100000
 
 Against a private etcd seeded like bench/writer_scale.py (~110 B JSON values), a
 child process measures /proc/self/status RssAnon (its heap: what USS is minus the
@@ -19,10 +19,10 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from shmkeyspace._support import put_many  # noqa: E402
+from shmkeyspace.children import put_many  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 
 CHILD = r"""
@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=100_000)
     ap.add_argument("--tracemalloc", action="store_true")
     args = ap.parse_args()
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from writer_scale import PREFIX, key_of, pyetcd_client, value_of
 
     with EtcdServer(extra_args=["--quota-backend-bytes", str(8 << 30), "--max-txn-ops", "1024"]) as etcd:

