@@ -27,15 +27,21 @@ from .cli_common import (
 
 def cmd_stat(args: argparse.Namespace) -> int:
     from . import procns
+    from .errors import SegmentNotFoundError
 
     groups = None
-    with open_reader(args.name) as r:
-        h = r.health()
-        if args.prefixes is not None:
-            from . import accounting
+    try:
+        with open_reader(args.name) as r:
+            h = r.health()
+            if args.prefixes is not None:
+                from . import accounting
 
-            with r.snapshot(copy=True) as snap:
-                groups = accounting.top(accounting.account(snap.entry_sizes(), args.prefixes))
+                with r.snapshot(copy=True) as snap:
+                    groups = accounting.top(accounting.account(snap.entry_sizes(), args.prefixes))
+    except SegmentNotFoundError as exc:
+        if "no publication yet" not in str(exc):
+            raise
+        return _stat_loading(args)
     info: Dict[str, Any] = dict(h._asdict())
     # writer_pid is the writer's pid in its own PID namespace (1 in a container).
     where = procns.locate(h.writer_pid, h.writer_pidns)
@@ -96,6 +102,10 @@ def cmd_stat(args: argparse.Namespace) -> int:
     ]
     if h.persists or h.persist_failures:
         rows.append(("state file", _persist_text(h)))
+    if h.load_state != "idle" or h.load_page_retries or h.load_restarts:
+        rows.append(
+            ("full load", _load_text(h.load_state, h.load_keys, h.load_page_retries, h.load_restarts))
+        )
     if h.retired:
         rows.append(("segments", "RETIRED: removed by their writer or unlink; no newer writer to follow yet"))
     rows += [
@@ -117,6 +127,57 @@ def _print_prefixes(groups: List[Tuple[str, int, int]]) -> None:
     print(f"{'prefix':<{pw}}  {'keys':>10}  {'bytes':>12}  {'share':>6}")
     for p, k, b in groups:
         print(f"{p:<{pw}}  {k:>10}  {human_bytes(b):>12}  {100 * b / total:5.1f}%")
+
+
+def _load_text(state: str, keys: int, retries: int, restarts: int) -> str:
+    """The full-load row of ``stat``: its state, keys so far, retries and restarts."""
+    what = {
+        "loading": f"LOADING ({keys} keys so far)",
+        "waiting": f"WAITING to retry (a slow page or a failed load; {keys} keys read)",
+    }.get(state, "done")
+    return f"{what}; {retries} pages retried, {restarts} loads restarted"
+
+
+def _stat_loading(args: argparse.Namespace) -> int:
+    """``stat`` of a name whose writer has not published yet: its control block only."""
+    from . import segment
+    from .reader import load_words
+    from .writerlock import writer_is_running
+
+    ctrl = segment.ControlView(args.name)
+    try:
+        w = ctrl.words
+        pid, hb = w[segment.OFF_PID // 8], w[segment.OFF_HEARTBEAT // 8]
+        age = (time.monotonic_ns() - hb) / 1e9 if hb else None
+        state, keys, retries, restarts = load_words(w)
+    finally:
+        ctrl.close()
+    alive = pid != 0 and age is not None and age < 5.0 and writer_is_running(args.name)
+    info = {
+        "name": args.name,
+        "published": False,
+        "writer_alive": alive,
+        "writer_pid": pid,
+        "heartbeat_age": age,
+        "load_state": state,
+        "load_keys": keys,
+        "load_page_retries": retries,
+        "load_restarts": restarts,
+    }
+    if args.json:
+        print_json(info)
+        return EXIT_OK
+    hbt = "never" if age is None else f"{age:.1f} s ago"
+    rows = [
+        ("name", args.name),
+        ("writer", f"{'alive' if alive else 'NOT RUNNING'} (pid {pid}, heartbeat {hbt})"),
+        ("snapshot", "none published yet"),
+        ("full load", _load_text(state, keys, retries, restarts)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return EXIT_OK
 
 
 def _persist_text(h: Any) -> str:

@@ -32,8 +32,12 @@ log = logging.getLogger("shmkeyspace.cli")
 # -- writer -----------------------------------------------------------------------
 
 
-class _Interrupted(Exception):
-    """Raised by the signal handler to abandon a long initial load."""
+class _Interrupted(BaseException):
+    """Raised by the signal handler to abandon a long initial load.
+
+    A BaseException, like KeyboardInterrupt: the load's retries (Writer.load,
+    load.range_page) catch Exception and must not swallow it.
+    """
 
 
 def cmd_writer(args: argparse.Namespace) -> int:
@@ -58,7 +62,9 @@ def cmd_writer(args: argparse.Namespace) -> int:
         _exit_with_parent()
 
     from .etcd import parse_endpoints
-    from .writer import Writer
+    from .writer import Writer, tune_heap
+
+    tune_heap()  # the daemon's own process: keep a full load's garbage out of its RSS
 
     parse_endpoints(args.endpoints)  # a bad address is a usage error before any side effect
     connect_args = dict(

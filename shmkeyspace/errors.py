@@ -121,6 +121,19 @@ class KeySpaceError(ShmKeyspaceError):
     cluster, a revision going backwards, a watch error)."""
 
 
+class LoadFailedError(ShmKeyspaceError):
+    """A full load gave up on one Range page after its bounded tries (load.PAGE_TRIES).
+
+    ``cause`` is the last error of that page; ``keys`` how many keys the load had
+    read before it. The caller (the writer) starts the load again after a backoff.
+    """
+
+    def __init__(self, message: str, cause: BaseException, keys: int) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.keys = keys
+
+
 class InvalidPrefixError(ShmKeyspaceError, ValueError):
     """A key prefix (a KeySpace root, the writer's ``--prefix``) is not usable."""
 

@@ -319,6 +319,138 @@ def probe(client: Any, key: bytes, timeout: float) -> Any:
     return resp.header
 
 
+# -- etcd 3.7's streamed Range ---------------------------------------------------------
+
+#: The server-streaming Range of etcd >= 3.7 (etcd issues 21619, 21631; Kubernetes
+#: KEP-5966): ``rpc RangeStream(RangeRequest) returns (stream RangeStreamResponse)``
+#: where ``RangeStreamResponse`` is ``{RangeResponse range_response = 1;}``. The
+#: server pages internally at one pinned revision and counts once; the chunks
+#: merged give what one Range would: the header (cluster, member, term) first,
+#: the revision with the first keys, ``count``/``more`` in the last chunk.
+RANGE_STREAM_METHOD = "/etcdserverpb.KV/RangeStream"
+
+
+def supports_range_stream(client: Any) -> bool:
+    """True if a RangeStream call can be tried on ``client`` (not yet refused by its server)."""
+    return supports_watch_stream(client) and not getattr(client, "_shmkeyspace_no_range_stream", False)
+
+
+def mark_no_range_stream(client: Any) -> None:
+    """Remember that ``client``'s server answered RangeStream with UNIMPLEMENTED."""
+    try:
+        client._shmkeyspace_no_range_stream = True
+    except AttributeError:
+        pass
+
+
+def is_unimplemented(exc: BaseException) -> bool:
+    code = getattr(exc, "code", None)
+    return callable(code) and getattr(code(), "name", "") == "UNIMPLEMENTED"
+
+
+def _range_stream_chunk(rpc: Any) -> Callable[[bytes], Any]:
+    """A deserializer of RangeStreamResponse into its RangeResponse (no generated code needed).
+
+    The message has one field, 1 (length-delimited): its bytes are tag 0x0a, a
+    varint length and a RangeResponse, possibly repeated (protobuf merges them);
+    unknown fields are skipped.
+    """
+
+    def parse(data: bytes) -> Any:
+        out = rpc.RangeResponse()
+        i, n = 0, len(data)
+        while i < n:
+            tag, i = _varint(data, i)
+            wire = tag & 7
+            if wire == 2:
+                size, i = _varint(data, i)
+                if tag >> 3 == 1:
+                    out.MergeFromString(data[i : i + size])
+                i += size
+            elif wire == 0:
+                _, i = _varint(data, i)
+            elif wire == 1:
+                i += 8
+            elif wire == 5:
+                i += 4
+            else:
+                raise ValueError(f"bad RangeStreamResponse wire type {wire}")
+        return out
+
+    return parse
+
+
+def _varint(data: bytes, i: int) -> Tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = data[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+class RangeStream:
+    """One RangeStream call of ``[key, range_end)`` at ``revision`` (0: now); iterate its chunks.
+
+    Each item is a RangeResponse chunk (see RANGE_STREAM_METHOD). The call runs
+    on a thread of its own, so the caller decodes one chunk while etcd sends the
+    next; no chunk for the client's request timeout raises TimeoutError (the
+    call is then cancelled). gRPC errors are raised as they are (UNIMPLEMENTED:
+    a server before 3.7). :meth:`close` cancels. Cost: one thread, one stream.
+    """
+
+    def __init__(self, client: Any, key: bytes, range_end: bytes, revision: int) -> None:
+        rpc = _client_module(client, "etcdrpc")
+        self.timeout = getattr(client, "timeout", None) or 60.0
+        call = client.channel.unary_stream(
+            RANGE_STREAM_METHOD,
+            request_serializer=rpc.RangeRequest.SerializeToString,
+            response_deserializer=_range_stream_chunk(rpc),
+        )
+        req = rpc.RangeRequest(key=key, range_end=range_end, revision=revision)
+        self._call = call(req, metadata=tuple(client.metadata or ()))
+        self._q: "queue.Queue[Any]" = queue.Queue(maxsize=4)
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="shmkeyspace-range-stream")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in self._call:
+                if self._closed:
+                    return
+                self._q.put(chunk)
+            self._q.put(None)
+        except Exception as exc:  # grpc.RpcError, our own cancel included
+            if not self._closed:
+                self._q.put(exc)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self._q.get(timeout=self.timeout)
+            except queue.Empty:
+                self.close()
+                raise TimeoutError(f"etcd RangeStream sent nothing for {self.timeout:g}s") from None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Cancel the call. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._call.cancel()
+            try:  # unblock a producer waiting on a full queue
+                self._q.get_nowait()
+            except queue.Empty:
+                pass
+
+
 class Failover:
     """Clients for a list of endpoints, one member at a time.
 

@@ -21,6 +21,11 @@ order, while that lock is still held. It promises:
   the next endpoint). A member that loses its leader cancels the stream
   (require-leader metadata).
 
+Parts kept in modules of their own: the full load (streamed or paged, its
+retries: ``load.py``, :func:`~shmkeyspace.load.fetch`) and the watch streams
+(:class:`~shmkeyspace.watch.WatchSession`, :class:`~shmkeyspace.watch.WatchThread`:
+``watch.py``); the names above stay importable from here.
+
 The etcd client is anything with the python-etcd3 API (``etcd3`` or
 ``etcd-sdk-python``'s ``pyetcd``); see :mod:`shmkeyspace.etcd`.
 """
@@ -33,17 +38,36 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Callable, List, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, List, Optional, Protocol, Set
 
 from .errors import (
     EtcdContactLostError,
     InvalidPrefixError,
     KeySpaceError,
     ShmKeyspaceError,
-    WatchSilentError,
     describe,
 )
-from .key_values import KeyValue, KeyValues, prefix_end, to_key
+from .key_values import KeyValue, KeyValues, to_key
+from .load import FIRST_PAGE, MIN_TIMEOUT_PAGE, PAGE_BYTES, LoadStatus, fetch
+from .watch import WatchSession, WatchThread, pump
+
+#: The old private name of WatchSession (tests patch it).
+_Session = WatchSession
+
+__all__ = [
+    "DEFAULT_APPLY_DELAY",
+    "DEFAULT_STALE_AFTER",
+    "DEFAULT_WATCH_SILENCE",
+    "FIRST_PAGE",
+    "MIN_TIMEOUT_PAGE",
+    "PAGE_BYTES",
+    "Header",
+    "KeySpace",
+    "KeySpaceError",
+    "LoadStatus",
+    "StartCompactedError",
+    "WatchThread",
+]
 
 _new_kv = tuple.__new__
 log = logging.getLogger(__name__)
@@ -75,16 +99,6 @@ class StoreLoader(Protocol):
 
 #: Gazette's default Nagle-like delay before applying watch responses.
 DEFAULT_APPLY_DELAY = 0.030
-#: Keys of the first Range page of a load. Later pages are sized by bytes
-#: (PAGE_BYTES over the bytes per key seen so far): etcd 3.5 walks the rest of
-#: the range to count it on every limited page, so small pages make a load
-#: quadratic (measured, 1M keys: 5k-key pages 33.8 s, 100k-key pages 4.1 s).
-FIRST_PAGE = 10_000
-#: Target bytes per Range page: half the writer's gRPC receive limit (64 MiB,
-#: shmkeyspace.etcd.GRPC_OPTIONS); ~150k keys of ~110 B values. A page over a
-#: client's limit fails RESOURCE_EXHAUSTED: it is halved and retried, and the
-#: byte budget shrinks with it.
-PAGE_BYTES = 32 << 20
 #: Seconds without contact with etcd after which the mirror counts as stale and
 #: the watch abandons its stream (the writer's --stale-after).
 DEFAULT_STALE_AFTER = 5.0
@@ -95,8 +109,6 @@ DEFAULT_STALE_AFTER = 5.0
 #: proxy they are not (etcd issue 19710) and only the server's own notifications
 #: arrive, so lower it together with that interval (e.g. 5 s -> 15 s).
 DEFAULT_WATCH_SILENCE = 1800.0
-#: Pages of more keys than this that time out are halved and retried (see _range_page).
-MIN_TIMEOUT_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -121,7 +133,7 @@ class StartCompactedError(ShmKeyspaceError):
         self.compacted_revision = start
 
 
-def _patch_header(h: Header, update: Any, reset: bool = False) -> Header:
+def patch_header(h: Header, update: Any, reset: bool = False) -> Header:
     """Gazette's patchHeader: validate ``update`` against ``h``; keep h's revision."""
     cid = int(getattr(update, "cluster_id", 0))
     if cid == 0:
@@ -203,6 +215,8 @@ class KeySpace:
         self.on_contact: Optional[Callable[[int], None]] = None
         #: Why the last watch stream ended (None while the first one runs).
         self.last_watch_error: Optional[str] = None
+        #: What loads are doing: state, keys so far, page retries (load.py).
+        self.load_status = LoadStatus()
         self._update_event = threading.Event()
 
     # -- decoding -------------------------------------------------------------
@@ -248,7 +262,7 @@ class KeySpace:
             for wr in responses:
                 if isinstance(wr, BaseException):
                     raise wr
-                hdr = _patch_header(hdr, wr.header)
+                hdr = patch_header(hdr, wr.header)
                 self.etcd_revision = max(self.etcd_revision, int(wr.header.revision))
             kvs = self.key_values
             changed: Set[bytes] = set()
@@ -346,6 +360,14 @@ class KeySpace:
         return len(self._excluded)
 
     # -- etcd I/O -------------------------------------------------------------
+    def new_loader(self) -> StoreLoader:
+        """An empty loader of this KeySpace's store (for a load, ``load.py``). O(1)."""
+        return self._new_store()
+
+    def decode_raw(self, raw: KeyValue) -> Optional[KeyValue]:
+        """``raw`` with its decoded value, or None (logged) if the decoder rejects it."""
+        return self._decode(raw)
+
     def load(
         self,
         client: Any,
@@ -353,82 +375,37 @@ class KeySpace:
         page_size: Optional[int] = None,
         progress: Optional[Callable[[int], None]] = None,
         page_bytes: int = PAGE_BYTES,
+        stop: Optional[threading.Event] = None,
     ) -> None:
-        """Load every key under root at revision ``rev`` (0: now), page by page.
+        """Load every key under root at revision ``rev`` (0: now): streamed, or page by page.
 
-        All pages are read at one revision, so the result is a consistent cut; it
-        replaces the current contents in one update. The first page asks
-        FIRST_PAGE keys, later ones about ``page_bytes`` (see PAGE_BYTES), never
-        more than ``page_size`` keys when given (tests force many pages so);
-        the next page is fetched while this one is decoded. ``progress(n)`` is
-        called with the count loaded so far after each page. Cost: etcd's count
-        walk per page (few pages) plus the decoder's, linear in keys and bytes.
+        All keys are read at one revision, so the result is a consistent cut; it
+        replaces the current contents in one update. Through etcd's RangeStream
+        when the server has it (etcd >= 3.7) and no ``page_size`` is forced, else
+        in pages: the first asks FIRST_PAGE keys, later ones about ``page_bytes``
+        (see PAGE_BYTES), never more than ``page_size`` keys when given (tests
+        force many pages so). A page that times out is asked again, smaller, at
+        the same revision (``load.py``); ``stop`` cuts its backoff short.
+        ``progress(n)`` is called with the count loaded so far after each page
+        or chunk; :attr:`load_status` tells the state and the retries. Cost:
+        etcd's work (its count walk per page: few pages) plus the decoder's,
+        linear in keys and bytes.
         """
-        header, kvs, excluded = self._fetch(client, rev, page_size, page_bytes, progress)
+        st = self.load_status
+        st.state = "loading"
+        try:
+            header, kvs, excluded = fetch(self, client, rev, page_size, page_bytes, progress, st, stop)
+        except BaseException as exc:
+            st.last_error = describe(exc)
+            raise
+        finally:
+            st.state = "idle"
         with self.lock:
             self.header = header
             self.etcd_revision = max(self.etcd_revision, header.revision)
             self.key_values = kvs
             self._excluded = excluded
             self._on_update(None)
-
-    def _fetch(
-        self,
-        client: Any,
-        rev: int,
-        page_size: Optional[int],
-        page_bytes: int,
-        progress: Optional[Callable[[int], None]],
-    ) -> Tuple[Header, Any, Set[bytes]]:
-        end = prefix_end(self.root_key) or b"\0"
-        loader = self._new_store()
-        excluded: Set[bytes] = set()
-        decode = self._decode
-        n = 0
-        cap = page_size or (1 << 62)
-        asked = min(cap, FIRST_PAGE)
-        resp, got_limit = _range_page(client, self.root_key, end, asked, rev)
-        header = _patch_header(Header(), resp.header, reset=True)
-        # etcd's header carries the store's current revision, not the one asked
-        # for: a load at rev=R is exact at R (as Gazette records it).
-        rev = rev or int(resp.header.revision)
-        header = replace(header, revision=rev)
-        budget = page_bytes
-        while True:
-            nxt: Optional[_Prefetch] = None
-            if resp.more and resp.kvs:
-                per_key = max(1, resp.ByteSize() // len(resp.kvs))
-                if got_limit < asked:  # RESOURCE_EXHAUSTED: what fits is the budget now
-                    budget = min(budget, per_key * got_limit)
-                asked = max(1, min(cap, budget // per_key))
-                start = bytes(resp.kvs[-1].key) + b"\0"
-                # Overlap: etcd (on another core) serves the next page while this
-                # one is decoded here.
-                nxt = _Prefetch(client, start, end, asked, rev)
-            for kv in resp.kvs:
-                raw = KeyValue(
-                    bytes(kv.key),
-                    bytes(kv.value),
-                    int(kv.create_revision),
-                    int(kv.mod_revision),
-                    int(kv.version),
-                    int(kv.lease),
-                    None,
-                )
-                dec = decode(raw)
-                if dec is None:
-                    excluded.add(raw.key)
-                else:
-                    loader.add(dec)
-            n += len(resp.kvs)
-            if progress is not None:
-                progress(n)
-            if nxt is None:
-                break
-            resp, got_limit = nxt.result()
-            if not resp.kvs:
-                break
-        return header, loader.finish(), excluded
 
     def note_contact(self) -> None:
         """Record that etcd answered just now. Cost: a clock read and :attr:`on_contact`.
@@ -449,7 +426,7 @@ class KeySpace:
         *,
         stale_after: float = DEFAULT_STALE_AFTER,
         reconnect: Optional[Callable[[], Any]] = None,
-        first: Optional["_Session"] = None,
+        first: Optional["WatchSession"] = None,
         watch_silence: Optional[float] = None,
     ) -> None:
         """Apply etcd's watch stream until ``stop`` is set. Blocks.
@@ -494,7 +471,7 @@ class KeySpace:
         start: int,
         stale_after: float = DEFAULT_STALE_AFTER,
         watch_silence: Optional[float] = None,
-    ) -> "_Session":
+    ) -> "WatchSession":
         """Open a watch stream from revision ``start`` now, to hand to :meth:`watch` as ``first``.
 
         Lets a caller that knows where it will resume (a writer restoring a
@@ -503,7 +480,7 @@ class KeySpace:
         start like :meth:`watch` (StartCompactedError); close the result if
         it is not used.
         """
-        session = _Session(self, client, queue.Queue(), stale_after, start, watch_silence)
+        session = WatchSession(self, client, queue.Queue(), stale_after, start, watch_silence)
         try:
             self._check_start(client, start)
             session.open()
@@ -519,7 +496,7 @@ class KeySpace:
         max_backoff: float,
         stale_after: float,
         reconnect: Optional[Callable[[], Any]],
-        first: Optional["_Session"],
+        first: Optional["WatchSession"],
         watch_silence: Optional[float] = None,
     ) -> None:
         backoff = 0.05
@@ -542,7 +519,7 @@ class KeySpace:
                 if early is not None:
                     early.close()
                 q = queue.Queue()
-                session = _Session(self, client, q, stale_after, watch_silence=watch_silence)
+                session = WatchSession(self, client, q, stale_after, watch_silence=watch_silence)
             try:
                 if session is not early:
                     self._check_start(client)
@@ -562,7 +539,7 @@ class KeySpace:
                 continue
             log.info("watching %r from revision %d", self.root, self.header.revision + 1)
             try:
-                err = self._pump(q, stop, session)
+                err = pump(self, q, stop, session)
             finally:
                 session.close()
             if err is None or self._handle_watch_error(client, err):
@@ -590,45 +567,6 @@ class KeySpace:
             )
             stop.wait(backoff)
             backoff = min(max_backoff, backoff * 2)
-
-    def _pump(
-        self, q: "queue.Queue[Any]", stop: threading.Event, session: "_Session"
-    ) -> Optional[BaseException]:
-        """Apply batches from ``q`` until an error arrives, contact is lost, or ``stop`` is set."""
-        while not stop.is_set():
-            lost = session.tick()
-            if lost is not None:
-                return lost
-            try:
-                first = q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if isinstance(first, BaseException):
-                return first
-            batch = [first]
-            err = None
-            deadline = time.monotonic() + self.watch_apply_delay
-            while True:
-                remaining = deadline - time.monotonic()
-                try:
-                    item = q.get(timeout=remaining) if remaining > 0 else q.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, BaseException):
-                    err = item
-                    break
-                batch.append(item)
-            # Eventless answers are contact (counted on arrival), news only when they
-            # are progress notifications from a member level with the mirror: a
-            # member just failed over to may lag behind it, and etcd's gRPC proxy
-            # makes up "created" answers with ClusterId 0 for watches it coalesces.
-            rev = self.header.revision
-            batch = [r for r in batch if r.events or _is_progress(r, rev)]
-            if batch:
-                self.apply(*batch)
-            if err is not None:
-                return err
-        return None
 
     def _check_start(self, client: Any, start: Optional[int] = None) -> None:
         """Raise :class:`StartCompactedError` if a watch from ``header.revision + 1`` would be compacted.
@@ -677,239 +615,3 @@ class KeySpace:
     def start_watch(self, client: Any, **watch_args: Any) -> "WatchThread":
         """Run :meth:`watch` (with ``watch_args``) on a daemon thread; stop it with ``.stop()``."""
         return WatchThread(self, client, **watch_args)
-
-
-class _Session:
-    """One watch stream of a KeySpace and the contact bookkeeping of it (see KeySpace.watch).
-
-    Its stream's thread delivers responses into ``q``; :meth:`tick`, called by
-    the pump at least every 0.1 s, asks for progress or probes, and reports
-    contact lost. Probes run on a thread of their own, one at a time, so a hung
-    member never blocks the pump.
-    """
-
-    def __init__(
-        self,
-        ks: KeySpace,
-        client: Any,
-        q: "queue.Queue[Any]",
-        stale_after: float,
-        start: Optional[int] = None,
-        watch_silence: Optional[float] = None,
-    ) -> None:
-        if not stale_after > 0:
-            raise ValueError(f"stale_after must be > 0 seconds, got {stale_after!r}")
-        #: No delivery at all for this long (ns; 0: no bound) abandons the stream.
-        self.silence_ns = int(watch_silence * 1e9) if watch_silence else 0
-        self.ks = ks
-        #: The revision the stream starts at (None: the KeySpace's header.revision + 1 when opened).
-        self.start = start
-        self.client = client
-        self.q = q
-        self.stale_after = stale_after
-        self.stale_ns = int(stale_after * 1e9)
-        #: Quiet time before asking for progress; a quarter leaves room for a
-        #: second request and a probe before stale_after runs out.
-        self.tick_ns = max(int(self.stale_ns / 4), 50_000_000)
-        self.probe_timeout = max(0.2, min(2.0, stale_after / 2))
-        self.opened_ns = time.monotonic_ns()
-        self.last_tick_ns = self.opened_ns
-        self.delivered_ns = self.opened_ns  # the stream's last response (events or progress)
-        self.responses = 0
-        self.unanswered = 0  # progress requests sent since the last response
-        self.progress = False  # progress requests are sent (and believed answered)
-        self.stream: Any = None
-        self.watch_id: Any = None
-        self._prober: Optional[threading.Thread] = None
-        self.closed = False
-
-    def open(self) -> None:
-        from . import etcd
-
-        ks = self.ks
-        if self.start is None:
-            self.start = ks.header.revision + 1
-        start = self.start
-        if etcd.supports_watch_stream(self.client):
-            self.stream = etcd.WatchStream(
-                self.client, ks.root_key, prefix_end(ks.root_key) or b"\0", start, self._deliver
-            )
-            self.progress = self.stream.can_request_progress
-        else:  # some other python-etcd3-API client: its own watcher, probes only
-            self.watch_id = self.client.add_watch_prefix_callback(
-                ks.root_key, self._deliver, start_revision=start, progress_notify=True
-            )
-
-    def _deliver(self, item: Any) -> None:
-        if self.closed:
-            return
-        if not isinstance(item, BaseException):
-            self.responses += 1
-            self.delivered_ns = time.monotonic_ns()
-            self.unanswered = 0
-            self.ks.note_contact()
-        self.q.put(item)
-
-    def tick(self) -> Optional[BaseException]:
-        """Ask for progress or probe when quiet; the error to end the stream with, if contact is lost."""
-        now = time.monotonic_ns()
-        since = max(self.ks.etcd_contact_ns, self.opened_ns)
-        if now - since > self.stale_ns:
-            return EtcdContactLostError(
-                f"no contact with etcd for {(now - since) / 1e9:.1f}s (stale_after {self.stale_after:g}s)"
-            )
-        if self.silence_ns and now - self.delivered_ns > self.silence_ns:
-            return WatchSilentError(
-                f"the watch stream delivered nothing, not even a progress notification, for "
-                f"{(now - self.delivered_ns) / 1e9:.1f}s (watch_silence {self.silence_ns / 1e9:g}s) while "
-                "etcd answered reads: a dead stream behind a gRPC proxy (etcd issue 21813)?"
-            )
-        if now - since < self.tick_ns or now - self.last_tick_ns < self.tick_ns:
-            return None
-        self.last_tick_ns = now
-        if self.progress:
-            if self.unanswered:
-                self._start_probe()  # the last request went unanswered: is it the request or etcd?
-            self.stream.request_progress()
-            self.unanswered += 1
-        else:
-            self._start_probe()
-        return None
-
-    def _start_probe(self) -> None:
-        if self._prober is not None and self._prober.is_alive():
-            return
-        self._prober = threading.Thread(target=self._probe, daemon=True, name="shmkeyspace-probe")
-        self._prober.start()
-
-    def _probe(self) -> None:
-        from . import etcd
-
-        try:
-            if etcd.supports_watch_stream(self.client):
-                etcd.probe(self.client, self.ks.root_key, self.probe_timeout)
-            else:
-                self.client.status()
-        except Exception as exc:
-            log.debug("etcd probe failed: %s", describe(exc))
-            return
-        if self.closed:
-            return
-        self.ks.note_contact()
-        if self.progress and self.unanswered >= 2:
-            self.progress = False
-            log.warning(
-                "etcd answers reads but not watch progress requests on this connection (a gRPC "
-                "proxy? etcd issue 19710): checking contact with a deadline-bound read instead"
-            )
-
-    def close(self) -> None:
-        self.closed = True
-        if self.stream is not None:
-            self.stream.close()
-        elif self.watch_id is not None:
-            _cancel(self.client, self.watch_id)
-
-
-class WatchThread:
-    """A KeySpace watch running on its own thread. ``stop()`` returns within ~1 s."""
-
-    def __init__(self, ks: KeySpace, client: Any, **watch_args: Any) -> None:
-        self.keyspace = ks
-        self._watch_args = watch_args
-        self.error: Optional[BaseException] = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(client,), daemon=True, name=f"shmkeyspace-watch{ks.root}"
-        )
-        self._thread.start()
-
-    def _run(self, client: Any) -> None:
-        try:
-            self.keyspace.watch(client, self._stop, **self._watch_args)
-        except BaseException as exc:
-            self.error = exc
-            log.exception("watch of %r stopped on an unrecoverable error", self.keyspace.root)
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 1.0) -> None:
-        self._stop.set()
-        self._thread.join(timeout)
-
-
-def _is_progress(resp: Any, revision: int) -> bool:
-    """An eventless watch response worth applying: a real progress notification at or past ``revision``."""
-    hdr = resp.header
-    return not getattr(resp, "created", False) and int(hdr.cluster_id) != 0 and int(hdr.revision) >= revision
-
-
-def _cancel(client: Any, watch_id: Any) -> None:
-    # cancel_watch only queues a request; with the stream already gone it may
-    # block on a full queue, so it gets a thread of its own.
-    t = threading.Thread(target=_quiet_cancel, args=(client, watch_id), daemon=True)
-    t.start()
-    t.join(0.2)
-
-
-def _quiet_cancel(client: Any, watch_id: Any) -> None:
-    try:
-        client.cancel_watch(watch_id)
-    except Exception:
-        pass
-
-
-def _range_page(client: Any, start: bytes, end: bytes, limit: int, rev: int) -> Tuple[Any, int]:
-    """One Range page of at most ``limit`` keys; halves ``limit`` when the page is too big.
-
-    Too big: RESOURCE_EXHAUSTED (over the client's gRPC receive limit), or a
-    request timeout on a page of more than MIN_TIMEOUT_PAGE keys (a loaded etcd
-    or a slow link can take longer than the client's timeout for ~150k keys:
-    seen at 1M keys on a 2-core machine at load 20). A timeout on a small page
-    is an outage and raises. Returns the response and the limit finally asked.
-    """
-    while True:
-        try:
-            return client.get_range_response(start, end, limit=limit, revision=rev or None), limit
-        except Exception as exc:
-            code = getattr(exc, "code", None)
-            name = getattr(code(), "name", "") if callable(code) else ""
-            if name == "RESOURCE_EXHAUSTED" and limit > 1:
-                limit = max(1, limit // 2)
-                log.info("etcd page too large for the gRPC receive limit: retrying with %d keys", limit)
-                continue
-            timeout = name == "DEADLINE_EXCEEDED" or "Timeout" in type(exc).__name__
-            if timeout and limit > MIN_TIMEOUT_PAGE:
-                limit = max(MIN_TIMEOUT_PAGE, limit // 2)
-                log.warning("etcd page timed out: retrying with %d keys", limit)
-                # pyetcd's failover marks a member that timed out failed for
-                # time_retry (0.2 s, etcd.connect): retrying at once finds no member.
-                time.sleep(0.25)
-                continue
-            raise
-
-
-class _Prefetch:
-    """A Range page fetched on a thread of its own; :meth:`result` joins it."""
-
-    def __init__(self, client: Any, start: bytes, end: bytes, limit: int, rev: int) -> None:
-        self._out: Optional[Tuple[Any, int]] = None
-        self._err: Optional[BaseException] = None
-        self._t = threading.Thread(
-            target=self._run, args=(client, start, end, limit, rev), daemon=True, name="shmkeyspace-page"
-        )
-        self._t.start()
-
-    def _run(self, client: Any, start: bytes, end: bytes, limit: int, rev: int) -> None:
-        try:
-            self._out = _range_page(client, start, end, limit, rev)
-        except BaseException as exc:
-            self._err = exc
-
-    def result(self) -> Tuple[Any, int]:
-        self._t.join()
-        if self._err is not None:
-            raise self._err
-        assert self._out is not None
-        return self._out

@@ -174,6 +174,25 @@ class WriterCollector(Collector):
             n,
             w.publisher.epoch,
         )
+        ls = w.load_status
+        yield _gauge(
+            "shmkeyspace_writer_loading",
+            "1 while a full load runs or waits to retry (a slow page, a failed load), else 0.",
+            n,
+            0 if ls.state == "idle" else 1,
+        )
+        yield _counter(
+            "shmkeyspace_writer_load_page_retries",
+            "Range pages of full loads asked again (smaller, same revision) after a timeout.",
+            n,
+            ls.page_retries,
+        )
+        yield _counter(
+            "shmkeyspace_writer_load_restarts",
+            "Full loads started again from the first key after a failure (jittered backoff).",
+            n,
+            ls.restarts,
+        )
         yield _gauge("shmkeyspace_writer_keys", "Keys in the published snapshot.", n, keys)
         yield _gauge("shmkeyspace_writer_bytes", "Bytes of the published snapshot image.", n, nbytes)
         groups = w.prefix_bytes()

@@ -42,6 +42,10 @@ from .segment import (
     OFF_FLAGS,
     OFF_HB_INTERVAL,
     OFF_HEARTBEAT,
+    OFF_LOAD_KEYS,
+    OFF_LOAD_RESTARTS,
+    OFF_LOAD_RETRIES,
+    OFF_LOAD_STATE,
     OFF_PERSIST_FAIL_NS,
     OFF_PERSIST_FAILURES,
     OFF_PERSIST_NS,
@@ -207,7 +211,16 @@ class Publisher:
         self._words[OFF_SOURCE // 8] = SOURCE_UNKNOWN
         self._words[OFF_ETCD_REV // 8] = prev.revision if prev is not None else 0
         self._words[OFF_STALE_AFTER // 8] = 0
-        for off in (OFF_PERSISTS, OFF_PERSIST_FAILURES, OFF_PERSIST_NS, OFF_PERSIST_FAIL_NS):
+        for off in (
+            OFF_PERSISTS,
+            OFF_PERSIST_FAILURES,
+            OFF_PERSIST_NS,
+            OFF_PERSIST_FAIL_NS,
+            OFF_LOAD_STATE,
+            OFF_LOAD_KEYS,
+            OFF_LOAD_RETRIES,
+            OFF_LOAD_RESTARTS,
+        ):
             self._words[off // 8] = 0
         self.heartbeat()
 
@@ -321,6 +334,20 @@ class Publisher:
         if self.gid is not None or uid != -1:
             os.fchown(fd, uid, -1 if self.gid is None else self.gid)
         os.fchmod(fd, self.mode)
+
+    def set_load_status(self, state: str, keys: int, retries: int, restarts: int) -> None:
+        """Publish the full load's state ("idle", "loading", "waiting") and counters. O(1)."""
+        from .segment import LOAD_IDLE, LOAD_STATE_NAMES
+
+        codes = {v: k for k, v in LOAD_STATE_NAMES.items()}
+        w = self._words
+        try:
+            w[OFF_LOAD_STATE // 8] = codes.get(state, LOAD_IDLE)
+            w[OFF_LOAD_KEYS // 8] = keys
+            w[OFF_LOAD_RETRIES // 8] = retries
+            w[OFF_LOAD_RESTARTS // 8] = restarts
+        except ValueError:  # released by close()
+            pass
 
     def set_persist_stats(self, persists: int, failures: int, ok_ns: int, fail_ns: int) -> None:
         """Publish the state-file counters (writes, failures, wall ns of the last of each). O(1)."""

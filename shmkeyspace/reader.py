@@ -798,4 +798,15 @@ class Reader(_Base):
             max(0.0, time.time() - ok_ns / 1e9) if ok_ns else None,
             max(0.0, time.time() - fail_ns / 1e9) if fail_ns else None,
             ctrl.retired,
+            *load_words(w),
         )
+
+
+def load_words(w: Any) -> Tuple[str, int, int, int]:
+    """The control block's full-load words: (state, keys, page retries, restarts). O(1)."""
+    return (
+        segment.LOAD_STATE_NAMES.get(w[segment.OFF_LOAD_STATE // 8], "idle"),
+        w[segment.OFF_LOAD_KEYS // 8],
+        w[segment.OFF_LOAD_RETRIES // 8],
+        w[segment.OFF_LOAD_RESTARTS // 8],
+    )

@@ -147,6 +147,14 @@ OFF_PERSISTS = 320
 OFF_PERSIST_FAILURES = 328
 OFF_PERSIST_NS = 336
 OFF_PERSIST_FAIL_NS = 344
+#: The writer's full load: LOAD_* state below, keys read so far, pages asked again
+#: (timeouts), loads started again from the first key (load.py, Writer.load).
+OFF_LOAD_STATE = 352
+OFF_LOAD_KEYS = 360
+OFF_LOAD_RETRIES = 368
+OFF_LOAD_RESTARTS = 376
+LOAD_IDLE, LOAD_LOADING, LOAD_WAITING = 0, 1, 2
+LOAD_STATE_NAMES = {LOAD_IDLE: "idle", LOAD_LOADING: "loading", LOAD_WAITING: "waiting"}
 # Publication record: gen, seg_size, offset, length, revision, count, publish_ns, feed_len.
 # feed_len: bytes of the change feed region (feed.py) written right after the image,
 # at offset + feed_offset(length); 0 = no feed (writers before the feed wrote 0 here).

@@ -99,6 +99,13 @@ class Health(NamedTuple):
     #: True while this reader serves a block its writer gave up (removed with
     #: ``unlink``, or lost) and the name has no newer one this reader may follow yet.
     retired: bool = False
+    #: The writer's full load: "idle" (none running), "loading", or "waiting" (a
+    #: backoff after a slow page or a failed load); keys read by the load running
+    #: or the last one, pages asked again, loads started again (cumulative).
+    load_state: str = "idle"
+    load_keys: int = 0
+    load_page_retries: int = 0
+    load_restarts: int = 0
 
 
 class TypedView:

@@ -688,7 +688,7 @@ def test_load_pages_beyond_grpc_receive_limit(own_etcd, prefix, caplog):
                     c.transactions.put(f"{root}/k{i:05d}", f"{i}:{blob}") for i in range(start, start + 100)
                 ],
             )
-        caplog.set_level(logging.INFO, logger=KS_LOG)
+        caplog.set_level(logging.INFO, logger="shmkeyspace.load")
 
         # Default limit: the first page is refused and halved until it fits; later
         # pages are sized by what fitted, so they are not refused again.

@@ -209,26 +209,40 @@ MIRRORS = r"""
 import json, sys, threading, time
 from shmkeyspace.etcd import connect
 from shmkeyspace.keyspace import KeySpace
+from shmkeyspace.load import backoff
 endpoint, prefix, count, apply_delay = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 timeout = float(sys.argv[5])
 ready = [None] * count
 hist = [[] for _ in range(count)]
 retries = [0] * count
+connects = [0] * count
+page_retries = [0] * count
 stop = threading.Event()
 def host(i):
     ks = KeySpace(prefix, lambda kv: json.loads(kv.value))
     ks.watch_apply_delay = apply_delay
     h = hist[i]
     ks.observers.append(lambda: h.append((ks.header.revision, time.monotonic())))
-    while True:  # a failed load is retried, as systemd would restart a writer
+    c = None
+    failed = 0
+    while True:  # a failed load starts again after a jittered backoff, as Writer.load does
         try:
-            c = connect(endpoint, timeout=timeout)
+            c = c or connect(endpoint, timeout=timeout)
+        except Exception as exc:
+            connects[i] += 1
+            failed += 1
+            print(f"host {i}: connect failed ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
+            time.sleep(backoff(failed, 1.0, 30.0))
+            continue
+        try:
             ks.load(c)
             break
         except Exception as exc:
             retries[i] += 1
-            print(f"host {i}: load failed ({type(exc).__name__}: {exc}); retrying", file=sys.stderr)
-            time.sleep(0.5)
+            failed += 1
+            print(f"host {i}: load failed ({type(exc).__name__}: {exc}); restarting it", file=sys.stderr)
+            time.sleep(backoff(failed, 1.0, 30.0))
+    page_retries[i] = ks.load_status.page_retries
     ready[i] = time.monotonic()
     ks.watch(c, stop)
 threads = [threading.Thread(target=host, args=(i,), daemon=True) for i in range(count)]
@@ -236,7 +250,8 @@ for t in threads:
     t.start()
 while any(r is None for r in ready):
     time.sleep(0.01)
-print(json.dumps({"ready": ready, "retries": sum(retries)}), flush=True)
+print(json.dumps({"ready": ready, "retries": sum(retries), "page_retries": sum(page_retries),
+                  "connect_failures": sum(connects)}), flush=True)
 for line in sys.stdin:
     if line.strip() == "report":
         print(json.dumps({"hist": hist}), flush=True)
@@ -415,6 +430,8 @@ class MirrorFleet:
         self.procs: List[subprocess.Popen] = []
         self.samples: List[Any] = []
         self.load_retries = 0
+        self.page_retries = 0
+        self.connect_failures = 0
 
     def start(self, endpoint: str, prefix: str, logdir: str, apply_delay_ms: float, timeout: float) -> None:
         for start in range(0, self.k, self.per_proc):
@@ -447,6 +464,8 @@ class MirrorFleet:
             msg = json.loads(line)
             ready += [t - t0 for t in msg["ready"]]
             self.load_retries += msg["retries"]
+            self.page_retries += msg.get("page_retries", 0)
+            self.connect_failures += msg.get("connect_failures", 0)
         return ready
 
     def pids(self) -> List[int]:
@@ -561,6 +580,8 @@ def run_one(
             row["cold_etcd_cpu_s_per_writer"] = row["cold_etcd_cpu_s"] / k
             row["cold_proxy_cpu_s"] = (proxy.cpu_seconds() - pcpu0) if proxy else None
             row["cold_load_retries"] = getattr(fleet, "load_retries", 0)
+            row["cold_page_retries"] = getattr(fleet, "page_retries", 0)
+            row["cold_connect_failures"] = getattr(fleet, "connect_failures", 0)
         # -- idle: what K writers cost etcd with nothing changing (contact probes) ------
         time.sleep(1.0)
         wpids = fleet.pids() if k else []
@@ -632,7 +653,12 @@ def markdown(res: Dict[str, Any]) -> str:
         own = r.get("proxy_own_watchers") or 0
         wat = f"{r['upstream_watchers']}" + (f" (+{own} proxy's own)" if own else "")
         cold = f"{r['cold_start_s']:.1f}" if k else "–"
-        if r.get("cold_load_retries"):
+        if "cold_page_retries" in r:
+            cold += (
+                f" ({r['cold_load_retries']} loads restarted from the first page, "
+                f"{r['cold_page_retries']} pages retried, {r['cold_connect_failures']} connects failed)"
+            )
+        elif r.get("cold_load_retries"):
             cold += f" ({r['cold_load_retries']} loads timed out and retried)"
         cold_cpu = f"{r['cold_etcd_cpu_s']:.2f}; {r['cold_etcd_cpu_s_per_writer']:.3f}" if k else "–"
         px = f"{r['proxy_cpu_s_per_min']:.1f}" if r.get("proxy_cpu_s_per_min") is not None else "–"
