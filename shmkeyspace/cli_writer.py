@@ -62,7 +62,8 @@ def cmd_writer(args: argparse.Namespace) -> int:
         _exit_with_parent()
 
     from .etcd import parse_endpoints
-    from .writer import Writer, tune_heap
+    from .heap import tune_heap
+    from .writer import Writer
 
     tune_heap()  # the daemon's own process: keep a full load's garbage out of its RSS
 

@@ -210,6 +210,40 @@ class SyncServer:
             pass
 
 
+def etcd_target(client: Any, root: bytes) -> Tuple[int, Tuple[int, int, int]]:
+    """``(R, (R, keys, newest mod_revision))`` under ``root``, read linearizably at etcd's
+    current revision R (the module doc says why these). Two Range requests, O(keys
+    under root) in etcd; raises when etcd does not answer."""
+    from .key_values import prefix_end
+
+    end = prefix_end(root) or b"\0"
+    counted = client.get_range_response(root, end, count_only=True)
+    rev = int(counted.header.revision)
+    top = client.get_range_response(
+        root, end, limit=1, sort_order="descend", sort_target="mod", keys_only=True, revision=rev
+    )
+    return rev, (rev, int(counted.count), int(top.kvs[0].mod_revision) if top.kvs else 0)
+
+
+def reached(keyspace: Any, publishing: Any, publisher: Any, target: Tuple[int, int, int]) -> Optional[bool]:
+    """Whether the writer's published snapshot holds every change under the prefix up to
+    ``target``'s revision (:func:`etcd_target`); None while it cannot say (a publication
+    failing, or not caught up with etcd since a restart). O(1); takes ``keyspace.lock``."""
+    from . import segment
+
+    rev, count, top = target
+    with keyspace.lock:
+        # Read under the lock apply() holds through its publication: what is seen
+        # here was applied and published.
+        if publishing.unpublished or publisher.source != segment.SOURCE_ETCD:
+            return None
+        mine = keyspace.header.revision
+        # Past rev: every event up to rev was delivered in order and applied. At or
+        # past top with etcd's count: only deletions can follow top, each one
+        # lowering the count, so none is missing.
+        return mine >= rev or (mine >= top and len(keyspace.key_values) + publishing.excluded_count == count)
+
+
 # -- the readers' half ---------------------------------------------------------------------
 def _check_owner(name: str, path: str, owner_uid: int) -> None:
     try:

@@ -82,6 +82,7 @@ from .errors import (
     describe,
 )
 from .feed import DEFAULT_BYTES, DEFAULT_KEEP, ChangeLog
+from .heap import trim_heap
 from .key_values import KeyValue
 from .keyspace import DEFAULT_APPLY_DELAY, DEFAULT_STALE_AFTER, DEFAULT_WATCH_SILENCE, KeySpace
 from .load import LoadStatus, backoff
@@ -91,6 +92,7 @@ from .resume import Resumer
 from .session import EtcdSession
 from .snapshot import MAX_IMAGE, entry_key, pack_entry
 from .store import PackedLoader, PackedStore
+from .writer_facts import WriterFacts
 
 #: Default ``view_grace`` (``--view-grace``): every snapshot view stays valid at
 #: least this long. A buffer readers left is rewritten only this long after, so
@@ -109,7 +111,7 @@ _FATAL_LOAD_ERRORS = (KeySpaceError, WriterLostError, ImageTooLargeError, Invali
 log = logging.getLogger(__name__)
 
 
-class Writer:
+class Writer(WriterFacts):
     """Mirror etcd keys under ``prefix`` into the snapshot ``name``.
 
     Either pass a python-etcd3-API ``client``, or ``endpoints`` (plus any keyword
@@ -363,116 +365,6 @@ class Writer:
         acc = self.publishing.accounting
         return None if acc is None else accounting.top(acc.snapshot())
 
-    @property
-    def error(self) -> Optional[BaseException]:
-        """The error :meth:`run` stopped on, or None (still running, or stopped cleanly)."""
-        return self._error
-
-    @property
-    def revision(self) -> int:
-        """The revision the writer's state is exact at (KeySpace header)."""
-        return self.keyspace.header.revision
-
-    @property
-    def key_count(self) -> int:
-        with self.keyspace.lock:
-            return len(self.keyspace.key_values)
-
-    @property
-    def max_image_bytes(self) -> int:
-        """The largest image the writer publishes; a bigger one is a failed publication."""
-        return self._max_image
-
-    @max_image_bytes.setter
-    def max_image_bytes(self, n: int) -> None:
-        with self.keyspace.lock:
-            self._max_image = n
-            self.keyspace.key_values.builder.max_image = n
-
-    @property
-    def apply_delay(self) -> float:
-        return self.keyspace.watch_apply_delay
-
-    @apply_delay.setter
-    def apply_delay(self, seconds: float) -> None:
-        self.keyspace.watch_apply_delay = seconds
-
-    @property
-    def source(self) -> str:
-        """ "disk" while serving the state file's data not yet caught up, else "etcd" (or "unknown")."""
-        return segment.SOURCE_NAMES.get(self.publisher.source, "unknown")
-
-    @property
-    def endpoint(self) -> Optional[str]:
-        """The etcd endpoint the writer uses now (None with a client passed in)."""
-        return self.session.endpoint
-
-    # Counters and state kept by the parts, read here (the names predate the parts).
-    @property
-    def publications(self) -> int:
-        """Publications made (the restored state file's included)."""
-        return self.publishing.publications
-
-    @property
-    def publish_failures(self) -> int:
-        """Publications that failed (logged; retried at the next update or heartbeat)."""
-        return self.publishing.publish_failures
-
-    @property
-    def last_publish_seconds(self) -> float:
-        """Wall time of the last publication (seconds)."""
-        return self.publishing.last_publish_seconds
-
-    @property
-    def keys_changed(self) -> int:
-        """Keys changed by watch updates (metrics)."""
-        return self.publishing.keys_changed
-
-    @property
-    def full_loads(self) -> int:
-        """Full loads from etcd made (the first load, compaction reloads, discarded files)."""
-        return self.publishing.full_loads
-
-    @property
-    def restored(self) -> Optional[state.StateFile]:
-        """The snapshot this writer started from: the state file, or its predecessor's
-        image still in shared memory (``path`` then names the segment); None: it
-        loaded from etcd."""
-        return self.resumer.restored
-
-    @property
-    def persist_interval(self) -> float:
-        """Seconds between two writes of the state file."""
-        return self.persister.interval
-
-    @persist_interval.setter
-    def persist_interval(self, seconds: float) -> None:
-        self.persister.interval = seconds
-
-    @property
-    def persists(self) -> int:
-        """State files written (also in the control block, for ``stat`` and readers' Health)."""
-        return self.persister.persists
-
-    @property
-    def persist_failures(self) -> int:
-        """Failures to write the state file (logged; retried next interval)."""
-        return self.persister.persist_failures
-
-    @property
-    def last_persist_seconds(self) -> float:
-        return self.persister.last_persist_seconds
-
-    @property
-    def persist_cpu_seconds(self) -> float:
-        """CPU seconds spent writing state files (persist thread)."""
-        return self.persister.persist_cpu_seconds
-
-    @property
-    def capture_cpu_seconds(self) -> float:
-        """CPU seconds spent capturing images for state files (publishing thread)."""
-        return self.persister.capture_cpu_seconds
-
     # -- fail static ------------------------------------------------------------------
     def restore(self) -> bool:
         """Publish the state file, if there is a valid one; True if it was published.
@@ -644,10 +536,11 @@ class Writer:
         if self._sync_args is None or self.sync_server is not None:
             return
         mode, gid = self._sync_args
+        ks = self.keyspace
         self.sync_server = consistent.SyncServer(
             self.name,
-            self._sync_target,
-            self._sync_reached,
+            lambda: consistent.etcd_target(self.connect(), ks.root_key),
+            lambda target: consistent.reached(ks, self.publishing, self.publisher, target),
             mode=mode,
             gid=gid,
             timeout=max(1.0, self.stale_after),
@@ -657,40 +550,6 @@ class Writer:
         s, self.sync_server = self.sync_server, None
         if s is not None:
             s.close()
-
-    def _sync_target(self) -> Tuple[int, Tuple[int, int, int]]:
-        """``(R, (R, keys, newest mod_revision))`` under the prefix, read linearizably at etcd's
-        current revision R (consistent.py says why these). Two Range requests; raises when
-        etcd does not answer."""
-        from .key_values import prefix_end
-
-        root = self.keyspace.root_key
-        end = prefix_end(root) or b"\0"
-        c = self.connect()
-        counted = c.get_range_response(root, end, count_only=True)
-        rev = int(counted.header.revision)
-        top = c.get_range_response(
-            root, end, limit=1, sort_order="descend", sort_target="mod", keys_only=True, revision=rev
-        )
-        return rev, (rev, int(counted.count), int(top.kvs[0].mod_revision) if top.kvs else 0)
-
-    def _sync_reached(self, target: Tuple[int, int, int]) -> Optional[bool]:
-        """Whether the published snapshot holds every change under the prefix up to ``target``'s
-        revision; None while it cannot (a publication failing, or not caught up since a restart)."""
-        rev, count, top = target
-        ks = self.keyspace
-        with ks.lock:
-            # Read under the lock apply() holds through its publication: what is seen
-            # here was applied and published.
-            if self.publishing.unpublished or self.publisher.source != segment.SOURCE_ETCD:
-                return None
-            mine = ks.header.revision
-            # Past rev: every event up to rev was delivered in order and applied. At or
-            # past top with etcd's count: only deletions can follow top, each one
-            # lowering the count, so none is missing.
-            return mine >= rev or (
-                mine >= top and len(ks.key_values) + self.publishing.excluded_count == count
-            )
 
     def start(self) -> "Writer":
         """Publish, then run the watch on a thread; returns once the first snapshot is published.
@@ -771,48 +630,6 @@ class Writer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
-
-
-#: glibc's M_MMAP_THRESHOLD (mallopt parameter -3) and its initial value, 128 KiB.
-_M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 128 << 10
-
-
-def tune_heap() -> bool:
-    """Pin glibc's mmap threshold at 128 KiB for this process (the writer daemon's); False if unavailable.
-
-    glibc raises the threshold each time a large block served by mmap is freed
-    (up to 32 MiB), after which blocks of that size come from the heap instead,
-    where they fragment it: a full load frees many (gRPC page buffers, the
-    growing arena's old copies), so its garbage then stays in RSS. Pinned, large
-    blocks are mmap'd and go back to the kernel when freed. Measured at 100k
-    keys of ~110 B JSON (bench/scenarios/writer_memory.py, same run as the env variable
-    MALLOC_MMAP_THRESHOLD_=131072): RssAnon after the load 55 -> 38 MiB, load
-    time unchanged. Process-wide, so the CLI's writer calls it, not Writer
-    (a library user's process keeps its own malloc settings).
-    """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
-
-
-def trim_heap() -> bool:
-    """Give the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``); False if unavailable.
-
-    Why after a full load: its pages (gRPC buffers, parsed protobuf, the decoded
-    values) are freed, but glibc keeps them in the heap and in the arenas of the
-    threads that fetched them, so they stay in the writer's RSS for its whole
-    life. Measured at 100k keys of ~110 B JSON (bench/scenarios/writer_memory.py): RssAnon
-    67 -> 46 MiB, in a few milliseconds. A no-op where libc is not glibc.
-    """
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
 
 
 def _callable_name(decoder: Optional[Callable[..., Any]]) -> str:

@@ -42,7 +42,7 @@ stage("import shmkeyspace (writer, cli)")
 import shmkeyspace.etcd, pyetcd
 stage("import grpc + protobuf + pyetcd")
 if os.environ.get("TUNE_HEAP", "1") == "1":
-    from shmkeyspace.writer import tune_heap
+    from shmkeyspace.heap import tune_heap
     tune_heap()  # as the CLI writer does
 if trace:
     import tracemalloc
