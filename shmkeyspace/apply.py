@@ -34,6 +34,7 @@ Locking: runs under the KeySpace lock (inside KeySpace.apply), like the store.
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any, Callable, Optional, Set, Tuple
 
 from . import decoders
@@ -125,6 +126,10 @@ class CompiledApply:
             changed,
             revision,
         )
+
+    def pack_one(self) -> Callable[..., Optional[bytes]]:
+        """``pack(key, value, create, mod, version, lease)``: :meth:`pack` bound, for a load's loop."""
+        return partial(compiled.pack_value, self._code, self._fns)
 
     def pack(
         self, key: bytes, value: bytes, create: int, mod: int, version: int, lease: int
