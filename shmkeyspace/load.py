@@ -219,37 +219,28 @@ class _Sink:
         self.progress = progress
 
     def add(self, kvs: Any) -> None:
-        page = kvs
-        decode, loader, excluded = self.decode, self.loader, self.excluded
+        loader, excluded = self.loader, self.excluded
         add_page = getattr(loader, "add_page", None)
         left = None if add_page is None else add_page(kvs, self._decode_one)
         if left is not None:  # the writer's compiled decode + pack took the page
             excluded.update(left)
-            kvs = ()  # counted below from the page itself
-        for kv in kvs:
-            raw = KeyValue(
-                bytes(kv.key),
-                bytes(kv.value),
-                int(kv.create_revision),
-                int(kv.mod_revision),
-                int(kv.version),
-                int(kv.lease),
-                None,
-            )
-            dec = decode(raw)
-            if dec is None:
-                excluded.add(raw.key)
-            else:
-                loader.add(dec)
-        if page:
-            self.last_key = bytes(page[-1].key)
-        self.n += len(page)
+        else:
+            decode_one = self._decode_one
+            for kv in kvs:
+                dec = decode_one(kv)
+                if dec is None:
+                    excluded.add(bytes(kv.key))
+                else:
+                    loader.add(dec)
+        if kvs:
+            self.last_key = bytes(kvs[-1].key)
+        self.n += len(kvs)
         self.status.keys = self.n
         if self.progress is not None:
             self.progress(self.n)
 
     def _decode_one(self, kv: Any) -> Optional[KeyValue]:
-        """The Python path's decode of one etcd KeyValue (logs a rejection): what add_page defers."""
+        """The KeySpace's decode of one etcd KeyValue, or None (a rejection, logged there)."""
         return self.decode(
             KeyValue(
                 bytes(kv.key),
