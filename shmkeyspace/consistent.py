@@ -2,11 +2,13 @@
 
 Read-your-writes across processes without a watch per process (the idea of
 Kubernetes' consistent reads from cache, KEP-2340): a reader asks the writer;
-the writer reads, linearizably and *after* the request arrived, etcd's
-revision R with the number of keys under the prefix and the greatest
-mod_revision among them at R; it answers once its published snapshot has
-reached that state: every change under the prefix committed before
-``sync()`` was called is then in what the reader's next query sees.
+the writer reads etcd's revision R linearizably, *after* the request arrived,
+and answers once its published snapshot holds every change under the prefix
+up to R: when the snapshot's revision passes R (a write under the prefix), or
+else, after twice the apply delay, when it matches the number of keys and the
+greatest mod_revision under the prefix at R (writes elsewhere raised R).
+Every change under the prefix committed before ``sync()`` was called is then
+in what the reader's next query sees.
 
 Why not a watch progress notification, as Kubernetes does: etcd before 3.5.8
 and 3.4.24 may send one ahead of events still queued for the stream (etcd
@@ -15,8 +17,9 @@ count and the newest mod_revision at R need no such promise: the snapshot is
 current through R when its revision passed R, or reached that newest
 mod_revision with as many keys (published plus left out) as etcd counts, since
 after it only deletions can have happened, each lowering the count. The cost
-is etcd's: two Range requests that walk the prefix (count, and the newest key
-by mod_revision), O(keys under the prefix) on the server per round.
+is etcd's: a point read per round, and when R came from writes elsewhere, two
+Range requests that walk the prefix (count, and the newest key by
+mod_revision), O(keys under the prefix) on the server.
 
 The protocol, one Unix stream socket per name at :func:`socket_path`
 (``/dev/shm/.shmks.NAME.sync``, created by the writer, owned by its uid; the
@@ -71,27 +74,35 @@ def socket_path(name: str) -> str:
 class SyncServer:
     """Answers sync requests for the writer of ``name`` (see module doc).
 
-    ``read_target()``: ``(R, target)`` from etcd, ``R`` its current revision by a
-    linearizable read (raises when etcd does not answer); ``reached(target)``:
-    whether the published snapshot is current through it (None while a
-    publication is failing or the writer has not caught up since a restart).
-    ``timeout``: how long a round waits for that. Threads: its own two;
+    ``read_revision()``: etcd's current revision R by a linearizable point read
+    (raises when etcd does not answer); ``read_state(R)``: ``(keys, newest
+    mod_revision)`` under the prefix at R (:func:`etcd_state`, O(keys) in etcd);
+    ``reached((R, keys, top))``: whether the published snapshot holds every
+    change up to R (:func:`reached`; None while it cannot say). A round first
+    waits ``quick`` seconds for the snapshot's revision to pass R (what a write
+    under the prefix brings, after the apply delay), and only then pays for
+    ``read_state``: writes elsewhere in etcd raise R without changing the
+    prefix. ``timeout``: how long a round waits in all. Threads: its own two;
     :meth:`close` joins them and removes the socket.
     """
 
     def __init__(
         self,
         name: str,
-        read_target: Callable[[], Tuple[int, Any]],
-        reached: Callable[[Any], Optional[bool]],
+        read_revision: Callable[[], int],
+        read_state: Callable[[int], Tuple[int, int]],
+        reached: Callable[[Tuple[int, Optional[int], int]], Optional[bool]],
         mode: int = 0o600,
         gid: Optional[int] = None,
         timeout: float = 10.0,
+        quick: float = 0.1,
     ) -> None:
         self.path = socket_path(name)
-        self._read_target = read_target
+        self._read_revision = read_revision
+        self._read_state = read_state
         self._reached = reached
         self._timeout = timeout
+        self._quick = quick
         self._pending: List[socket.socket] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -166,15 +177,24 @@ class SyncServer:
 
     def _round(self) -> Tuple[int, int, str]:
         try:
-            rev, target = self._read_target()
+            rev = int(self._read_revision())
         except Exception as exc:
             return 1, 0, f"etcd did not answer the writer's linearizable read: {exc}"
-        deadline = time.monotonic() + self._timeout
+        t0 = time.monotonic()
+        deadline = t0 + self._timeout
+        target: Tuple[int, Optional[int], int] = (rev, None, 0)  # revision only, at first
         while True:
             ok = self._reached(target)
             if ok:
                 return 0, rev, ""
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if target[1] is None and now - t0 >= self._quick:
+                try:
+                    target = (rev, *self._read_state(rev))
+                except Exception as exc:
+                    return 1, rev, f"etcd did not answer the writer's read of the prefix at {rev}: {exc}"
+                continue
+            if now >= deadline:
                 why = (
                     "its publications are failing or it has not caught up since a restart"
                     if ok is None
@@ -210,25 +230,31 @@ class SyncServer:
             pass
 
 
-def etcd_target(client: Any, root: bytes) -> Tuple[int, Tuple[int, int, int]]:
-    """``(R, (R, keys, newest mod_revision))`` under ``root``, read linearizably at etcd's
-    current revision R (the module doc says why these). Two Range requests, O(keys
-    under root) in etcd; raises when etcd does not answer."""
+def etcd_revision(client: Any, root: bytes) -> int:
+    """etcd's current revision: the header of a linearizable point read of ``root``. O(1)."""
+    return int(client.get_response(root).header.revision)
+
+
+def etcd_state(client: Any, root: bytes, rev: int) -> Tuple[int, int]:
+    """``(keys, newest mod_revision)`` under ``root`` at revision ``rev`` (the module doc says
+    why these). Two Range requests, each O(keys under root) in etcd."""
     from .key_values import prefix_end
 
     end = prefix_end(root) or b"\0"
-    counted = client.get_range_response(root, end, count_only=True)
-    rev = int(counted.header.revision)
+    count = int(client.get_range_response(root, end, count_only=True, revision=rev).count)
     top = client.get_range_response(
         root, end, limit=1, sort_order="descend", sort_target="mod", keys_only=True, revision=rev
     )
-    return rev, (rev, int(counted.count), int(top.kvs[0].mod_revision) if top.kvs else 0)
+    return count, int(top.kvs[0].mod_revision) if top.kvs else 0
 
 
-def reached(keyspace: Any, publishing: Any, publisher: Any, target: Tuple[int, int, int]) -> Optional[bool]:
+def reached(
+    keyspace: Any, publishing: Any, publisher: Any, target: Tuple[int, Optional[int], int]
+) -> Optional[bool]:
     """Whether the writer's published snapshot holds every change under the prefix up to
-    ``target``'s revision (:func:`etcd_target`); None while it cannot say (a publication
-    failing, or not caught up with etcd since a restart). O(1); takes ``keyspace.lock``."""
+    ``target = (R, keys, top)`` (keys None: only its revision passing R counts); None
+    while it cannot say (a publication failing, or not caught up with etcd since a
+    restart). O(1); takes ``keyspace.lock``."""
     from . import segment
 
     rev, count, top = target
@@ -241,7 +267,13 @@ def reached(keyspace: Any, publishing: Any, publisher: Any, target: Tuple[int, i
         # Past rev: every event up to rev was delivered in order and applied. At or
         # past top with etcd's count: only deletions can follow top, each one
         # lowering the count, so none is missing.
-        return mine >= rev or (mine >= top and len(keyspace.key_values) + publishing.excluded_count == count)
+        if mine >= rev:
+            return True
+        return (
+            count is not None
+            and mine >= top
+            and len(keyspace.key_values) + publishing.excluded_count == count
+        )
 
 
 # -- the readers' half ---------------------------------------------------------------------

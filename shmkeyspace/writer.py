@@ -539,11 +539,14 @@ class Writer(WriterFacts):
         ks = self.keyspace
         self.sync_server = consistent.SyncServer(
             self.name,
-            lambda: consistent.etcd_target(self.connect(), ks.root_key),
+            lambda: consistent.etcd_revision(self.connect(), ks.root_key),
+            lambda rev: consistent.etcd_state(self.connect(), ks.root_key, rev),
             lambda target: consistent.reached(ks, self.publishing, self.publisher, target),
             mode=mode,
             gid=gid,
             timeout=max(1.0, self.stale_after),
+            # A write under the prefix reaches the snapshot after the apply delay.
+            quick=2 * self.keyspace.watch_apply_delay + 0.05,
         )
 
     def _close_sync_server(self) -> None:

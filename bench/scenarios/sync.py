@@ -34,6 +34,9 @@ def main(argv: Any = None) -> int:
     ap.add_argument("--keys", type=int, default=10_000)
     ap.add_argument("--syncs", type=int, default=200)
     ap.add_argument("--apply-delay-ms", type=float, default=30.0)
+    ap.add_argument(
+        "--view-grace", type=float, default=0.1, help="the writer's view grace, seconds (default 0.1)"
+    )
     a = ap.parse_args(argv)
     name = f"bench-sync-{uuid.uuid4().hex[:8]}"
     with EtcdServer() as srv:
@@ -46,7 +49,13 @@ def main(argv: Any = None) -> int:
             "put -> sync -> seen": [],
         }
         try:
-            with Writer(name, prefix, endpoints=srv.endpoint, apply_delay=a.apply_delay_ms / 1e3) as w:
+            with Writer(
+                name,
+                prefix,
+                endpoints=srv.endpoint,
+                apply_delay=a.apply_delay_ms / 1e3,
+                view_grace=a.view_grace,
+            ) as w:
                 w.start()
                 with Reader(name) as r:
                     r.sync(timeout=30)
@@ -69,7 +78,10 @@ def main(argv: Any = None) -> int:
             client.close()
             writerlock.unlink_all(name)
     rtt = percentile(times["etcd get (linearizable)"], 50) * 1e3
-    print(f"sync, {a.keys} keys, apply delay {a.apply_delay_ms:g} ms, {a.syncs} of each; {rounds} rounds")
+    print(
+        f"sync, {a.keys} keys, apply delay {a.apply_delay_ms:g} ms, view grace {a.view_grace:g} s, "
+        f"{a.syncs} of each; {rounds} rounds"
+    )
     for k, v in times.items():
         p50, p99 = percentile(v, 50) * 1e3, percentile(v, 99) * 1e3
         print(f"  {k:26s} p50 {p50:8.2f} ms   p99 {p99:8.2f} ms")
